@@ -1,0 +1,15 @@
+"""Parameter-tree surgery: PEFT specs, adapter injection, forward, merge, reports, adapter files.
+
+    spec = peft.PeftSpec.create(family="circulant", mode="lora", targets="qv")
+    trainable, frozen = peft.init(base_params, spec, rng)
+    logits = peft.apply(model, frozen, trainable, spec, *inputs, train=False)
+    merged = peft.merge(peft.full_params(frozen, trainable), trainable["adapters"], spec)
+"""
+from surm.peft.report import count, format_report
+from surm.peft.spec import BASELINES, MODES, PRESETS, PeftSpec, config_to_spec, match_targets
+from surm.peft.surgery import (apply, full_params, init, inject, linear_modules, merge, split,
+                               targets, unmerge)
+
+__all__ = ["BASELINES", "MODES", "PRESETS", "PeftSpec", "apply", "config_to_spec", "count",
+           "format_report", "full_params", "init", "inject", "linear_modules", "match_targets",
+           "merge", "split", "targets", "unmerge"]

@@ -1,0 +1,194 @@
+"""Parameter-tree surgery: inject adapters, run the model with them, merge them back.
+
+The pretrained tree is never edited. The trainable state is its own pytree::
+
+    trainable = {"adapters": {<module path mirrored>: {"S": structured.Params, ...}},
+                 "base":     {<the base leaves that train in full: head, biases, ...>}}
+
+and ``frozen`` is the base tree without those leaves, so gradients and optimizer state exist only
+for ``trainable``. The model code knows nothing of this: ``apply`` intercepts the ``__call__`` of
+the targeted ``nn.Dense``/``nn.DenseGeneral`` modules (Flax method interception) and adds the
+update to their output.
+
+A kernel's 2-D view: its leading axes (as many as the kernel has beyond its bias) are the inputs,
+the rest the outputs, so ViT's (D, heads, D/heads) attention kernels are (D, D) matrices.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from surm import structured
+from surm.peft import tree
+from surm.peft.spec import PeftSpec, match_targets, trains_in_full
+
+_ACT = {"gelu": nn.gelu, "relu": nn.relu, "tanh": jnp.tanh, "identity": lambda x: x}
+
+
+def _is_target(node: Any) -> bool:
+    return isinstance(node, Mapping) and ("S" in node or "down" in node)
+
+
+def linear_modules(base_params: Mapping) -> dict[str, tuple[int, int]]:
+    """{module path: (d_in, d_out)} for every module with a 2-D or 3-D ``kernel``.
+
+    Convolutions (4-D kernels) and embedding tables are not linear modules here."""
+    out = {}
+    flat = tree.flatten(base_params)
+    for path, leaf in flat.items():
+        module, _, name = path.rpartition("/")
+        shape = tuple(leaf.shape)  # arrays or jax.ShapeDtypeStruct alike
+        if name != "kernel" or len(shape) not in (2, 3):
+            continue
+        bias = flat.get(f"{module}/bias")
+        n_out = len(bias.shape) if bias is not None else 1
+        out[module] = (int(np.prod(shape[:len(shape) - n_out])), int(np.prod(shape[-n_out:])))
+    return out
+
+
+def targets(base_params: Mapping, spec: PeftSpec) -> dict[str, tuple[int, int]]:
+    """{path: (d_in, d_out)} of the modules that get an adapter (empty for bitfit/probe/full)."""
+    if not spec.has_adapters:
+        return {}
+    modules = linear_modules(base_params)
+    return {p: modules[p] for p in match_targets(spec.targets, modules)}
+
+
+def _init_target(key, spec: PeftSpec, d_in: int, d_out: int) -> dict:
+    if spec.family == "houlsby":
+        r = dict(spec.hparams)["rank"]
+        return {"down": {"kernel": 0.02 * jax.random.normal(key, (d_out, r)),
+                         "bias": jnp.zeros((r,))},
+                "up": {"kernel": jnp.zeros((r, d_out)), "bias": jnp.zeros((d_out,))}}
+    fam = structured.get(spec.family)
+    shape = (d_in, d_out) if spec.mode == "lora" else (d_out, d_out)
+    node = {"S": fam.init(key, *shape, init=spec.init, **dict(spec.hparams))}
+    if spec.mode == "adapter":
+        node["bias"] = jnp.zeros((d_out,))
+    if spec.learn_scale:
+        node["scale"] = jnp.asarray(spec.scale, jnp.float32)
+    return node
+
+
+def _key_for(rng, path: str):
+    return jax.random.fold_in(rng, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def inject(base_params: Mapping, spec: PeftSpec, rng) -> dict:
+    """The adapter tree for ``base_params``: one node per targeted module, mirroring its path."""
+    return tree.unflatten({path: _init_target(_key_for(rng, path), spec, d_in, d_out)
+                           for path, (d_in, d_out) in targets(base_params, spec).items()})
+
+
+def split(base_params: Mapping, spec: PeftSpec) -> tuple[dict, dict]:
+    """(trainable base leaves, frozen rest) of the pretrained tree."""
+    flat = tree.flatten(base_params)
+    train = {p: v for p, v in flat.items() if trains_in_full(spec, p)}
+    if not train and not spec.has_adapters:
+        raise ValueError("nothing to train: the model has no head named 'head' or "
+                         "'classifier' and the spec adds no adapters")
+    frozen = {p: v for p, v in flat.items() if p not in train}
+    return tree.unflatten(train), tree.unflatten(frozen)
+
+
+def init(base_params: Mapping, spec: PeftSpec, rng) -> tuple[dict, dict]:
+    """(trainable, frozen): everything a train step needs besides the model."""
+    trainable_base, frozen = split(base_params, spec)
+    return {"adapters": inject(base_params, spec, rng), "base": trainable_base}, frozen
+
+
+def full_params(frozen: Mapping, trainable: Mapping) -> dict:
+    """The model's parameter tree: the frozen leaves with the trainable base leaves in place."""
+    return tree.overlay(frozen, trainable.get("base", {}))
+
+
+class _Interceptor:
+    def __init__(self, spec: PeftSpec, adapters: Mapping, rng):
+        self.spec = spec
+        self.nodes = tree.flatten(adapters, stop=_is_target)
+        self.rng = rng
+
+    def _dropout(self, path: str, x):
+        if self.rng is None or self.spec.dropout == 0.0:
+            return x
+        keep = jax.random.bernoulli(_key_for(self.rng, path), 1.0 - self.spec.dropout, x.shape)
+        return jnp.where(keep, x / (1.0 - self.spec.dropout), 0).astype(x.dtype)
+
+    def __call__(self, next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+            return next_fun(*args, **kwargs)
+        path = "/".join(module.path)
+        node = self.nodes.get(path)
+        y = next_fun(*args, **kwargs)
+        if node is None:
+            return y
+        axis = getattr(module, "axis", -1)
+        n_in = len(axis) if isinstance(axis, (tuple, list)) else 1
+        x = args[0]
+        batch = x.shape[:x.ndim - n_in]
+        scale = node.get("scale", self.spec.scale)
+        if self.spec.mode == "lora":
+            S = node["S"]
+            delta = structured.get(S.family).apply(S, self._dropout(path, x.reshape(*batch, -1)))
+            return y + (scale * delta).reshape(y.shape).astype(y.dtype)
+        h = y.reshape(*batch, -1)
+        act = _ACT[self.spec.activation]
+        if "down" in node:  # Houlsby bottleneck
+            d, u = node["down"], node["up"]
+            z = act(h @ d["kernel"].astype(h.dtype) + d["bias"].astype(h.dtype))
+            update = z @ u["kernel"].astype(h.dtype) + u["bias"].astype(h.dtype)
+        else:
+            S = node["S"]
+            update = act(structured.get(S.family).apply(S, h)) + node["bias"].astype(h.dtype)
+        update = self._dropout(path, scale * update)
+        return (h + update.astype(h.dtype)).reshape(y.shape)
+
+
+def apply(model: nn.Module, frozen: Mapping, trainable: Mapping, spec: PeftSpec, *args,
+          train: bool = False, rng=None, method=None, **kwargs):
+    """Run ``model`` with the base parameters and the adapters of ``trainable``.
+
+    With ``train=True`` pass ``rng``: it feeds the model's dropout and the adapters' dropout."""
+    if train and rng is None and spec.dropout > 0:
+        raise ValueError("apply(train=True) with dropout needs an rng")
+    params = full_params(frozen, trainable)
+    model_rng = adapter_rng = None
+    if train and rng is not None:
+        model_rng, adapter_rng = jax.random.split(rng)
+    interceptor = _Interceptor(spec, trainable.get("adapters", {}), adapter_rng)
+    extra = {"method": method} if method is not None else {}
+    with nn.intercept_methods(interceptor):
+        return model.apply({"params": params}, *args, train=train,
+                           rngs={"dropout": model_rng} if model_rng is not None else None,
+                           **extra, **kwargs)
+
+
+def _fold(base_params: Mapping, adapters: Mapping, spec: PeftSpec, sign: float) -> dict:
+    if not spec.mergeable:
+        why = ("adapter mode applies a non-linearity after S, so its update is not a fixed "
+               "matrix" if spec.mode == "adapter" else f"{spec.family} adds no weight update")
+        raise ValueError(f"cannot merge a {spec.family}/{spec.mode} spec: {why}. Export the "
+                         f"adapters instead, or use mode='lora' to get a mergeable update")
+    flat = tree.flatten(base_params)
+    for path, node in tree.flatten(adapters, stop=_is_target).items():
+        kernel = flat[f"{path}/kernel"]
+        S = node["S"]
+        delta = structured.get(S.family).to_dense(S) * node.get("scale", spec.scale)
+        flat[f"{path}/kernel"] = (kernel + sign * delta.reshape(kernel.shape)).astype(kernel.dtype)
+    return tree.unflatten(flat)
+
+
+def merge(base_params: Mapping, adapters: Mapping, spec: PeftSpec) -> dict:
+    """Plain parameters with ``scale * to_dense(S)`` folded into each targeted kernel."""
+    return _fold(base_params, adapters, spec, 1.0)
+
+
+def unmerge(merged_params: Mapping, adapters: Mapping, spec: PeftSpec) -> dict:
+    """The inverse of ``merge`` (up to float rounding)."""
+    return _fold(merged_params, adapters, spec, -1.0)

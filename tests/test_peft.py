@@ -1,0 +1,256 @@
+"""Surgery: inject, forward, merge/unmerge, gradients, counts, rules, adapter files."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from surm import peft, structured
+from surm.models import bert, vit
+from surm.peft import io as peft_io
+from surm.peft import tree
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_vit():
+    cfg = vit.ViTConfig(num_classes=5, patch_size=8, image_size=32, width=48, depth=2,
+                        num_heads=4, mlp_dim=96)
+    model = vit.ViT(cfg)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    params = model.init(jax.random.PRNGKey(0), x)["params"]
+    # A non-zero head so that logits depend on the adapters.
+    params["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(2), params["head"]["kernel"].shape)
+    return model, params, (x,)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_bert():
+    cfg = bert.BertConfig(vocab_size=60, hidden_size=48, num_layers=2, num_heads=4,
+                          intermediate_size=96, max_position_embeddings=16, num_labels=3,
+                          pooling="pooler", hidden_dropout=0.0, attention_dropout=0.0)
+    model = bert.BERT(cfg)
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 60)
+    mask = jnp.ones((2, 9), jnp.int32).at[1, 6:].set(0)
+    params = model.init(jax.random.PRNGKey(0), ids, mask)["params"]
+    params["classifier"]["kernel"] = jax.random.normal(jax.random.PRNGKey(2),
+                                                       params["classifier"]["kernel"].shape)
+    return model, params, (ids, mask)
+
+
+MODELS = {"vit": tiny_vit, "bert": tiny_bert}
+# Families that take 48 x 48, 48 x 96 and 96 x 48 with their default hyper-parameters.
+FAMILY_HP = {name: {} for name in structured.FAMILIES}
+FAMILY_HP["lowrank"] = {"rank": 4}
+
+
+def randomize(trainable, seed=7):
+    leaves, treedef = jax.tree.flatten(trainable["adapters"])
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    noisy = [0.05 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)]
+    return {**trainable, "adapters": jax.tree.unflatten(treedef, noisy)}
+
+
+def logits(model_name, trainable, frozen, spec, **kw):
+    model, _, inputs = MODELS[model_name]()
+    return peft.apply(model, frozen, trainable, spec, *inputs, **kw)
+
+
+def base_logits(model_name):
+    model, params, inputs = MODELS[model_name]()
+    return model.apply({"params": params}, *inputs)
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("mode", ["lora", "adapter"])
+@pytest.mark.parametrize("family", structured.FAMILIES)
+def test_zero_init_adapters_leave_logits_unchanged(model_name, mode, family):
+    _, params, _ = MODELS[model_name]()
+    spec = peft.PeftSpec.create(family=family, mode=mode, hparams=FAMILY_HP[family],
+                                targets="all-linear" if mode == "lora" else None)
+    trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(3))
+    assert trainable["adapters"], "no adapters injected"
+    np.testing.assert_array_equal(logits(model_name, trainable, frozen, spec),
+                                  base_logits(model_name))
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_houlsby_starts_as_identity(model_name):
+    _, params, _ = MODELS[model_name]()
+    spec = peft.PeftSpec.create(family="houlsby", hparams={"rank": 4})
+    trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(3))
+    np.testing.assert_array_equal(logits(model_name, trainable, frozen, spec),
+                                  base_logits(model_name))
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("family", structured.FAMILIES)
+def test_merged_equals_unmerged_and_unmerge_restores(model_name, family):
+    _, params, _ = MODELS[model_name]()
+    spec = peft.PeftSpec.create(family=family, hparams=FAMILY_HP[family], targets="all-linear",
+                                scale=0.7)
+    trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(3))
+    trainable = randomize(trainable)
+    unmerged = logits(model_name, trainable, frozen, spec)
+    assert float(jnp.abs(unmerged - base_logits(model_name)).max()) > 1e-3  # adapters matter
+    full = peft.full_params(frozen, trainable)
+    merged = peft.merge(full, trainable["adapters"], spec)
+    model, _, inputs = MODELS[model_name]()
+    np.testing.assert_allclose(model.apply({"params": merged}, *inputs), unmerged, atol=1e-4)
+    restored = peft.unmerge(merged, trainable["adapters"], spec)
+    for (p, a), (q, b) in zip(tree.flatten(restored).items(), tree.flatten(full).items()):
+        assert p == q
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_learned_scale_and_adapter_mode_merge_errors():
+    _, params, _ = tiny_bert()
+    spec = peft.PeftSpec.create(family="circulant", learn_scale=True, scale=0.5)
+    trainable, _ = peft.init(params, spec, jax.random.PRNGKey(0))
+    scales = [n["scale"] for n in tree.flatten(trainable["adapters"],
+                                               stop=lambda d: "S" in d).values()]
+    assert len(scales) == 4 and all(float(s) == 0.5 for s in scales)
+    spec = peft.PeftSpec.create(family="circulant", mode="adapter")
+    trainable, _ = peft.init(params, spec, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="adapter mode applies a non-linearity"):
+        peft.merge(params, trainable["adapters"], spec)
+
+
+@pytest.mark.parametrize("family,extra,expect_base", [
+    ("circulant", {}, {"classifier"}),
+    ("bitfit", {}, {"classifier", "bias"}),
+    ("linear_probe", {}, {"classifier"}),
+    ("circulant", {"train_layernorm": True}, {"classifier", "LayerNorm"}),
+])
+def test_gradients_only_for_the_trainable_tree(family, extra, expect_base):
+    model, params, inputs = tiny_bert()
+    spec = peft.PeftSpec.create(family=family, **extra)
+    trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(0))
+    trained = set(tree.flatten(trainable["base"]))
+    assert all(any(word in p for word in expect_base) for p in trained)
+    assert not trained & set(tree.flatten(frozen)), "a leaf is both frozen and trainable"
+    n_base = sum(np.size(v) for v in tree.flatten(params).values())
+    assert sum(np.size(v) for v in tree.flatten(frozen).values()) + sum(
+        np.size(v) for v in tree.flatten(trainable["base"]).values()) == n_base
+
+    def loss(tr):
+        return jnp.sum(peft.apply(model, frozen, tr, spec, *inputs) ** 2)
+
+    grads = jax.grad(loss)(trainable)
+    assert jax.tree.structure(grads) == jax.tree.structure(trainable)
+    for path, g in tree.flatten(grads["adapters"]).items():
+        if path.endswith("S/c"):  # zero-init circulant still receives a gradient
+            assert float(jnp.abs(g).sum()) > 0
+    opt_state = optax.adamw(1e-3).init(trainable)
+    n_trainable = sum(np.size(v) for v in jax.tree.leaves(trainable))
+    n_state = sum(np.size(v) for v in jax.tree.leaves(opt_state))
+    assert n_state == 2 * n_trainable + 1  # mu, nu and the step count: nothing for frozen
+
+
+def bert_base_abstract():
+    cfg = bert.BertConfig(num_labels=2)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    return jax.eval_shape(lambda: bert.BERT(cfg).init(jax.random.PRNGKey(0), ids)["params"])
+
+
+@pytest.mark.parametrize("family,hp,per_matrix", [
+    ("circulant", {}, 768), ("lowrank", {"rank": 1}, 1536), ("lowrank", {"rank": 4}, 6144),
+    ("circulant", {"form": "hadamard"}, 1536), ("symmetric_toeplitz", {"form": "product"}, 1536),
+    ("ldr", {"rank": 2}, 3072),
+])
+def test_counts_match_the_budget_table(family, hp, per_matrix):
+    """SURM_NOTES: q+v in 12 layers of a 768 model: circulant 18,432; LoRA r: 36,864 r."""
+    abstract = bert_base_abstract()
+    spec = peft.PeftSpec.create(family=family, hparams=hp)
+    adapters = jax.eval_shape(lambda: peft.inject(abstract, spec, jax.random.PRNGKey(0)))
+    n = sum(np.prod(l.shape) for l in jax.tree.leaves(adapters))
+    assert n == 24 * per_matrix
+    assert len(peft.targets(abstract, spec)) == 24
+
+
+def test_circulant_adapters_on_bert_base_count():
+    """24 Houlsby-placed circulant adapters (a, b, bias) in BERT-base: 55,296 with the hadamard
+    form; one vector plus bias: 36,864."""
+    abstract = bert_base_abstract()
+    for hp, expected in (({"form": "hadamard"}, 55_296), ({}, 36_864)):
+        spec = peft.PeftSpec.create(family="circulant", mode="adapter", hparams=hp)
+        adapters = jax.eval_shape(lambda: peft.inject(abstract, spec, jax.random.PRNGKey(0)))
+        assert sum(np.prod(l.shape) for l in jax.tree.leaves(adapters)) == expected
+
+
+def test_presets_and_rules_select_the_right_paths():
+    _, vparams, _ = tiny_vit()
+    _, bparams, _ = tiny_bert()
+    vlin, blin = peft.linear_modules(vparams), peft.linear_modules(bparams)
+    assert "embedding" not in vlin  # the patch convolution is not a linear module
+    assert vlin["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/out"] == (48, 48)
+    qv = peft.match_targets(["qv"], blin)
+    assert qv == [f"encoder/layer/{i}/attention/self/{m}" for i in range(2)
+                  for m in ("query", "value")]
+    mlp = peft.match_targets(["mlp"], blin)
+    assert len(mlp) == 4 and not any("attention" in p for p in mlp)
+    assert len(peft.match_targets(["all-linear"], vlin)) == 12
+    assert peft.match_targets(["layer/1/attention/self/key"], blin) == [
+        "encoder/layer/1/attention/self/key"]
+    assert peft.match_targets([r"re:encoder/layer/0/.*/dense"], blin) == [
+        "encoder/layer/0/attention/output/dense", "encoder/layer/0/intermediate/dense",
+        "encoder/layer/0/output/dense"]
+
+
+def test_rule_matching_nothing_lists_the_paths():
+    _, params, _ = tiny_bert()
+    spec = peft.PeftSpec.create(family="circulant", targets="attention/self/qeury")
+    with pytest.raises(ValueError, match=r"(?s)matches no linear module.*encoder/layer/0/attention/self/query"):
+        peft.init(params, spec, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="always trains in full"):
+        peft.init(params, peft.PeftSpec.create(targets="classifier"), jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="unknown peft family"):
+        peft.PeftSpec.create(family="circulent")
+
+
+def test_adapter_files_round_trip(tmp_path):
+    model, params, inputs = tiny_bert()
+    spec = peft.PeftSpec.create(family="kronecker", hparams={"rank": 2}, targets="qkvo",
+                                learn_scale=True)
+    trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(0))
+    trainable = randomize(trainable)
+    trainable["base"]["classifier"]["bias"] = trainable["base"]["classifier"]["bias"] + 0.3
+    peft_io.save(tmp_path, trainable, spec)
+    loaded, spec2 = peft_io.load(tmp_path, params)
+    assert spec2 == spec
+    _, frozen2 = peft.split(params, spec2)
+    np.testing.assert_array_equal(peft.apply(model, frozen2, loaded, spec2, *inputs),
+                                  peft.apply(model, frozen, trainable, spec, *inputs))
+    other = peft.PeftSpec.create(family="kronecker", hparams={"rank": 1}, targets="qkvo",
+                                 learn_scale=True)
+    peft_io.save(tmp_path / "r1", peft.init(params, other, jax.random.PRNGKey(0))[0], other)
+    (tmp_path / "r1" / "peft_spec.json").write_text(spec.to_json())
+    with pytest.raises(ValueError, match="mis-shaped adapters/encoder/layer/0/attention/self/query/S/A"):
+        peft_io.load(tmp_path / "r1", params)
+    with pytest.raises(FileNotFoundError, match="adapters.safetensors"):
+        peft_io.load(tmp_path / "nowhere", params)
+
+
+def test_dropout_only_in_training():
+    _, params, _ = tiny_bert()
+    spec = peft.PeftSpec.create(family="circulant", dropout=0.5)
+    trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(0))
+    trainable = randomize(trainable)
+    a = logits("bert", trainable, frozen, spec)
+    np.testing.assert_array_equal(a, logits("bert", trainable, frozen, spec))
+    b = logits("bert", trainable, frozen, spec, train=True, rng=jax.random.PRNGKey(1))
+    assert float(jnp.abs(a - b).max()) > 1e-4
+    with pytest.raises(ValueError, match="needs an rng"):
+        logits("bert", trainable, frozen, spec, train=True)
+
+
+def test_report_format():
+    _, params, _ = tiny_bert()
+    spec = peft.PeftSpec.create(family="lowrank", hparams={"rank": 2})
+    trainable, _ = peft.init(params, spec, jax.random.PRNGKey(0))
+    counts = peft.count(params, trainable, spec)
+    assert counts["adapter"] == 4 * 2 * (48 + 48)
+    assert counts["trainable"] == counts["adapter"] + 48 * 3 + 3
+    text = peft.format_report(counts)
+    assert "encoder/layer/1/attention/self/value" in text and "trainable%" in text
