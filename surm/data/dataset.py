@@ -1,0 +1,89 @@
+"""``get_dataset``: a registered dataset, opened from ``data_dir`` and ready to read."""
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from surm.data import embedded, standard, subsets
+from surm.data.image import ImagePreprocess
+from surm.data.registry import ROLES, DatasetSpec, get_spec
+from surm.data.text import TextPreprocess
+
+
+def default_data_dir() -> pathlib.Path:
+    """``$SURM_DATA_DIR``, else ``~/.cache/surm/datasets``."""
+    return pathlib.Path(os.environ.get("SURM_DATA_DIR") or "~/.cache/surm/datasets").expanduser()
+
+
+class Dataset:
+    """A prepared dataset: its spec, its tfds info, and random-access splits."""
+
+    def __init__(self, spec: DatasetSpec, data_dir: pathlib.Path,
+                 builder: tfds.core.DatasetBuilder):
+        self.spec = spec
+        self.data_dir = data_dir
+        self._builder = builder
+
+    @property
+    def info(self) -> tfds.core.DatasetInfo:
+        """tfds metadata: features, splits and their sizes, description."""
+        return self._builder.info
+
+    def source(self, split: str = "train", *, k_per_class: int | None = None,
+               fraction: float | None = None) -> Sequence[Any]:
+        """Random-access examples of one split: dicts of numpy arrays, numbers and bytes.
+
+        Args:
+          split: a role (``"train"``, ``"validation"``, ``"test"``, mapped through
+            ``spec.splits``) or any tfds split string (``"validation_mismatched"``,
+            ``"train[:10%]"``).
+          k_per_class: keep only the first k examples of every class (k-shot).
+          fraction: keep only the first ``fraction`` of the examples.
+        """
+        if k_per_class is not None and fraction is not None:
+            raise ValueError("Pass k_per_class or fraction, not both")
+        source = self._builder.as_data_source(split=self.spec.splits.get(split, split))
+        if k_per_class is not None:
+            if self.spec.regression:
+                raise ValueError(f"{self.spec.name} is a regression task: no classes for "
+                                 "k_per_class; use fraction")
+            return subsets.first_k_per_class(source, k_per_class, self.spec.label_key,
+                                             self.spec.num_classes)
+        if fraction is not None:
+            return subsets.first_fraction(source, fraction)
+        return source
+
+    def split_sizes(self) -> dict[str, int]:
+        """Role -> number of examples."""
+        return {role: len(self.source(role)) for role in ROLES}
+
+    def preprocessor(self, **options) -> ImagePreprocess | TextPreprocess:
+        """The preprocessing for this dataset's modality, with its feature names and label
+        type filled in. ``options`` go to ``ImagePreprocess`` (``size``, ``normalization``,
+        augmentation) or ``TextPreprocess`` (``tokenizer``, ``max_length``)."""
+        spec = self.spec
+        if spec.modality == "image":
+            return ImagePreprocess(image_key=spec.image_key, label_key=spec.label_key,
+                                   **options)
+        return TextPreprocess(text_keys=spec.text_keys, label_key=spec.label_key,
+                              regression=spec.regression, **options)
+
+    def __repr__(self) -> str:
+        return f"Dataset({self.spec.name!r}, data_dir={str(self.data_dir)!r})"
+
+
+def get_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Opens a registered dataset.
+
+    Embedded datasets are prepared into ``data_dir`` on first use. A standard dataset that is
+    not prepared raises ``DatasetNotPreparedError`` at once (see ``surm.data.standard``).
+    """
+    spec = get_spec(name)
+    root = pathlib.Path(data_dir).expanduser() if data_dir else default_data_dir()
+    if spec.embedded:
+        return Dataset(spec, root, embedded.builder(spec.tfds_name, root))
+    return Dataset(spec, root, standard.builder(spec.tfds_name, root))

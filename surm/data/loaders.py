@@ -1,0 +1,147 @@
+"""grain input pipelines: an endless, shuffled, checkpointable training stream, and one exact
+pass for evaluation.
+
+Both shard the split over processes: process ``i`` of ``n`` reads examples ``i, i + n,
+i + 2n, ...`` (``jax.process_index()`` of ``jax.process_count()`` unless given), and yields
+``global_batch_size // n`` examples per batch, so the batches of all processes together form
+one global batch.
+
+Training: ``make_train_loader`` returns a ``grain.DatasetIterator``. Its ``get_state()`` /
+``set_state()`` (or ``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(it)`` in an
+orbax ``Composite``, one file per process) resume the stream at exactly the next batch: order
+and augmentation depend only on the seed and the position in the stream. Every epoch is
+reshuffled; the incomplete last batch of a finite stream is dropped.
+
+Evaluation: ``make_eval_batches`` pads every shard with masked copies of a real example to
+the same whole number of batches, so all processes run the same number of steps, and
+``batch["mask"]`` (bool) marks the examples that count: masked metrics are exact.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import jax
+from absl import flags
+
+from surm.data.subsets import Subset
+
+Preprocess = Callable[..., dict]  # (example, rng=None) -> dict of arrays
+
+
+def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if shard_index is None else shard_index
+    count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= index < count:
+        raise ValueError(f"shard_index {index} is not in [0, {count})")
+    return index, count
+
+
+def _local_batch_size(global_batch_size: int, shard_count: int) -> int:
+    if global_batch_size % shard_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
+                         f"{shard_count} processes")
+    return global_batch_size // shard_count
+
+
+def _iterable(batches: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+    """Reads whole batches ahead in threads, and in ``num_workers`` processes if asked.
+
+    Batching happens before the workers split the stream, so worker ``w`` of ``n`` builds
+    batches ``w, w + n, ...`` and grain interleaves them back in order: the batches do not
+    depend on ``num_workers`` (an iterator state does, so resume with the same value).
+    """
+    out = batches.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
+    if num_workers:
+        if not flags.FLAGS.is_parsed():
+            # grain 0.2.18 reads an absl flag when it starts workers (google/grain#1355);
+            # a script that does not run under absl.app gets the flags' defaults.
+            flags.FLAGS.mark_as_parsed()
+        out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return out
+
+
+def make_train_loader(
+    source: Sequence[Any],
+    preprocess: Preprocess,
+    *,
+    global_batch_size: int,
+    seed: int,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_epochs: int | None = None,
+    num_workers: int = 0,
+) -> grain.DatasetIterator:
+    """An iterator of training batches: this process's shard, shuffled, repeated, batched.
+
+    Args:
+      source: random-access examples (``Dataset.source(...)``).
+      preprocess: ``(example, rng) -> dict``; called with a per-element generator.
+      global_batch_size: examples per step over all processes.
+      seed: seeds the shuffle and the augmentation.
+      shard_index, shard_count: this process and the number of processes (default: jax's).
+      num_epochs: None repeats forever.
+      num_workers: worker processes for reading and preprocessing (0: in this process).
+    """
+    index, count = _shard(shard_index, shard_count)
+    batch_size = _local_batch_size(global_batch_size, count)
+    ds = grain.MapDataset.source(source)[index::count]
+    if len(ds) < batch_size:
+        raise ValueError(f"The shard has {len(ds)} examples, fewer than one batch "
+                         f"({batch_size})")
+    ds = ds.seed(seed).shuffle().repeat(num_epochs).random_map(preprocess)
+    return iter(_iterable(ds.batch(batch_size, drop_remainder=True), num_workers))
+
+
+class _MaskedPadding:
+    """Element ``i`` of a shard padded to ``length``: ``(example, True)`` for the shard's own
+    examples, then ``(fallback, False)``."""
+
+    def __init__(self, shard: Sequence[Any], fallback: Any, length: int):
+        self.shard = shard
+        self.fallback = fallback
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[Any, bool]:
+        if index < len(self.shard):
+            return self.shard[index], True
+        return self.fallback, False
+
+
+class _WithMask:
+    def __init__(self, preprocess: Preprocess):
+        self.preprocess = preprocess
+
+    def __call__(self, element: tuple[Any, bool]) -> dict:
+        example, real = element
+        return {**self.preprocess(example), "mask": real}
+
+
+def make_eval_batches(
+    source: Sequence[Any],
+    preprocess: Preprocess,
+    *,
+    global_batch_size: int,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_workers: int = 0,
+) -> grain.IterDataset:
+    """One pass over this process's shard, in order, in full batches with a ``mask``.
+
+    Every ``iter()`` of the result is a new pass. All processes get
+    ``ceil(ceil(len(source) / shard_count) / local_batch_size)`` batches.
+    """
+    index, count = _shard(shard_index, shard_count)
+    batch_size = _local_batch_size(global_batch_size, count)
+    if not len(source):
+        raise ValueError("Cannot evaluate on an empty split")
+    shard = Subset(source, range(index, len(source), count))
+    num_batches = math.ceil(math.ceil(len(source) / count) / batch_size)
+    padded = _MaskedPadding(shard, source[0], num_batches * batch_size)
+    ds = grain.MapDataset.source(padded).map(_WithMask(preprocess))
+    return _iterable(ds.batch(batch_size), num_workers)

@@ -1,0 +1,54 @@
+"""Low-resource views of a split: the first k examples of every class, or a leading fraction.
+
+"First" is in the split's stored order. tfds writes examples in a fixed hash-shuffled order,
+so the first examples are a reproducible, unbiased choice, identical on every run and host.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+class Subset:
+    """Random access to ``source[indices[i]]``; picklable, so it works in grain workers."""
+
+    def __init__(self, source: Sequence[Any], indices: Sequence[int]):
+        self.source = source
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.source[self.indices[index]]
+
+    def __repr__(self) -> str:
+        return f"Subset({len(self)} of {len(self.source)} examples)"
+
+
+def first_k_per_class(source: Sequence[Any], k: int, label_key: str,
+                      num_classes: int) -> Subset:
+    """The first ``k`` examples of every class (all of a class that has fewer).
+
+    The scan stops as soon as every one of the ``num_classes`` classes has ``k`` examples.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    counts = [0] * num_classes
+    chosen = []
+    for index in range(len(source)):
+        label = int(source[index][label_key])
+        if counts[label] < k:
+            counts[label] += 1
+            chosen.append(index)
+            if len(chosen) == k * num_classes:
+                break
+    return Subset(source, chosen)
+
+
+def first_fraction(source: Sequence[Any], fraction: float) -> Subset:
+    """The first ``ceil(fraction * len(source))`` examples."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return Subset(source, range(math.ceil(fraction * len(source))))
