@@ -74,7 +74,7 @@ def make_train_loader(
     num_epochs: int | None = None,
     num_workers: int = 0,
 ) -> grain.DatasetIterator:
-    """An iterator of training batches: this process's shard, shuffled, repeated, batched.
+    """An iterator of training batches: this process's rows of each global batch.
 
     Args:
       source: random-access examples (``Dataset.source(...)``).
@@ -87,12 +87,15 @@ def make_train_loader(
     """
     index, count = _shard(shard_index, shard_count)
     batch_size = _local_batch_size(global_batch_size, count)
-    ds = grain.MapDataset.source(source)[index::count]
-    if len(ds) < batch_size:
-        raise ValueError(f"The shard has {len(ds)} examples, fewer than one batch "
-                         f"({batch_size})")
+    ds = grain.MapDataset.source(source)
+    if len(ds) < global_batch_size:
+        raise ValueError(f"The split has {len(ds)} examples, fewer than one batch "
+                         f"({global_batch_size})")
+    # One global stream (shuffle, augmentation rngs) cut into local batches; process i takes
+    # local batches i, i + count, ...: global batch k is the same whatever the process count.
     ds = ds.seed(seed).shuffle().repeat(num_epochs).random_map(preprocess)
-    return iter(_iterable(ds.batch(batch_size, drop_remainder=True), num_workers))
+    ds = ds.batch(batch_size, drop_remainder=True)[index::count]
+    return iter(_iterable(ds, num_workers))
 
 
 class _MaskedPadding:

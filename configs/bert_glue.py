@@ -1,0 +1,44 @@
+"""BERT on a GLUE task (tensorflow-datasets glue/<task>, prepared in input.data_dir).
+
+The authors' GLUE settings (SURM_NOTES): AdamW lr 2e-3, weight decay 0.25 (none on biases and
+LayerNorms), linear schedule with 6% warm-up, batch 64, max length 128, adapter dropout 0.15,
+GELU; metrics MCC (CoLA), F1 (MRPC, QQP), Spearman/Pearson (STS-B), accuracy elsewhere.
+
+    python -m surm.train --config configs/bert_glue.py:task=sst2,checkpoint=/path/bert-base-uncased \\
+        --workdir runs/sst2 --config.input.data_dir=~/tensorflow_datasets
+
+checkpoint: a Hugging Face folder (config.json, model.safetensors, tokenizer.json), "minilm_l6"
+(offline), or "random" (a tiny random BERT for smoke tests, with the MiniLM tokenizer).
+Arguments: task, checkpoint, family, mode, targets, rank, block_size, form, seed, steps, batch,
+lr, epochs-free step budget via steps, max_length, shots.
+"""
+from surm import config_args
+
+
+def get_config(arg=None):
+    a = config_args.parse(arg, task="sst2", checkpoint="minilm_l6", family="circulant",
+                          mode="adapter", targets="", rank=None, block_size=None, form=None,
+                          seed=0, steps=5000, batch=64, lr=2e-3, head_lr=2e-3, max_length=128,
+                          shots=0, pooling="pooler")
+    c = config_args.ml_collections.ConfigDict()
+    c.seed = a.seed
+    c.total_steps = a.steps
+    c.eval_every = 1000
+    c.ckpt_every = 1000
+    c.keep_checkpoints = 2
+    c.log_every = 50
+
+    c.model = dict(name="bert", checkpoint=a.checkpoint, pooling=a.pooling, dtype="float32",
+                   bert=dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+                   if a.checkpoint == "random" else {})
+    c.input = dict(dataset=f"glue/{a.task}", data_dir=None, batch_size=a.batch,
+                   eval_batch_size=128, max_length=a.max_length, shots=a.shots, num_workers=0)
+    c.peft = dict(family=a.family, mode=a.mode, targets=a.targets.replace(";", ","),
+                  hparams=config_args.peft_hparams(a.family, a.rank, a.block_size, a.form),
+                  scale=1.0, learn_scale=False, dropout=0.15, activation="gelu",
+                  train_bias=False, train_layernorm=False, train_extra=[])
+    c.optimizer = dict(name="adamw", lr=a.lr, head_lr=a.head_lr, weight_decay=0.25, b1=0.9,
+                       b2=0.999, momentum=0.9, grad_clip=1.0, schedule="linear",
+                       warmup_frac=0.06)
+    c.mesh = dict(data=-1, model=1, fsdp=False)
+    return c

@@ -1,0 +1,58 @@
+"""Evaluation metrics over whole splits (host side, numpy/scipy).
+
+accuracy; mcc (Matthews correlation, CoLA); f1 (binary, positive class 1: MRPC, QQP);
+pearson and spearman (STS-B, on the regression output).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import scipy.stats
+
+
+def accuracy(pred, label) -> float:
+    return float(np.mean(np.asarray(pred) == np.asarray(label)))
+
+
+def mcc(pred, label) -> float:
+    pred, label = np.asarray(pred), np.asarray(label)
+    tp = float(np.sum((pred == 1) & (label == 1)))
+    tn = float(np.sum((pred == 0) & (label == 0)))
+    fp = float(np.sum((pred == 1) & (label == 0)))
+    fn = float(np.sum((pred == 0) & (label == 1)))
+    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return float((tp * tn - fp * fn) / denom) if denom else 0.0
+
+
+def f1(pred, label) -> float:
+    pred, label = np.asarray(pred), np.asarray(label)
+    tp = np.sum((pred == 1) & (label == 1))
+    denom = np.sum(pred == 1) + np.sum(label == 1)
+    return float(2 * tp / denom) if denom else 0.0
+
+
+def pearson(score, label) -> float:
+    return float(scipy.stats.pearsonr(score, label)[0])
+
+
+def spearman(score, label) -> float:
+    return float(scipy.stats.spearmanr(score, label)[0])
+
+
+_CLASSIFICATION = {"accuracy": accuracy, "mcc": mcc, "f1": f1}
+_REGRESSION = {"pearson": pearson, "spearman": spearman}
+METRICS = tuple(_CLASSIFICATION) + tuple(_REGRESSION)
+
+
+def compute(names: Iterable[str], outputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """``outputs``: logits (N, classes) or regression scores (N,)."""
+    result = {}
+    for name in names:
+        if name in _CLASSIFICATION:
+            result[name] = _CLASSIFICATION[name](np.argmax(outputs, axis=-1), labels)
+        elif name in _REGRESSION:
+            result[name] = _REGRESSION[name](outputs, labels)
+        else:
+            raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
+    return result

@@ -1,0 +1,318 @@
+"""Fine-tune with SURM: ``python -m surm.train --config configs/<file>.py[:k=v,...] --workdir DIR``.
+
+Reads top to bottom: config checks, mesh, data, model and pretrained weights, surgery, optimizer,
+shardings, restore, loop, evaluation. Resumes from DIR when it holds a checkpoint. Writes
+``DIR/metrics.jsonl`` (one JSON object per line, each with ``step``), ``DIR/config.json``,
+TensorBoard events in ``DIR/tb``, checkpoints in ``DIR/checkpoints``, the final adapters in
+``DIR/adapters`` and ``DIR/summary.json``.
+
+Multi-host (TPU pods, multi-node GPU): ``--distributed`` (or SURM_DISTRIBUTED=1) calls
+``jax.distributed.initialize()``; on CPU give ``--coordinator_address``, ``--num_processes``
+and ``--process_id``. Each process reads its own shard of the data; only process 0 writes logs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from surm import data, metrics, optim, peft, sharding
+from surm.checkpointing import Checkpoints
+from surm.models import bert, factory
+from surm.peft import io as peft_io
+from surm.run_log import RunLog
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:k=v,...]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", os.environ.get("SURM_DISTRIBUTED") == "1",
+                                 "Call jax.distributed.initialize() (multi-host).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+# Config entries that must not change when a run resumes from its workdir.
+_RESUME_KEYS = ("model", "peft", "input.dataset", "input.shots", "seed")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _lookup(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
+
+
+def check_config(config, workdir: pathlib.Path) -> tuple[peft.PeftSpec, data.DatasetSpec]:
+    """Everything that can be checked before loading weights or compiling."""
+    for key in ("total_steps", "input.batch_size", "seed", "peft.family", "eval_every",
+                "ckpt_every"):
+        try:
+            _lookup(config, key)
+        except (KeyError, AttributeError):
+            raise ConfigError(f"config has no {key!r}; every config defines total_steps, "
+                              f"input.batch_size, seed, peft.family, eval_every, ckpt_every")
+    if config.total_steps < 1:
+        raise ConfigError(f"total_steps must be >= 1, got {config.total_steps}")
+    spec = peft.config_to_spec(config.peft)
+    data_spec = data.get_spec(config.input.dataset)
+    ckpt = config.model.get("checkpoint") or ""
+    if ckpt not in ("random", "minilm_l6") and not os.path.exists(os.path.expanduser(ckpt)):
+        raise FileNotFoundError(
+            f"model.checkpoint {ckpt!r} not found. Give the path of a ViT .npz (google "
+            f"vision_transformer format) or a Hugging Face BERT folder, 'minilm_l6' for the "
+            f"offline MiniLM-L6, or 'random' for random weights")
+    saved = workdir / "config.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        new = json.loads(config.to_json_best_effort())
+        changed = [k for k in _RESUME_KEYS if _lookup(old, k) != _lookup(new, k)]
+        if changed:
+            raise ConfigError(f"{workdir} holds a run with a different {', '.join(changed)}; "
+                              f"resume with the same config or use a new --workdir")
+    return spec, data_spec
+
+
+def _check_batch(global_batch: int, mesh) -> None:
+    data_axis, procs = mesh.shape["data"], jax.process_count()
+    if global_batch % data_axis or global_batch % procs:
+        raise ConfigError(f"input.batch_size={global_batch} must be divisible by the data axis "
+                          f"({data_axis} devices) and by the {procs} process(es); use e.g. "
+                          f"{math.lcm(data_axis, procs) * max(1, global_batch // math.lcm(data_axis, procs))}")
+
+
+def _model_inputs(batch, modality: str):
+    if modality == "image":
+        return (batch["image"],)
+    return (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+
+
+def _loss(outputs, labels, regression: bool):
+    if regression:
+        return jnp.mean((outputs[:, 0] - labels) ** 2)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, labels))
+
+
+def _preprocessors(config, dataset):
+    spec = dataset.spec
+    inp = config.input
+    if spec.modality == "text":
+        tok = bert.load_tokenizer(factory.tokenizer_folder(config.model), inp.max_length)
+        prep = dataset.preprocessor(tokenizer=tok, max_length=inp.max_length)
+        return prep, prep
+    size = config.model.image_size
+    norm = inp.get("normalization", "minus_one_to_one")
+    crop = inp.get("crop_scale")
+    train = dataset.preprocessor(size=size, normalization=norm, hflip=inp.get("hflip", False),
+                                 crop_scale=tuple(crop) if crop else None)
+    evaluate = dataset.preprocessor(size=size, normalization=norm,
+                                    central_crop=inp.get("central_crop"))
+    return train, evaluate
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    wall_start = time.time()
+    workdir = pathlib.Path(workdir)
+    spec, data_spec = check_config(config, workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    _check_batch(config.input.batch_size, mesh)
+    main = jax.process_index() == 0
+    if main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    # Data.
+    dataset = data.get_dataset(config.input.dataset, config.input.get("data_dir"))
+    train_prep, eval_prep = _preprocessors(config, dataset)
+    shots = config.input.get("shots", 0)
+    train_source = dataset.source("train", k_per_class=shots) if shots else dataset.source("train")
+    train_iter = data.make_train_loader(train_source, train_prep,
+                                        global_batch_size=config.input.batch_size,
+                                        seed=config.seed,
+                                        num_workers=config.input.get("num_workers", 0))
+
+    # Model, pretrained weights, surgery.
+    model, params, _ = factory.build(config.model, data_spec.num_classes)
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, train_rng = jax.random.split(rng)
+    trainable, frozen = peft.init(params, spec, init_rng)
+    counts = peft.count(params, trainable, spec)
+    del params
+    if main:
+        logging.info("\n%s", peft.format_report(counts))
+
+    tx, schedules = optim.make(config.optimizer, config.total_steps, trainable)
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
+             "opt_state": tx.init(trainable), "rng": train_rng}
+
+    # Shardings.
+    repl = sharding.replicated(mesh)
+    state_sh = jax.tree.map(lambda _: repl, state)
+    frozen_sh = sharding.base_shardings(frozen, mesh, config.mesh.get("fsdp", False))
+    batch_sh = sharding.batch_sharding(mesh)
+    state = jax.device_put(state, state_sh)
+    frozen = jax.device_put(frozen, frozen_sh)
+    regression = data_spec.regression
+    modality = data_spec.modality
+
+    def train_step(state, frozen, batch):
+        step_rng = jax.random.fold_in(state["rng"], state["step"])
+
+        def loss_fn(tr):
+            out = peft.apply(model, frozen, tr, spec, *_model_inputs(batch, modality),
+                             train=True, rng=step_rng)
+            return _loss(out, batch["label"], regression)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["trainable"])
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        new = {"step": state["step"] + 1, "rng": state["rng"], "opt_state": opt_state,
+               "trainable": optax.apply_updates(state["trainable"], updates)}
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step leaves the state as it was; the host stops the run.
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+    def eval_step(trainable, frozen, batch):
+        return peft.apply(model, frozen, trainable, spec, *_model_inputs(batch, modality))
+
+    batch_keys = (("image",) if modality == "image" else
+                  ("input_ids", "attention_mask", "token_type_ids")) + ("label",)
+    batch_sh_tree = {k: batch_sh for k in batch_keys}
+    p_train_step = jax.jit(train_step, in_shardings=(state_sh, frozen_sh, batch_sh_tree),
+                           out_shardings=(state_sh, repl), donate_argnums=(0,))
+    p_eval_step = jax.jit(eval_step, in_shardings=(state_sh["trainable"], frozen_sh,
+                                                   {k: batch_sh for k in batch_keys[:-1]}),
+                          out_shardings=repl)
+
+    def evaluate(role: str) -> dict[str, float]:
+        outs, labels = [], []
+        for local in data.make_eval_batches(dataset.source(role), eval_prep,
+                                            global_batch_size=config.input.eval_batch_size):
+            batch = sharding.global_batch({k: local[k] for k in batch_keys + ("mask",)}, mesh)
+            out = p_eval_step(state["trainable"], frozen, {k: batch[k] for k in batch_keys[:-1]})
+            keep = np.asarray(_fetch(batch["mask"]), bool)
+            outs.append(np.asarray(out)[keep])
+            labels.append(np.asarray(_fetch(batch["label"]))[keep])
+        out, label = np.concatenate(outs), np.concatenate(labels)
+        result = metrics.compute(data_spec.metrics, out[:, 0] if regression else out, label)
+        result["loss"] = float(np.mean((out[:, 0] - label) ** 2) if regression else
+                               np.mean(optax.softmax_cross_entropy_with_integer_labels(
+                                   out, label.astype(np.int32))))
+        return {f"{role}_{k}": v for k, v in result.items()}
+
+    # Restore.
+    ckpts = Checkpoints(workdir, keep=config.get("keep_checkpoints", 2))
+    start = 0
+    if ckpts.latest_step() is not None:
+        start = ckpts.latest_step()
+        state = ckpts.restore(start, state, train_iter)
+        logging.info("Resumed from %s at step %d", ckpts.directory, start)
+    log = RunLog(workdir, enabled=main, resume_step=start, total_steps=config.total_steps)
+
+    # Loop.
+    headline = f"validation_{data_spec.metrics[0]}"
+    best = {}
+    window_loss, window_start, window_steps = [], time.time(), 0
+    step = start
+    try:
+        for step in range(start + 1, config.total_steps + 1):
+            local = next(train_iter)
+            batch = sharding.global_batch({k: local[k] for k in batch_keys}, mesh)
+            state, m = p_train_step(state, frozen, batch)
+            m = jax.device_get(m)
+            if not m["finite"]:
+                ckpts.wait()
+                last = ckpts.latest_step()
+                msg = (f"loss or gradient became NaN/Inf at step {step} (loss={m['loss']}, "
+                       f"grad_norm={m['grad_norm']}); stopping. The last good checkpoint "
+                       f"{'is step ' + str(last) + ' in ' + str(ckpts.directory) if last else 'does not exist'}"
+                       f" and was kept. Lower optimizer.lr, raise optimizer.grad_clip, or check "
+                       f"the data")
+                log.write({"step": step, "error": msg})
+                raise FloatingPointError(msg)
+            window_loss.append(float(m["loss"]))
+            window_steps += 1
+            log.progress(step, float(m["loss"]))
+            if step % config.get("log_every", 20) == 0 or step == config.total_steps:
+                elapsed = time.time() - window_start
+                log.write({"step": step, "train_loss": float(np.mean(window_loss)),
+                           "learning_rate": float(schedules["adapters"](step - 1)),
+                           "grad_norm": float(m["grad_norm"]),
+                           "examples_per_sec": window_steps * config.input.batch_size / elapsed})
+                window_loss, window_start, window_steps = [], time.time(), 0
+            if step % config.eval_every == 0 or step == config.total_steps:
+                result = evaluate("validation")
+                if not best or result[headline] > best[headline]:
+                    best = {**result, "step": step}
+                log.write({"step": step, **result})
+            if step % config.ckpt_every == 0 or step == config.total_steps:
+                ckpts.save(step, state, train_iter)
+        test = evaluate("test")
+        log.write({"step": step, **test})
+        ckpts.wait()
+    finally:
+        ckpts.close()
+        log.close()
+
+    summary = {"step": step, **test, "best_validation": best, "trainable": counts["trainable"],
+               "adapter": counts["adapter"], "base": counts["base"],
+               "wall_seconds": time.time() - wall_start}
+    if main:
+        peft_io.save(workdir / "adapters", jax.device_get(state["trainable"]), spec)
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        head = f"test_{data_spec.metrics[0]}"
+        print(f"final: {head}={test[head]:.4f} best {headline}="
+              f"{best.get(headline, float('nan')):.4f} (step {best.get('step')}) "
+              f"trainable={counts['trainable']:,} ({100 * counts['share']:.3f}% of "
+              f"{counts['base']:,}) wall={summary['wall_seconds']:.0f}s", flush=True)
+    return summary
+
+
+def _fetch(x: jax.Array) -> np.ndarray:
+    """The global value of a batch array on every process (gathered across processes)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _initialize_distributed() -> None:
+    if not _DISTRIBUTED.value:
+        return
+    if jax.default_backend() == "cpu" or _COORDINATOR.value:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required, e.g. "
+                             "--config configs/default.py --workdir runs/default")
+    _initialize_distributed()
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,217 @@
+"""The trainer: smoke runs under mock data, meshes, exact resume, two processes, failures."""
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from surm import train
+from data_testing import mocked, pretend_prepared, prepared_dir
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_BERT = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+
+
+def load_config(name, arg="", **overrides):
+    spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def read_metrics(workdir):
+    return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_overrides(data_dir, steps=2):
+    return {"total_steps": steps, "eval_every": steps, "ckpt_every": steps, "log_every": 1,
+            "input.batch_size": 8, "input.eval_batch_size": 8, "input.data_dir": str(data_dir)}
+
+
+@pytest.mark.parametrize("config,arg,dataset,metric", [
+    ("vit_transfer", "checkpoint=random,variant=Ti/16,image_size=32", "cifar10", "accuracy"),
+    ("bert_glue", "task=sst2,checkpoint=random,max_length=16", "glue/sst2", "accuracy"),
+    ("bert_glue", "task=stsb,checkpoint=random,max_length=16,family=lowrank,mode=lora",
+     "glue/stsb", "spearman"),
+])
+def test_one_step_and_eval_under_mock_data(tmp_path, config, arg, dataset, metric):
+    import tensorflow_datasets.text  # noqa: F401  (registers the GLUE builders for mocking)
+    from surm import data
+    data_dir = tmp_path / "data"
+    pretend_prepared(data.get_spec(dataset).tfds_name, data_dir)
+    cfg = load_config(config, arg, **tiny_overrides(data_dir))
+    with mocked(16):
+        summary = train.train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert np.isfinite(summary[f"test_{metric}"])
+    lines = read_metrics(tmp_path / "run")
+    assert [l["step"] for l in lines if "train_loss" in l] == [1, 2]
+    assert any(f"validation_{metric}" in l for l in lines)
+    assert (tmp_path / "run" / "adapters" / "adapters.safetensors").exists()
+
+
+def bbc_overrides(tmp_path_factory, **extra):
+    return {**tiny_overrides(prepared_dir("bbc_news", tmp_path_factory)),
+            "model.checkpoint": "random", "model.bert": TINY_BERT, "input.max_length": 32,
+            **extra}
+
+
+def test_bad_configs_fail_before_compiling(tmp_path, tmp_path_factory):
+    base = bbc_overrides(tmp_path_factory)
+    cases = [
+        ("family=circulent", {}, "unknown peft family"),
+        ("targets=attention/self/qeury", {}, "matches no linear module"),
+        ("", {"input.batch_size": 6, "mesh.data": 4}, "needs more than the 1 devices"),
+        ("", {"model.checkpoint": "/no/such/model"}, "not found"),
+        ("dataset=cifar11", {}, "cifar11"),
+    ]
+    for arg, extra, message in cases:
+        cfg = load_config("default", f"dataset=bbc_news,{arg}".rstrip(","), **{**base, **extra})
+        start = time.time()
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            train.train_and_evaluate(cfg, str(tmp_path / arg.replace("/", "_")))
+        assert time.time() - start < 30
+
+
+def test_resume_continues_where_it_stopped(tmp_path, tmp_path_factory):
+    """total_steps=4, then total_steps=8 in the same workdir: the second run starts at 5."""
+    kw = bbc_overrides(tmp_path_factory, **{"eval_every": 100, "ckpt_every": 4})
+    cfg = load_config("default", "dataset=bbc_news", **{**kw, "total_steps": 4})
+    train.train_and_evaluate(cfg, str(tmp_path / "a"))
+    cfg = load_config("default", "dataset=bbc_news", **{**kw, "total_steps": 8})
+    summary = train.train_and_evaluate(cfg, str(tmp_path / "a"))
+    steps = [l["step"] for l in read_metrics(tmp_path / "a") if "train_loss" in l]
+    assert steps == list(range(1, 9)) and summary["step"] == 8
+    assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["4", "8"]
+
+
+def _losses(workdir):
+    return [(l["step"], l["train_loss"], l["grad_norm"]) for l in read_metrics(workdir)
+            if "train_loss" in l]
+
+
+def _run(args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "surm.train", *args], cwd=ROOT,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _cli(workdir, data_dir, steps, extra=()):
+    return ["--config", "configs/default.py:dataset=bbc_news", "--workdir", str(workdir),
+            f"--config.total_steps={steps}", "--config.log_every=1", "--config.eval_every=1000",
+            f"--config.ckpt_every=5", "--config.input.batch_size=8",
+            "--config.input.eval_batch_size=64", f"--config.input.data_dir={data_dir}",
+            "--config.model.checkpoint=random", "--config.input.max_length=32",
+            "--config.model.bert.hidden_size=32", "--config.model.bert.num_layers=2",
+            "--config.model.bert.num_heads=2", "--config.model.bert.intermediate_size=64",
+            *extra]
+
+
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path, tmp_path_factory):
+    data_dir = prepared_dir("bbc_news", tmp_path_factory)
+    steps = 40
+    ref = _run(_cli(tmp_path / "ref", data_dir, steps))
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out
+    victim = _run(_cli(tmp_path / "kill", data_dir, steps))
+    first = tmp_path / "kill" / "checkpoints" / "5"
+    deadline = time.time() + 300
+    while not (first / "commit_success.txt").exists() and not (first / "_CHECKPOINT_METADATA").exists():
+        assert victim.poll() is None and time.time() < deadline, victim.communicate()[0]
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    resumed = _run(_cli(tmp_path / "kill", data_dir, steps))
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "Resumed from" in out
+    a = safetensors.numpy.load_file(tmp_path / "ref" / "adapters" / "adapters.safetensors")
+    b = safetensors.numpy.load_file(tmp_path / "kill" / "adapters" / "adapters.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert _losses(tmp_path / "ref") == _losses(tmp_path / "kill")
+    final = lambda w: [{k: v for k, v in l.items()} for l in read_metrics(w) if "test_accuracy" in l]
+    assert final(tmp_path / "ref") == final(tmp_path / "kill")
+
+
+MESH_SCRIPT = """
+import json, sys
+sys.path[:0] = [{root!r}, {root!r} + "/tests"]
+from test_train import load_config
+from surm import train
+out = {{}}
+for name, data, model in (("one", 1, 1), ("data8", 8, 1), ("data4_model2", 4, 2)):
+    cfg = load_config("default", "dataset=bbc_news", **json.loads({kw!r}))
+    cfg.mesh.data, cfg.mesh.model = data, model
+    train.train_and_evaluate(cfg, {tmp!r} + "/" + name)
+"""
+
+
+def test_meshes_of_8_fake_devices_match_one_device(tmp_path, tmp_path_factory):
+    kw = bbc_overrides(tmp_path_factory, **{"total_steps": 4, "eval_every": 100,
+                                           "ckpt_every": 100})
+    script = MESH_SCRIPT.format(root=str(ROOT), kw=json.dumps(kw), tmp=str(tmp_path))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    one = _losses(tmp_path / "one")
+    assert len(one) == 4
+    for name in ("data8", "data4_model2"):
+        other = _losses(tmp_path / name)
+        np.testing.assert_allclose(np.array(other), np.array(one), rtol=1e-4, err_msg=name)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path, tmp_path_factory):
+    data_dir = prepared_dir("bbc_news", tmp_path_factory)
+    env2 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    port = _free_port()
+    procs = [_run(_cli(tmp_path / "two", data_dir, 6, (
+        "--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+        f"--process_id={i}")), env=env2) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    one = _run(_cli(tmp_path / "one", data_dir, 6),
+               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    out, _ = one.communicate(timeout=600)
+    assert one.returncode == 0, out
+    np.testing.assert_allclose(np.array(_losses(tmp_path / "two")),
+                               np.array(_losses(tmp_path / "one")), rtol=1e-5)
+    test = lambda w: [l for l in read_metrics(w) if "test_accuracy" in l][0]["test_accuracy"]
+    assert test(tmp_path / "two") == test(tmp_path / "one")
+
+
+def test_nan_stops_the_run_and_keeps_the_checkpoint(tmp_path, tmp_path_factory):
+    data_dir = prepared_dir("bbc_news", tmp_path_factory)
+    ok = _run(_cli(tmp_path / "w", data_dir, 5))
+    out, _ = ok.communicate(timeout=600)
+    assert ok.returncode == 0, out
+    before = sorted(os.listdir(tmp_path / "w" / "checkpoints"))
+    bad = _run(_cli(tmp_path / "w", data_dir, 40, ("--config.optimizer.lr=1e30",
+                                                  "--config.optimizer.grad_clip=0",
+                                                  "--config.optimizer.warmup_frac=0")))
+    out, _ = bad.communicate(timeout=600)
+    assert bad.returncode != 0
+    assert "NaN/Inf" in out and "last good checkpoint is step 5" in out
+    assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == before
