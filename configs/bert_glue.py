@@ -31,7 +31,7 @@ def get_config(arg=None):
     c.model = dict(name="bert", checkpoint=a.checkpoint, pooling=a.pooling, dtype="float32",
                    bert=dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
                    if a.checkpoint == "random" else {})
-    c.input = dict(dataset=f"glue/{a.task}", data_dir=None, batch_size=a.batch,
+    c.input = dict(dataset=f"glue/{a.task}", data_dir="", batch_size=a.batch,
                    eval_batch_size=128, max_length=a.max_length, shots=a.shots, num_workers=0)
     c.peft = dict(family=a.family, mode=a.mode, targets=a.targets.replace(";", ","),
                   hparams=config_args.peft_hparams(a.family, a.rank, a.block_size, a.form),

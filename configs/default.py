@@ -9,7 +9,8 @@ Everything it needs installs from PyPI; it runs offline on 2 CPU cores.
 
 Arguments (``:k=v,...``): family (a structured family, or houlsby/bitfit/linear_probe/full),
 mode (lora/adapter), targets (preset or rules, ';'-separated), rank, block_size, form, dataset,
-seed, steps, batch, lr, head_lr, shots (k examples per class; 0 = all).
+seed, steps, batch, lr, head_lr, shots (k examples per class; 0 = all), max_length,
+checkpoint (minilm_l6, a Hugging Face BERT folder, or random: a tiny random BERT).
 """
 from surm import config_args
 
@@ -17,7 +18,8 @@ from surm import config_args
 def get_config(arg=None):
     a = config_args.parse(arg, family="circulant", mode="lora", targets="", rank=None,
                           block_size=None, form=None, dataset="tweet_sentiment", seed=0,
-                          steps=600, batch=32, lr=None, head_lr=1e-3, shots=0, max_length=64)
+                          steps=600, batch=32, lr=None, head_lr=1e-3, shots=0, max_length=64,
+                          checkpoint="minilm_l6")
     c = config_args.ml_collections.ConfigDict()
     c.seed = a.seed
     c.total_steps = a.steps
@@ -26,9 +28,12 @@ def get_config(arg=None):
     c.keep_checkpoints = 2
     c.log_every = 20
 
-    c.model = dict(name="bert", checkpoint="minilm_l6", pooling="mean", dtype="float32")
+    # checkpoint=random: a tiny random BERT with the MiniLM tokenizer, for smoke tests.
+    c.model = dict(name="bert", checkpoint=a.checkpoint, pooling="mean", dtype="float32",
+                   bert=dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+                   if a.checkpoint == "random" else {})
 
-    c.input = dict(dataset=a.dataset, data_dir=None, batch_size=a.batch, eval_batch_size=128,
+    c.input = dict(dataset=a.dataset, data_dir="", batch_size=a.batch, eval_batch_size=128,
                    max_length=a.max_length, shots=a.shots, num_workers=0)
 
     c.peft = dict(family=a.family, mode=a.mode, targets=a.targets.replace(";", ","),

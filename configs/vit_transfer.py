@@ -29,7 +29,7 @@ def get_config(arg=None):
 
     c.model = dict(name="vit", checkpoint=a.checkpoint, variant=a.variant,
                    image_size=a.image_size, classifier="token", dtype="float32")
-    c.input = dict(dataset=a.dataset, data_dir=None, batch_size=a.batch, eval_batch_size=128,
+    c.input = dict(dataset=a.dataset, data_dir="", batch_size=a.batch, eval_batch_size=128,
                    normalization="minus_one_to_one", crop_scale=(0.08, 1.0), hflip=True,
                    central_crop=None, shots=a.shots, num_workers=0)
     c.peft = dict(family=a.family, mode=a.mode, targets=a.targets.replace(";", ","),

@@ -29,7 +29,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from surm import data, metrics, optim, peft, sharding
-from surm.checkpointing import Checkpoints
+from surm.checkpointing import Checkpoints, CorruptCheckpointError
 from surm.models import bert, factory
 from surm.peft import io as peft_io
 from surm.run_log import RunLog
@@ -136,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     # Data.
-    dataset = data.get_dataset(config.input.dataset, config.input.get("data_dir"))
+    dataset = data.get_dataset(config.input.dataset, config.input.get("data_dir") or None)
     train_prep, eval_prep = _preprocessors(config, dataset)
     shots = config.input.get("shots", 0)
     train_source = dataset.source("train", k_per_class=shots) if shots else dataset.source("train")
@@ -294,8 +294,8 @@ def _fetch(x: jax.Array) -> np.ndarray:
 def _initialize_distributed() -> None:
     if not _DISTRIBUTED.value:
         return
-    if jax.default_backend() == "cpu" or _COORDINATOR.value:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU processes talk through gloo (harmless where an accelerator has its own collectives).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
@@ -309,7 +309,7 @@ def main(argv):
     _initialize_distributed()
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, CorruptCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

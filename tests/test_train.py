@@ -111,13 +111,11 @@ def _run(args, env=None, **kw):
 
 
 def _cli(workdir, data_dir, steps, extra=()):
-    return ["--config", "configs/default.py:dataset=bbc_news", "--workdir", str(workdir),
+    return ["--config", "configs/default.py:dataset=bbc_news,checkpoint=random,max_length=32",
+            "--workdir", str(workdir),
             f"--config.total_steps={steps}", "--config.log_every=1", "--config.eval_every=1000",
             f"--config.ckpt_every=5", "--config.input.batch_size=8",
             "--config.input.eval_batch_size=64", f"--config.input.data_dir={data_dir}",
-            "--config.model.checkpoint=random", "--config.input.max_length=32",
-            "--config.model.bert.hidden_size=32", "--config.model.bert.num_layers=2",
-            "--config.model.bert.num_heads=2", "--config.model.bert.intermediate_size=64",
             *extra]
 
 
@@ -209,9 +207,24 @@ def test_nan_stops_the_run_and_keeps_the_checkpoint(tmp_path, tmp_path_factory):
     assert ok.returncode == 0, out
     before = sorted(os.listdir(tmp_path / "w" / "checkpoints"))
     bad = _run(_cli(tmp_path / "w", data_dir, 40, ("--config.optimizer.lr=1e30",
-                                                  "--config.optimizer.grad_clip=0",
                                                   "--config.optimizer.warmup_frac=0")))
     out, _ = bad.communicate(timeout=600)
     assert bad.returncode != 0
     assert "NaN/Inf" in out and "last good checkpoint is step 5" in out
     assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == before
+
+
+def test_corrupt_checkpoint_is_reported_not_overwritten(tmp_path, tmp_path_factory):
+    from surm.checkpointing import CorruptCheckpointError
+    kw = bbc_overrides(tmp_path_factory, **{"eval_every": 100, "ckpt_every": 2})
+    cfg = load_config("default", "dataset=bbc_news", **{**kw, "total_steps": 2})
+    train.train_and_evaluate(cfg, str(tmp_path))
+    state_dir = tmp_path / "checkpoints" / "2" / "state"
+    victims = sorted(p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size > 0)
+    for p in victims:
+        p.write_bytes(b"garbage")
+    cfg = load_config("default", "dataset=bbc_news", **{**kw, "total_steps": 4})
+    with pytest.raises(CorruptCheckpointError, match="cannot be restored.*left untouched"):
+        train.train_and_evaluate(cfg, str(tmp_path))
+    assert all(p.read_bytes() == b"garbage" for p in victims)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
