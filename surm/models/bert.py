@@ -28,10 +28,12 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import flax.traverse_util
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
@@ -356,6 +358,47 @@ def _flax_name(hf_name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
     elif leaf == "weight":
         leaf, value = "kernel", value.T  # PyTorch Linear (out, in) -> Flax kernel (in, out).
     return f"{module.replace('.', '/')}/{leaf}", value
+
+
+def _hf_name(path: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+    """The inverse of `_flax_name`: (model path, Flax array) -> (HF name, PyTorch layout)."""
+    module, _, leaf = path.rpartition("/")
+    if leaf == "scale":
+        leaf = "weight"
+    elif leaf == "embedding":
+        leaf = "weight"
+    elif leaf == "kernel":
+        leaf, value = "weight", value.T
+    return f"{module.replace('/', '.')}.{leaf}", value
+
+
+def save(folder: str | os.PathLike, config: BertConfig, params: Mapping, *,
+         source: str | os.PathLike | None = None) -> None:
+    """Writes ``params`` as a Hugging Face folder that `load` (and HF BertModel) reads:
+    ``model.safetensors`` (PyTorch layout, names without a prefix) and ``config.json``; the
+    tokenizer files are copied from ``source`` when given."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    flat = dict(_hf_name(path, np.asarray(v, np.float32))
+                for path, v in flax.traverse_util.flatten_dict(params, sep="/").items())
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in flat.items()},
+                                str(folder / "model.safetensors"))
+    hf = {}
+    if source is not None and os.path.isfile(os.path.join(source, "config.json")):
+        with open(os.path.join(source, "config.json")) as f:
+            hf = json.load(f)
+    hf.update(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+              num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+              intermediate_size=config.intermediate_size,
+              max_position_embeddings=config.max_position_embeddings,
+              type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps,
+              hidden_act=config.hidden_act, num_labels=config.num_labels)
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    if source is not None:
+        for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                     "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(source, name)):
+                shutil.copyfile(os.path.join(source, name), folder / name)
 
 
 def load(folder: str | os.PathLike, *, num_labels: int = 2, pooling: str = "pooler",

@@ -36,6 +36,7 @@ import os
 from typing import Any
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -372,3 +373,10 @@ def load(path: str | os.PathLike, config: ViTConfig, *, posemb_method: str = "bi
 
     _loading.check_tree(flat, expected, path)
     return _loading.unflatten(flat)
+
+
+def save(path: str | os.PathLike, params: dict) -> None:
+    """Writes ``params`` as a google-format ``.npz`` (flat '/'-joined names) that `load` reads."""
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    with open(path, "wb") as f:
+        np.savez(f, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
