@@ -23,8 +23,8 @@ def get_config(arg=None):
     c = config_args.ml_collections.ConfigDict()
     c.seed = a.seed
     c.total_steps = a.steps
-    c.eval_every = 200
-    c.ckpt_every = 200
+    c.eval_every = 300
+    c.ckpt_every = 300
     c.keep_checkpoints = 2
     c.log_every = 20
 
@@ -48,6 +48,5 @@ def get_config(arg=None):
                        head_lr=a.head_lr, weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.9,
                        grad_clip=1.0, schedule="linear", warmup_frac=0.06)
 
-    c.mesh = dict(data=-1, model=1)
-    c.compute_dtype = "float32"
+    c.mesh = dict(data=-1, model=1, fsdp=False)
     return c

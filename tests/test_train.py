@@ -153,14 +153,16 @@ sys.path[:0] = [{root!r}, {root!r} + "/tests"]
 from test_train import load_config
 from surm import train
 out = {{}}
-for name, data, model in (("one", 1, 1), ("data8", 8, 1), ("data4_model2", 4, 2)):
+for name, data, model, fsdp in (("one", 1, 1, False), ("data8", 8, 1, True),
+                                ("data4_model2", 4, 2, False)):
     cfg = load_config("default", "dataset=bbc_news", **json.loads({kw!r}))
-    cfg.mesh.data, cfg.mesh.model = data, model
+    cfg.mesh.data, cfg.mesh.model, cfg.mesh.fsdp = data, model, fsdp
     train.train_and_evaluate(cfg, {tmp!r} + "/" + name)
 """
 
 
 def test_meshes_of_8_fake_devices_match_one_device(tmp_path, tmp_path_factory):
+    """data=8 with the frozen base FSDP-sharded, and data=4 x model=2 (tensor parallel)."""
     kw = bbc_overrides(tmp_path_factory, **{"total_steps": 4, "eval_every": 100,
                                            "ckpt_every": 100})
     script = MESH_SCRIPT.format(root=str(ROOT), kw=json.dumps(kw), tmp=str(tmp_path))
