@@ -21,6 +21,9 @@ VARIANTS = [(name, {}) for name in structured.FAMILIES] + [
 CASES = [(name, hp, shape) for name, hp in VARIANTS for shape in SHAPES
          if not (name == "kronecker" and shape == (67, 67))]
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in hp.items())}-{a}x{b}" for n, hp, (a, b) in CASES]
+# Gradients on the shapes that exercise padding and truncation (rectangles, an odd size).
+GRAD_CASES = [c for c in CASES if c[2] in ((48, 80), (80, 48), (63, 63))]
+GRAD_IDS = [i for i, c in zip(IDS, CASES) if c in GRAD_CASES]
 
 
 def random_params(name, hp, shape, seed=0):
@@ -100,7 +103,7 @@ def test_zero_init_is_zero_with_nonzero_gradient_and_counted(name, hp, shape):
     assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)) > 0
 
 
-@pytest.mark.parametrize("name,hp,shape", CASES, ids=IDS)
+@pytest.mark.parametrize("name,hp,shape", GRAD_CASES, ids=GRAD_IDS)
 def test_gradients_match_the_dense_product(name, hp, shape):
     fam = structured.get(name)
     p = random_params(name, hp, shape)
