@@ -41,9 +41,9 @@ def get_config(arg=None):
                   scale=1.0, learn_scale=False, dropout=0.0, activation="gelu",
                   train_bias=False, train_layernorm=False, train_extra=[])
 
-    # Structured updates want larger learning rates than LoRA (SURM_NOTES: 1e-3 .. 1e-1).
-    default_lr = {"lowrank": 5e-3, "houlsby": 5e-3, "bitfit": 5e-3, "full": 5e-5,
-                  "linear_probe": a.head_lr}.get(a.family, 2e-2)
+    # 5e-3 for the updates (a 150-step probe of the circulant default: 5e-3 reached 0.727
+    # validation accuracy, 3e-2 only 0.549); full fine-tuning wants far less.
+    default_lr = {"full": 5e-5, "linear_probe": a.head_lr}.get(a.family, 5e-3)
     c.optimizer = dict(name="adamw", lr=a.lr if a.lr is not None else default_lr,
                        head_lr=a.head_lr, weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.9,
                        grad_clip=1.0, schedule="linear", warmup_frac=0.06)

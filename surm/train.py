@@ -153,7 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     counts = peft.count(params, trainable, spec)
     del params
     if main:
-        logging.info("\n%s", peft.format_report(counts))
+        print(peft.format_report(counts), flush=True)
 
     tx, schedules = optim.make(config.optimizer, config.total_steps, trainable)
     state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
@@ -221,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if ckpts.latest_step() is not None:
         start = ckpts.latest_step()
         state = ckpts.restore(start, state, train_iter)
-        logging.info("Resumed from %s at step %d", ckpts.directory, start)
+        print(f"Resumed from {ckpts.directory} at step {start}", file=sys.stderr, flush=True)
     log = RunLog(workdir, enabled=main, resume_step=start, total_steps=config.total_steps)
 
     # Loop.
@@ -306,6 +306,8 @@ def main(argv):
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required, e.g. "
                              "--config configs/default.py --workdir runs/default")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO
     _initialize_distributed()
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
