@@ -270,3 +270,11 @@ def test_bad_inputs_raise():
         structured.get("toeplitz").apply(p, jnp.ones((2, 8)))
     with pytest.raises(ValueError, match="init must be one of"):
         circ.init(jax.random.PRNGKey(0), 8, 8, init="ones")
+
+
+def test_kronecker_default_factors_are_small_and_square():
+    kr = structured.get("kronecker")
+    assert kr.hparams(256, 256)["factors"] == (16, 16)
+    assert kr.hparams(768, 768)["factors"] in ((24, 32), (32, 24))
+    # The default split can represent the identity (a Kronecker product of identities).
+    np.testing.assert_allclose(kr.to_dense(kr.fit(np.eye(256))), np.eye(256), atol=1e-5)

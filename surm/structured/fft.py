@@ -12,9 +12,10 @@ parameters.
 FFTs run in float32 whatever x's dtype (jnp.fft rejects bfloat16/float16).
 
 The VJP is written by hand: the transpose of a circular convolution is a circular correlation,
-so the backward pass keeps only the real inputs x and k and recomputes their spectra, instead of
-the complex spectra that automatic differentiation would store. ``scripts/bench_structured.py``
-measures both.
+so the backward pass keeps only the real inputs x and k (in their own dtype) and recomputes
+their spectra, instead of the float32 complex spectra that automatic differentiation stores.
+``scripts/bench_structured.py`` measures both: 4-14% faster fwd+bwd, the same memory for
+float32 inputs (rfft(x) takes as many bytes as x) and half the saved residuals for bfloat16.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 Natively rectangular. The product reshapes x to (..., n1, n2) and contracts with the two small
 factors: the (d_in, d_out) matrix is never built. ``rank`` r > 1 sums r Kronecker products.
 Parameters: r (n1 m1 + n2 m2). By default the factor sizes are the divisors that minimise that
-count with every factor larger than 1 x 1; a prime side has no such split and raises ValueError
+count with every factor larger than 1 x 1, and among those the squarest factors; a prime side
+has no such split and raises ValueError
 (pass ``factors=(n1, m1)``, pad the layer, or use a family that takes any size).
 
 Init (zero delta): A ~ U(-1/sqrt(n1), 1/sqrt(n1)), B = 0, as LoRA's A and B.
@@ -13,6 +14,7 @@ M[i n2 + j, a m2 + b], for which A (x) B corresponds to vec(A) vec(B)^T.
 from __future__ import annotations
 
 import itertools
+import math
 
 import jax.numpy as jnp
 import numpy as np
@@ -57,9 +59,14 @@ class Kronecker(Family):
                     f"there is no Kronecker structure to use. Pass factors=(n1, m1) explicitly, "
                     f"pad the layer to a composite size, or use circulant/toeplitz/lowrank, "
                     f"which take any size")
-        pairs = itertools.product(divisors(d_in)[1:-1], divisors(d_out)[1:-1])
-        return min(pairs, key=lambda f: (f[0] * f[1] + (d_in // f[0]) * (d_out // f[1]),
-                                         abs(f[0] * f[1] - (d_in // f[0]) * (d_out // f[1]))))
+        def cost(f):
+            n1, m1 = f
+            n2, m2 = d_in // n1, d_out // m1
+            # Fewest parameters, then the squarest factors: a 2 x 128 (x) 128 x 2 split has as
+            # many numbers as 16 x 16 (x) 16 x 16 but cannot even represent the identity.
+            return n1 * m1 + n2 * m2, abs(math.log(n1 / m1)) + abs(math.log(n2 / m2))
+
+        return min(itertools.product(divisors(d_in)[1:-1], divisors(d_out)[1:-1]), key=cost)
 
     def arrays(self, d_in, d_out, hp):
         (n1, m1), r = hp["factors"], hp["rank"]
