@@ -15,11 +15,6 @@ from ml_collections import config_flags
 from surm import data, peft
 from surm.models import factory
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:args]).",
-                                          lock_config=True)
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
-
-
 def describe(config) -> dict:
     """The counts dict of ``surm.peft.count`` for a config (no data is read)."""
     num_classes = data.get_spec(config.input.dataset).num_classes
@@ -32,13 +27,17 @@ def describe(config) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None:
+    if flags.FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config configs/default.py")
-    counts = describe(_CONFIG.value)
+    counts = describe(flags.FLAGS.config)
     print(peft.format_report(counts))
-    if _JSON.value:
+    if flags.FLAGS.json:
         print(json.dumps(counts))
 
 
 if __name__ == "__main__":
+    # Defined here, not at import, so that importing describe() next to surm.train is fine.
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:args]).",
+                                    lock_config=True)
+    flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
     app.run(main)
