@@ -33,10 +33,7 @@ def get_config(arg=None):
                    if a.checkpoint == "random" else {})
     c.input = dict(dataset=f"glue/{a.task}", data_dir="", batch_size=a.batch,
                    eval_batch_size=128, max_length=a.max_length, shots=a.shots, num_workers=0)
-    c.peft = dict(family=a.family, mode=a.mode, targets=a.targets.replace(";", ","),
-                  hparams=config_args.peft_hparams(a.family, a.rank, a.block_size, a.form),
-                  scale=1.0, learn_scale=False, dropout=0.15, activation="gelu",
-                  train_bias=False, train_layernorm=False, train_extra=[])
+    c.peft = config_args.peft_block(a, dropout=0.15)
     c.optimizer = dict(name="adamw", lr=a.lr, head_lr=a.head_lr, weight_decay=0.25, b1=0.9,
                        b2=0.999, momentum=0.9, grad_clip=1.0, schedule="linear",
                        warmup_frac=0.06)

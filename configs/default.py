@@ -36,10 +36,7 @@ def get_config(arg=None):
     c.input = dict(dataset=a.dataset, data_dir="", batch_size=a.batch, eval_batch_size=128,
                    max_length=a.max_length, shots=a.shots, num_workers=0)
 
-    c.peft = dict(family=a.family, mode=a.mode, targets=a.targets.replace(";", ","),
-                  hparams=config_args.peft_hparams(a.family, a.rank, a.block_size, a.form),
-                  scale=1.0, learn_scale=False, dropout=0.0, activation="gelu",
-                  train_bias=False, train_layernorm=False, train_extra=[])
+    c.peft = config_args.peft_block(a)
 
     # 5e-3 for the updates (a 150-step probe of the circulant default: 5e-3 reached 0.727
     # validation accuracy, 3e-2 only 0.549); full fine-tuning wants far less.

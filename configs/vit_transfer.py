@@ -32,10 +32,7 @@ def get_config(arg=None):
     c.input = dict(dataset=a.dataset, data_dir="", batch_size=a.batch, eval_batch_size=128,
                    normalization="minus_one_to_one", crop_scale=(0.08, 1.0), hflip=True,
                    central_crop=None, shots=a.shots, num_workers=0)
-    c.peft = dict(family=a.family, mode=a.mode, targets=a.targets.replace(";", ","),
-                  hparams=config_args.peft_hparams(a.family, a.rank, a.block_size, a.form),
-                  scale=1.0, learn_scale=False, dropout=0.0, activation="gelu",
-                  train_bias=False, train_layernorm=False, train_extra=[])
+    c.peft = config_args.peft_block(a)
     c.optimizer = dict(name="adamw", lr=a.lr, head_lr=a.head_lr, weight_decay=1e-4, b1=0.9,
                        b2=0.999, momentum=0.9, grad_clip=1.0, schedule="cosine",
                        warmup_frac=0.1)

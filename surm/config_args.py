@@ -48,6 +48,15 @@ def parse(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(values)
 
 
+def peft_block(a: ml_collections.ConfigDict, *, dropout: float = 0.0) -> dict[str, Any]:
+    """The ``peft`` block of a config from its parsed arguments (family, mode, targets with ';'
+    between rules, rank, block_size, form), every other knob at its default."""
+    return dict(family=a.family, mode=a.mode, targets=a.targets.replace(";", ","),
+                hparams=peft_hparams(a.family, a.rank, a.block_size, a.form), scale=1.0,
+                learn_scale=False, dropout=dropout, activation="gelu", train_bias=False,
+                train_layernorm=False, train_extra=[])
+
+
 def peft_hparams(family: str, rank: int | None, block_size: int | None = None,
                  form: str | None = None) -> dict[str, Any]:
     """The family hyper-parameters that a config's generic arguments mean for ``family``."""
