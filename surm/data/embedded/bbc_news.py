@@ -67,12 +67,8 @@ class BbcNews(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # Everything is local.
-        articles = read_articles()
-        splits = stratify.stratified_split(
-            [a["label"] for a in articles], [a["text"] for a in articles], HELD_OUT,
-            salt=self.name)
-        return {name: self._generate_examples([articles[i] for i in indices])
-                for name, indices in splits.items()}
+        splits = stratify.split_records(read_articles(), HELD_OUT, salt=self.name)
+        return {name: self._generate_examples(records) for name, records in splits.items()}
 
     def _generate_examples(self, articles):
         for article in articles:

@@ -48,3 +48,11 @@ def stratified_split(
             start += count
         splits["train"] += members[start:]
     return {name: sorted(indices) for name, indices in splits.items()}
+
+
+def split_records(records: Sequence[Mapping], held_out: Mapping[str, float], *,
+                  salt: str) -> dict[str, list[Mapping]]:
+    """``stratified_split`` of records with ``label`` and ``text`` fields: split -> records."""
+    splits = stratified_split([r["label"] for r in records], [r["text"] for r in records],
+                              held_out, salt=salt)
+    return {name: [records[i] for i in indices] for name, indices in splits.items()}

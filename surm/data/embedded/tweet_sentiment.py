@@ -77,12 +77,8 @@ class TweetSentiment(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # Everything is local.
-        rows = read_rows()
-        splits = stratify.stratified_split(
-            [row["label"] for row in rows], [row["text"] for row in rows], HELD_OUT,
-            salt=self.name)
-        return {name: self._generate_examples([rows[i] for i in indices])
-                for name, indices in splits.items()}
+        splits = stratify.split_records(read_rows(), HELD_OUT, salt=self.name)
+        return {name: self._generate_examples(records) for name, records in splits.items()}
 
     def _generate_examples(self, rows):
         for row in rows:
