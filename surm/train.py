@@ -68,6 +68,9 @@ def check_config(config, workdir: pathlib.Path) -> tuple[peft.PeftSpec, data.Dat
                               f"input.batch_size, seed, peft.family, eval_every, ckpt_every")
     if config.total_steps < 1:
         raise ConfigError(f"total_steps must be >= 1, got {config.total_steps}")
+    if config.eval_every < 0:
+        raise ConfigError(f"eval_every must be >= 0 (0: no validation, only the final test "
+                          f"evaluation), got {config.eval_every}")
     spec = peft.config_to_spec(config.peft)
     data_spec = data.get_spec(config.input.dataset)
     ckpt = config.model.get("checkpoint") or ""
@@ -124,6 +127,35 @@ def _preprocessors(config, dataset):
     return train, evaluate
 
 
+def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
+                  modality: str, regression: bool):
+    """The (unjitted) train step ``(state, frozen, batch) -> (state, metrics)`` and eval step
+    ``(trainable, frozen, inputs) -> outputs`` of a model under a PEFT spec."""
+
+    def train_step(state, frozen, batch):
+        step_rng = jax.random.fold_in(state["rng"], state["step"])
+
+        def loss_fn(tr):
+            out = peft.apply(model, frozen, tr, spec, *_model_inputs(batch, modality),
+                             train=True, rng=step_rng)
+            return _loss(out, batch["label"], regression)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["trainable"])
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        new = {"step": state["step"] + 1, "rng": state["rng"], "opt_state": opt_state,
+               "trainable": optax.apply_updates(state["trainable"], updates)}
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step leaves the state as it was; the host stops the run.
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+    def eval_step(trainable, frozen, batch):
+        return peft.apply(model, frozen, trainable, spec, *_model_inputs(batch, modality))
+
+    return train_step, eval_step
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     wall_start = time.time()
     workdir = pathlib.Path(workdir)
@@ -169,26 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     regression = data_spec.regression
     modality = data_spec.modality
 
-    def train_step(state, frozen, batch):
-        step_rng = jax.random.fold_in(state["rng"], state["step"])
-
-        def loss_fn(tr):
-            out = peft.apply(model, frozen, tr, spec, *_model_inputs(batch, modality),
-                             train=True, rng=step_rng)
-            return _loss(out, batch["label"], regression)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state["trainable"])
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-        new = {"step": state["step"] + 1, "rng": state["rng"], "opt_state": opt_state,
-               "trainable": optax.apply_updates(state["trainable"], updates)}
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A non-finite step leaves the state as it was; the host stops the run.
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-        return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
-
-    def eval_step(trainable, frozen, batch):
-        return peft.apply(model, frozen, trainable, spec, *_model_inputs(batch, modality))
+    train_step, eval_step = make_step_fns(model, spec, tx, modality, regression)
 
     batch_keys = (("image",) if modality == "image" else
                   ("input_ids", "attention_mask", "token_type_ids")) + ("label",)
@@ -255,7 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                            "grad_norm": float(m["grad_norm"]),
                            "examples_per_sec": window_steps * config.input.batch_size / elapsed})
                 window_loss, window_start, window_steps = [], time.time(), 0
-            if step % config.eval_every == 0 or step == config.total_steps:
+            if config.eval_every and (step % config.eval_every == 0
+                                      or step == config.total_steps):
                 result = evaluate("validation")
                 if not best or result[headline] > best[headline]:
                     best = {**result, "step": step}
@@ -276,8 +290,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         peft_io.save(workdir / "adapters", jax.device_get(state["trainable"]), spec)
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
         head = f"test_{data_spec.metrics[0]}"
-        print(f"final: {head}={test[head]:.4f} best {headline}="
-              f"{best.get(headline, float('nan')):.4f} (step {best.get('step')}) "
+        val = (f" best {headline}={best[headline]:.4f} (step {best['step']})" if best else "")
+        print(f"final: {head}={test[head]:.4f}{val} "
               f"trainable={counts['trainable']:,} ({100 * counts['share']:.3f}% of "
               f"{counts['base']:,}) wall={summary['wall_seconds']:.0f}s", flush=True)
     return summary

