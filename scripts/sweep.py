@@ -577,7 +577,10 @@ def write_csv(rows: Sequence[dict], path: pathlib.Path) -> None:
         writer.writerows(rows)
 
 
-def _mean_std(values: Sequence[float]) -> str:
+def _mean_std(values: Sequence[float | str]) -> str:
+    values = [v for v in values if v != ""]  # "": no validation (eval_every=0)
+    if not values:
+        return "-"
     if len(values) < 2:
         return f"{values[0]:.4f}"
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"

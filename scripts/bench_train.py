@@ -1,0 +1,236 @@
+"""Train-step time and memory of SURM against LoRA and full fine-tuning; merged inference cost.
+
+    python scripts/bench_train.py                     # MiniLM-L6, ViT-S/16, ViT-B/16
+    python scripts/bench_train.py --json              # ... and one JSON object, last
+    python scripts/bench_train.py --models minilm_l6 --steps 10 --families circulant,toeplitz
+
+Everything is measured in one process, one model after the other, each method with the same
+jitted step the trainer uses (``surm.train.make_step_fns``: forward, backward, AdamW update)
+on synthetic batches:
+
+- step time: the median of ``--steps`` steps after ``--warmup`` steps (compilation excluded),
+  each step blocked on;
+- memory: the peak the compiled step needs, from XLA's buffer assignment
+  (arguments + outputs + temporaries - donated aliases; ``Compiled.memory_analysis()``), which
+  on the CPU is exact and noise-free, unlike process RSS. The frozen base weights are arguments,
+  so every PEFT method pays for them; ``temp`` (activations and gradients) is printed too;
+- merged inference: the forward pass of the base model with the adapters merged into its
+  weights (``surm.peft.merge``) against the same model's base weights: the same program, so
+  the ratio measures only noise.
+
+Methods (targets q, v, lora mode): ``surm`` = each of ``--families`` (default circulant: one
+vector per matrix, d params), LoRA at rank 1 (2d params per matrix: the smallest LoRA, the
+nearest budget from above), LoRA at rank 8 (the usual default), and full fine-tuning. The
+headline ratios take the first family against LoRA r=1: ``surm_over_lora_time``,
+``surm_over_lora_memory``, ``surm_over_full_time``, ``merged_over_base_time``, printed last in
+one JSON object (worst over the models) with ``--json``, the per-model figures under
+``models``. Timings on a shared machine are noisy: compare ratios within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from surm import optim, peft  # noqa: E402
+from surm.models import factory  # noqa: E402
+from surm.train import make_step_fns  # noqa: E402
+
+MODELS = {
+    # name: (model config, modality)
+    "minilm_l6": (dict(name="bert", checkpoint="minilm_l6", pooling="mean"), "text"),
+    "vit_s16": (dict(name="vit", checkpoint="random", variant="S/16", image_size=224), "image"),
+    "vit_b16": (dict(name="vit", checkpoint="random", variant="B/16", image_size=224), "image"),
+    "vit_ti16": (dict(name="vit", checkpoint="random", variant="Ti/16", image_size=224), "image"),
+}
+OPTIMIZER = dict(name="adamw", lr=1e-3, head_lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.999,
+                 momentum=0.9, grad_clip=1.0, schedule="linear", warmup_frac=0.0)
+NUM_CLASSES = 10
+ROUND = 5  # steps of one method in a row before the next method's
+
+
+def methods(families: list[str]) -> dict[str, peft.PeftSpec]:
+    out = {f: peft.PeftSpec.create(family=f, mode="lora", targets="qv") for f in families}
+    out["lora_r1"] = peft.PeftSpec.create(family="lowrank", mode="lora", targets="qv",
+                                          hparams={"rank": 1})
+    out["lora_r8"] = peft.PeftSpec.create(family="lowrank", mode="lora", targets="qv",
+                                          hparams={"rank": 8})
+    out["full"] = peft.PeftSpec.create(family="full")
+    return out
+
+
+def make_batch(modality: str, batch: int, seq_len: int, image_size: int, rng: np.random.Generator):
+    labels = rng.integers(0, NUM_CLASSES, size=batch).astype(np.int32)
+    if modality == "image":
+        return {"image": rng.uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32),
+                "label": labels}
+    ids = rng.integers(1000, 20000, size=(batch, seq_len)).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+            "token_type_ids": np.zeros_like(ids), "label": labels}
+
+
+def memory_bytes(compiled) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    if m is None:
+        return {"peak": 0, "temp": 0}
+    peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes)
+    return {"peak": int(peak), "temp": int(m.temp_size_in_bytes)}
+
+
+class _Stepper:
+    """One method's compiled train step and its (donated, carried) state."""
+
+    def __init__(self, compiled, state, frozen, batch):
+        self.compiled, self.state, self.frozen, self.batch = compiled, state, frozen, batch
+
+    def __call__(self):
+        self.state, metrics = self.compiled(self.state, self.frozen, self.batch)
+        jax.block_until_ready(metrics["loss"])
+
+
+def time_calls(fn, warmup: int, steps: int) -> float:
+    """Median seconds per call of ``fn()`` (which blocks) after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = [0.0]
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:] or times)
+
+
+def bench_model(name: str, families: list[str], args) -> dict:
+    cfg, modality = MODELS[name]
+    cfg = dict(cfg)
+    if modality == "image":
+        cfg["image_size"] = args.image_size
+    model, params, _ = factory.build(cfg, NUM_CLASSES)
+    rng = np.random.default_rng(0)
+    batch_size = args.text_batch if modality == "text" else args.image_batch
+    batch = jax.device_put(make_batch(modality, batch_size, args.seq_len, args.image_size, rng))
+    inputs = {k: v for k, v in batch.items() if k != "label"}
+    out = {"model": name, "batch": batch_size,
+           "input": f"{args.seq_len} tokens" if modality == "text" else f"{args.image_size} px",
+           "methods": {}}
+    steppers, trained, trained_spec = {}, None, None
+    for method, spec in methods(families).items():
+        trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(1))
+        counts = peft.count(params, trainable, spec)
+        tx, _ = optim.make(OPTIMIZER, 1000, trainable)
+        state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
+                 "opt_state": tx.init(trainable), "rng": jax.random.PRNGKey(2)}
+        state = jax.tree.map(jnp.copy, state)  # donated below: must not alias ``params``
+        train_step, _ = make_step_fns(model, spec, tx, modality, regression=False)
+        compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, frozen, batch).compile()
+        steppers[method] = _Stepper(compiled, state, frozen, batch)
+        mem = memory_bytes(compiled)
+        out["methods"][method] = {"peak_mb": mem["peak"] / 2**20, "temp_mb": mem["temp"] / 2**20,
+                                  "trainable": counts["trainable"], "adapter": counts["adapter"]}
+        if trained_spec is None:
+            trained_spec = spec
+    # Time the methods in interleaved rounds, so that drift of a shared machine hits all alike.
+    times = {m: [] for m in steppers}
+    for s in steppers.values():
+        for _ in range(args.warmup):
+            s()
+    for _ in range(max(1, args.steps // ROUND)):
+        for method, s in steppers.items():
+            for _ in range(min(ROUND, args.steps)):
+                t = time.perf_counter()
+                s()
+                times[method].append(time.perf_counter() - t)
+    for method, entry in out["methods"].items():
+        entry["step_ms"] = 1e3 * statistics.median(times[method])
+        print(f"  {name:10s} {method:18s} trainable {entry['trainable']:>11,}  step "
+              f"{entry['step_ms']:8.1f} ms  peak {entry['peak_mb']:8.1f} MiB  temp "
+              f"{entry['temp_mb']:7.1f} MiB", flush=True)
+    trained = jax.device_get(steppers[families[0]].state["trainable"])
+    del steppers
+
+    # merged inference: the base model's forward with merged weights vs with its own weights
+    frozen = peft.split(params, trained_spec)[1]
+    merged = peft.merge(peft.full_params(frozen, trained), trained["adapters"], trained_spec)
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, *_inputs(x, modality)))
+    f_base = forward.lower(params, inputs).compile()
+    f_merged = forward.lower(merged, inputs).compile()
+    assert np.isfinite(np.asarray(f_merged(merged, inputs))).all()
+    base, merged_t = [], []
+    for f, p, acc in ((f_base, params, base), (f_merged, merged, merged_t)):
+        time_calls(lambda: jax.block_until_ready(f(p, inputs)), args.warmup, 0)
+    for _ in range(max(1, args.steps // ROUND)):  # interleaved rounds, as for training
+        for f, p, acc in ((f_base, params, base), (f_merged, merged, merged_t)):
+            acc.append(time_calls(lambda: jax.block_until_ready(f(p, inputs)), 0, ROUND))
+    base_s, merged_s = statistics.median(base), statistics.median(merged_t)
+    out["inference"] = {"base_ms": 1e3 * base_s, "merged_ms": 1e3 * merged_s}
+    m = out["methods"]
+    surm = families[0]
+    out["ratios"] = {
+        "surm_over_lora_time": m[surm]["step_ms"] / m["lora_r1"]["step_ms"],
+        "surm_over_lora_memory": m[surm]["peak_mb"] / m["lora_r1"]["peak_mb"],
+        "surm_over_lora8_time": m[surm]["step_ms"] / m["lora_r8"]["step_ms"],
+        "surm_over_full_time": m[surm]["step_ms"] / m["full"]["step_ms"],
+        "surm_over_full_memory": m[surm]["peak_mb"] / m["full"]["peak_mb"],
+        "merged_over_base_time": merged_s / base_s,
+    }
+    print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in out["ratios"].items())
+          + f"  (inference base {1e3 * base_s:.1f} ms, merged {1e3 * merged_s:.1f} ms)",
+          flush=True)
+    return out
+
+
+def _inputs(x, modality):
+    if modality == "image":
+        return (x["image"],)
+    return (x["input_ids"], x["attention_mask"], x["token_type_ids"])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--models", default="minilm_l6,vit_s16,vit_b16",
+                   help=f"from {', '.join(MODELS)}")
+    p.add_argument("--families", default="circulant",
+                   help="structured families to time (the first one gives the headline ratios)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (median)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+    p.add_argument("--text_batch", type=int, default=16)
+    p.add_argument("--seq_len", type=int, default=64)
+    p.add_argument("--image_batch", type=int, default=4)
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = p.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    print(f"devices: {jax.devices()}; median of {args.steps} steps after {args.warmup} warm-up",
+          flush=True)
+    results = [bench_model(m, families, args) for m in models]
+    keys = results[0]["ratios"].keys()
+    summary = {k: max(r["ratios"][k] for r in results) for k in keys}
+    summary["surm_family"] = families[0]
+    summary["lora_reference"] = "lowrank rank 1, same targets (q, v)"
+    summary["models"] = {r["model"]: r for r in results}
+    print("worst over models: " + ", ".join(f"{k} {summary[k]:.3f}" for k in keys), flush=True)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""scripts/cka.py, scripts/bench_train.py and scripts/study.py."""
+import importlib.util
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cka = _script("cka")
+bench_train = _script("bench_train")
+study = _script("study")
+sweep = _script("sweep")
+
+
+def _gram_cka(x, y):
+    """CKA through centred Gram matrices (HSIC form): an independent route to the same value."""
+    n = len(x)
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l_ = x @ x.T, y @ y.T
+    hsic = lambda a, b: np.trace(a @ h @ b @ h)  # noqa: E731
+    return hsic(k, l_) / np.sqrt(hsic(k, k) * hsic(l_, l_))
+
+
+def test_linear_cka_matches_the_gram_form_and_its_invariances():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 12))
+    y = x @ rng.standard_normal((12, 7)) + 0.5 * rng.standard_normal((40, 7))
+    assert cka.linear_cka(x, y) == pytest.approx(_gram_cka(x, y), rel=1e-10)
+    assert cka.linear_cka(x, x) == pytest.approx(1.0)
+    q, _ = np.linalg.qr(rng.standard_normal((12, 12)))
+    assert cka.linear_cka(x, 3.0 * x @ q + 1.0) == pytest.approx(1.0)  # rotation, scale, shift
+    assert cka.linear_cka(x, rng.standard_normal((40, 12))) < 0.5
+    with pytest.raises(ValueError, match="same rows"):
+        cka.linear_cka(x, y[:10])
+    with pytest.raises(ValueError, match="zero update"):
+        cka.linear_cka(np.zeros((5, 3)), x[:5])
+
+
+def test_cka_end_to_end_on_tiny_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)
+    root = tmp_path / "sweep"
+    argv = ["--config", str(ROOT / "configs" / "default.py"),
+            "--base", "dataset=bbc_news,checkpoint=random,max_length=16",
+            "--families", "full,circulant,lowrank:rank=2,houlsby:rank=2", "--modes", "lora",
+            "--seeds", "0", "--root", str(root)]
+    for s in ["total_steps=3", "eval_every=0", "ckpt_every=3", "input.batch_size=8",
+              "input.eval_batch_size=64", f"input.data_dir={tmp_path / 'data'}"]:
+        argv += ["--set", s]
+    assert sweep.main(argv) == 0
+    runs = root / "bbc_news"
+    assert cka.main(["--full", str(runs / "full_seed0"), "--json", "--runs",
+                     str(runs / "circulant_lora_seed0"),
+                     str(runs / "lowrank_rank-2_lora_seed0")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for run in out["runs"].values():
+        assert run["matrices"] == 4  # q and v of 2 layers
+        assert 0.0 <= run["min"] <= run["mean"] <= run["max"] <= 1.0 + 1e-9
+    # an adapter-mode run has no weight update matrix: a clear error
+    with pytest.raises(ValueError, match="no weight update"):
+        cka.weight_updates(runs / "houlsby_rank-2_adapter_seed0")
+    with pytest.raises(FileNotFoundError, match="finished surm.train workdir"):
+        cka.weight_updates(tmp_path)
+
+
+def test_bench_train_prints_the_ratios_last(capsys):
+    assert bench_train.main(["--models", "vit_ti16", "--image_size", "32", "--steps", "2",
+                             "--warmup", "1", "--image_batch", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("surm_over_lora_time", "surm_over_lora_memory", "surm_over_full_time",
+                "merged_over_base_time"):
+        assert out[key] > 0
+    methods = out["models"]["vit_ti16"]["methods"]
+    # memory from XLA's buffer assignment: full fine-tuning holds gradients and Adam moments of
+    # every weight, the PEFT methods only of theirs
+    assert methods["full"]["peak_mb"] > 2 * methods["circulant"]["peak_mb"]
+    assert methods["circulant"]["trainable"] < methods["lora_r1"]["trainable"]
+
+
+def test_study_commands_are_valid_grids(tmp_path):
+    commands = study.sweep_commands(seeds=(0,))
+    assert len(commands) == len(study.REGIMES) * len(study.PARTS)
+    counts = []
+    for cmd in commands:
+        assert cmd[1] == "scripts/sweep.py"
+        root_at = cmd.index("--root")
+        args = sweep.build_parser().parse_args(cmd[2:root_at] + ["--root", str(tmp_path)])
+        grid, root = sweep.load_grid(args)
+        counts.append(len(sweep.plan(grid, root)))  # resolves every run's config
+    # per regime: 8 structured settings x 2 modes x 2 datasets, then 7 baselines x 2 datasets
+    assert counts == [32, 14] * len(study.REGIMES)
