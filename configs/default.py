@@ -11,6 +11,8 @@ Arguments (``:k=v,...``): family (a structured family, or houlsby/bitfit/linear_
 mode (lora/adapter), targets (preset or rules, ';'-separated), rank, block_size, form, dataset,
 seed, steps, batch, lr, head_lr, shots (k examples per class; 0 = all), max_length,
 checkpoint (minilm_l6, a Hugging Face BERT folder, or random: a tiny random BERT).
+dataset: a text dataset name, or your own file (surm.data.local), e.g.
+``:dataset=csv:/data/train.csv?text=sentence&label=y`` (options joined with '&', not ',').
 """
 from surm import config_args
 

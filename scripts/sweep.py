@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -291,7 +292,19 @@ def _workdir(root: pathlib.Path, meta: dict) -> pathlib.Path:
     hp = "".join(f"_{item.replace('=', '-')}" for item in meta["hparams"].split(",") if item)
     mode = f"_{meta['mode']}" if meta["mode"] != "-" else ""
     name = f"{meta['family']}{hp}{mode}_seed{meta['seed']}"
-    return root / meta["dataset"].replace("/", "-") / name
+    return root / _dataset_folder(meta["dataset"]) / name
+
+
+def _dataset_folder(dataset: str) -> str:
+    """A folder name for a dataset: tfds names as they are ('glue/sst2' -> 'glue-sst2'); a
+    local spec ('csv:/data/a.csv?label=y') by its file stem and a hash of the whole spec."""
+    if ":" not in dataset:
+        return dataset.replace("/", "-")
+    prefix, _, rest = dataset.partition(":")
+    stem = pathlib.Path(rest.split("?")[0]).stem or "data"
+    safe = "".join(c if c.isalnum() or c in "_.-" else "_" for c in stem)
+    digest = hashlib.sha1(dataset.encode()).hexdigest()[:8]
+    return f"{prefix}-{safe}-{digest}"
 
 
 def plan(grid: Grid, root: str | os.PathLike, methods: Sequence[Method] | None = None) -> list[Run]:
@@ -304,7 +317,7 @@ def plan(grid: Grid, root: str | os.PathLike, methods: Sequence[Method] | None =
         args = _config_args(grid, method, dataset, seed)
         try:
             meta = _describe(load_config(grid.config, args, grid.sets))
-        except ValueError as e:
+        except (ValueError, FileNotFoundError) as e:
             why = _last_line(str(e)).rstrip(".")
             if f"unknown config argument {grid.dataset_arg!r}" in why:
                 why += " (--dataset_arg names the config argument that --datasets sets)"

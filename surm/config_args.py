@@ -41,7 +41,9 @@ def parse(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep:
-            raise ValueError(f"config argument {item!r} is not of the form key=value")
+            raise ValueError(f"config argument {item!r} is not of the form key=value (','"
+                             f" separates arguments, so a value cannot hold one; set such a "
+                             f"value with --config.KEY=VALUE)")
         if key not in defaults:
             raise ValueError(f"unknown config argument {key!r}; known: {', '.join(sorted(defaults))}")
         values[key] = _convert(key, text.strip(), defaults[key])

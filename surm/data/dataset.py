@@ -1,4 +1,5 @@
-"""``get_dataset``: a registered dataset, opened from ``data_dir`` and ready to read."""
+"""``get_dataset``: a registered dataset opened from ``data_dir``, or a local one (a spec such as
+``csv:/data/train.csv``, see ``surm.data.local``) from its cache, ready to read."""
 from __future__ import annotations
 
 import os
@@ -8,9 +9,9 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from surm.data import embedded, standard, subsets
+from surm.data import embedded, local, registry, standard, subsets
 from surm.data.image import ImagePreprocess
-from surm.data.registry import ROLES, DatasetSpec, get_spec
+from surm.data.registry import ROLES, DatasetSpec
 from surm.data.text import TextPreprocess
 
 
@@ -20,12 +21,17 @@ def default_data_dir() -> pathlib.Path:
 
 
 class Dataset:
-    """A prepared dataset: its spec, its tfds info, and random-access splits."""
+    """A prepared dataset: its spec, its tfds info, and random-access splits.
+
+    ``metadata`` is None for a registered dataset; for a local one it holds the source files,
+    the label map, counts per split and class, and dropped rows (``surm.data.local``).
+    """
 
     def __init__(self, spec: DatasetSpec, data_dir: pathlib.Path,
-                 builder: tfds.core.DatasetBuilder):
+                 builder: tfds.core.DatasetBuilder, metadata: dict | None = None):
         self.spec = spec
         self.data_dir = data_dir
+        self.metadata = metadata
         self._builder = builder
 
     @property
@@ -72,17 +78,39 @@ class Dataset:
         return TextPreprocess(text_keys=spec.text_keys, label_key=spec.label_key,
                               regression=spec.regression, **options)
 
+    def record_run(self, workdir: str | os.PathLike, *, write: bool = True) -> None:
+        """A local dataset writes its metadata (label map, counts, source) to
+        ``workdir/dataset.json``, and refuses a workdir whose run saw other content; a
+        registered dataset does nothing."""
+        if self.metadata is not None:
+            local.record_run(self.metadata, self.data_dir, pathlib.Path(workdir), write=write)
+
     def __repr__(self) -> str:
         return f"Dataset({self.spec.name!r}, data_dir={str(self.data_dir)!r})"
 
 
+def get_spec(name: str) -> DatasetSpec:
+    """The spec of a registered dataset, or of a local one (converted first if needed).
+
+    An unknown name raises UnknownDatasetError listing the known ones.
+    """
+    if local.is_local(name):
+        return local.open_dataset(name).spec
+    return registry.get_spec(name)
+
+
 def get_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
-    """Opens a registered dataset.
+    """Opens a registered dataset, or a local one.
 
     Embedded datasets are prepared into ``data_dir`` on first use. A standard dataset that is
-    not prepared raises ``DatasetNotPreparedError`` at once (see ``surm.data.standard``).
+    not prepared raises ``DatasetNotPreparedError`` at once (see ``surm.data.standard``). A
+    local spec (``csv:PATH``, ``folder:PATH``, ...) is converted into its own cache beside
+    the data on first use, whatever ``data_dir`` is (see ``surm.data.local``).
     """
-    spec = get_spec(name)
+    if local.is_local(name):
+        opened = local.open_dataset(name)
+        return Dataset(opened.spec, opened.folder, opened.builder(), opened.metadata)
+    spec = registry.get_spec(name)
     root = pathlib.Path(data_dir).expanduser() if data_dir else default_data_dir()
     if spec.embedded:
         return Dataset(spec, root, embedded.builder(spec.tfds_name, root))

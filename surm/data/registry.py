@@ -130,4 +130,6 @@ def get_spec(name: str) -> DatasetSpec:
         return REGISTRY[name]
     except KeyError:
         raise UnknownDatasetError(
-            f"Unknown dataset {name!r}. Known datasets: {', '.join(names())}.") from None
+            f"Unknown dataset {name!r}. Known datasets: {', '.join(names())}. Local files: "
+            "csv:PATH, tsv:PATH, jsonl:PATH, folder:PATH or npz:PATH (see "
+            "surm.data.local).") from None

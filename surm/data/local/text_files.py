@@ -1,0 +1,224 @@
+"""CSV, TSV and JSONL files -> text examples: ``id``, ``text`` (or ``text1``, ``text2``), ``label``.
+
+CSV and TSV: the first line is the header; fields are quoted the usual way (RFC 4180, a quoted
+field may span lines). JSONL: one JSON object per line; a label may be a string or a number.
+``id`` is ``FILE:LINE`` (the line where the row starts).
+
+A row is bad, and reported with its file and line, when: a line is not valid in the encoding;
+a CSV/TSV row is malformed or has a different number of fields from the header; a JSONL line
+is not a JSON object; a text or the label is missing or empty (blank lines included); a
+regression label is not a finite number; a label holds a line break. Texts are kept as they
+are; labels are stripped of surrounding white space.
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import math
+import pathlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from surm.data.local import labels
+from surm.data.local.cache import Conversion
+from surm.data.local.problems import LocalDataError, MissingColumnError, Problems
+from surm.data.local.spec import LocalSpec
+
+_DELIMITERS = {"csv": ",", "tsv": "\t"}
+_FIELD_SIZE_LIMIT = 1 << 30  # The csv module's default (128 KiB) is short for a long document.
+
+
+def text_keys(count: int) -> tuple[str, ...]:
+    """The example features holding the texts: ``text``, or ``text1`` and ``text2``."""
+    return ("text",) if count == 1 else ("text1", "text2")
+
+
+class _Lines:
+    """The decoded lines of a file; ``numbers[i]`` is the line number of the i-th one handed
+    out (a line that does not decode is reported and skipped)."""
+
+    def __init__(self, path: pathlib.Path, encoding: str, problems: Problems):
+        self.path, self.encoding, self.problems = path, encoding, problems
+        self.numbers: list[int] = []
+
+    def __iter__(self):
+        with open(self.path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode(self.encoding)
+                except UnicodeDecodeError as e:
+                    self.problems.add(
+                        self.path, number,
+                        f"not valid {self.encoding} (byte {raw[e.start]:#04x} at column "
+                        f"{e.start + 1}); re-save the file as {self.encoding} or name its "
+                        "encoding with encoding=..., e.g. encoding=latin-1")
+                    continue
+                if number == 1:
+                    line = line.removeprefix("\ufeff")  # A UTF-8 byte-order mark.
+                self.numbers.append(number)
+                yield line
+
+
+def _missing_columns(spec: LocalSpec, path: pathlib.Path, present: list[str], kind: str):
+    wanted = [*spec.text_columns, spec.label_column]
+    missing = [c for c in wanted if c not in present]
+    if missing:
+        raise MissingColumnError(
+            f"{path} has no {kind} {', '.join(map(repr, missing))} ({kind}s: "
+            f"{', '.join(map(repr, present)) or 'none'}). Name the text and label {kind}s in "
+            f"the spec: {spec.format}:{spec.path}?text=COLUMN&label=COLUMN (text=A&text=B for a "
+            "sentence pair)")
+
+
+def _csv_records(spec: LocalSpec, path: pathlib.Path, problems: Problems):
+    """(line, {column: value}) of every well-formed row."""
+    lines = _Lines(path, spec.encoding, problems)
+    csv.field_size_limit(max(csv.field_size_limit(), _FIELD_SIZE_LIMIT))
+    reader = csv.reader(lines, delimiter=_DELIMITERS[spec.format], strict=True)
+    header = None
+    while True:
+        consumed = reader.line_num
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            problems.add(path, lines.numbers[min(consumed, len(lines.numbers) - 1)],
+                         f"malformed {spec.format.upper()} ({e})")
+            continue
+        line = lines.numbers[consumed]
+        if header is None:
+            header = row
+            _missing_columns(spec, path, header, "column")
+            continue
+        if not row:
+            problems.add(path, line, "empty line")
+        elif len(row) != len(header):
+            problems.add(path, line, f"{len(row)} fields, the header has {len(header)}")
+        else:
+            yield line, dict(zip(header, row))
+    if header is None:
+        raise LocalDataError(f"{path} is empty: a {spec.format.upper()} file needs a header "
+                             "line naming its columns")
+
+
+def _jsonl_records(spec: LocalSpec, path: pathlib.Path, problems: Problems, seen: set[str]):
+    lines = _Lines(path, spec.encoding, problems)
+    for index, text in enumerate(lines):
+        line = lines.numbers[index]
+        if not text.strip():
+            problems.add(path, line, "empty line")
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            problems.add(path, line, f"not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(record, dict):
+            problems.add(path, line, f"a JSON {type(record).__name__}, not an object")
+            continue
+        seen.update(record)
+        yield line, record
+
+
+def _value(record: dict, column: str, kind: str) -> tuple[str | None, str | None]:
+    """(the value as text, or None and why it is unusable)."""
+    if column not in record:
+        return None, f"no {kind} {column!r}"
+    value = record[column]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None, f"{kind} {column!r} is {json.dumps(value)}, not a string or number"
+    if isinstance(value, str) and not value.strip():
+        return None, f"empty {kind} {column!r}"
+    return str(value), None
+
+
+def _read_file(spec: LocalSpec, path: pathlib.Path, problems: Problems) -> list[dict]:
+    """Rows of one file as ``{"id", "texts", "label"}`` (label: str, or float for regression)."""
+    rows = []
+    seen: set[str] = set()
+    if spec.format == "jsonl":
+        records, kind = _jsonl_records(spec, path, problems, seen), "key"
+    else:
+        records, kind = _csv_records(spec, path, problems), "column"
+    for line, record in records:
+        texts, label, why = [], None, None
+        for column in spec.text_columns:
+            value, why = _value(record, column, kind)
+            if why:
+                break
+            texts.append(value)
+        if not why:
+            label, why = _value(record, spec.label_column, kind)
+        if not why:
+            label = label.strip()
+            if spec.regression:
+                try:
+                    label = float(label)
+                except ValueError:
+                    label = math.nan
+                if not math.isfinite(label):
+                    why = (f"label {record[spec.label_column]!r} is not a finite number "
+                           "(regression=true)")
+            elif "\n" in label or "\r" in label:
+                why = f"label {label!r} holds a line break"
+        if why:
+            problems.add(path, line, why)
+            continue
+        rows.append({"id": f"{path.name}:{line}", "texts": tuple(texts), "label": label})
+    if spec.format == "jsonl" and seen:
+        _missing_columns(spec, path, sorted(seen), kind)  # Absent from every object.
+    return rows
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
+
+
+def convert(spec: LocalSpec) -> Conversion:
+    problems = Problems()
+    files = spec.files()
+    rows = {split: _read_file(spec, path, problems) for split, path in files.items()}
+    dropped = problems.resolve(spec.name, spec.drop_bad)
+    for split, path in files.items():
+        if not rows[split]:
+            why = f" ({dropped['count']} bad rows dropped)" if dropped["count"] else ""
+            raise LocalDataError(f"{spec.name}: {path} holds no examples{why}")
+
+    all_labels = [r["label"] for split_rows in rows.values() for r in split_rows]
+    ids = None if spec.regression else labels.label_map(all_labels, spec.name)
+    train, fractions = rows["train"], spec.fractions()
+    strata = (labels.regression_strata([r["label"] for r in train], fractions)
+              if spec.regression else [ids[r["label"]] for r in train])
+    splits = labels.assign(rows, strata, ["\x1f".join(r["texts"]) for r in train], fractions,
+                           name=spec.name, main=str(spec.path))
+
+    keys = text_keys(len(spec.text_columns))
+
+    def example(row):
+        label = np.float32(row["label"]) if spec.regression else ids[row["label"]]
+        return row["id"], {"id": row["id"], **dict(zip(keys, row["texts"])), "label": label}
+
+    features = {"id": tfds.features.Text(), **{k: tfds.features.Text() for k in keys},
+                "label": np.float32 if spec.regression else
+                tfds.features.ClassLabel(names=list(ids))}
+    metadata = {
+        "modality": "text", "text_columns": list(spec.text_columns),
+        "label_column": spec.label_column, "text_keys": list(keys),
+        "regression": spec.regression, "dropped": dropped,
+        "sizes": {s: len(r) for s, r in splits.items()},
+    }
+    if spec.regression:
+        metadata["label_stats"] = {s: _stats([r["label"] for r in split_rows])
+                                   for s, split_rows in splits.items()}
+    else:
+        metadata["label_map"] = ids
+        metadata["class_counts"] = {}
+        for s, split_rows in splits.items():
+            counts = collections.Counter(r["label"] for r in split_rows)
+            metadata["class_counts"][s] = {name: counts[name] for name in ids}
+    return Conversion(features=features,
+                      splits={s: [example(r) for r in rows] for s, rows in splits.items()},
+                      finish=lambda: metadata)
