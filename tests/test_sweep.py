@@ -165,3 +165,11 @@ def test_grid_syntax():
     with pytest.raises(sweep.SweepError, match="--set"):
         sweep.main(["--config", CONFIG, "--families", "lowrank", "--set", "total_steps",
                     "--root", "unused"])
+
+
+def test_dataset_folders_are_safe_names():
+    assert sweep._dataset_folder("glue/sst2") == "glue-sst2"
+    a = sweep._dataset_folder("csv:/tmp/x/my data.csv?text=a&label=b")
+    b = sweep._dataset_folder("csv:/tmp/x/my data.csv?text=a&label=c")
+    assert a.startswith("csv-my_data-") and a != b
+    assert all(c.isalnum() or c in "_.-" for c in a)
