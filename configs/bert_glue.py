@@ -9,17 +9,17 @@ GELU; metrics MCC (CoLA), F1 (MRPC, QQP), Spearman/Pearson (STS-B), accuracy els
 
 checkpoint: a Hugging Face folder (config.json, model.safetensors, tokenizer.json), "minilm_l6"
 (offline), or "random" (a tiny random BERT for smoke tests, with the MiniLM tokenizer).
-Arguments: task, checkpoint, family, mode, targets, rank, block_size, form, seed, steps, batch,
-lr, epochs-free step budget via steps, max_length, shots.
+Arguments: task, checkpoint, family, mode, targets, rank, block_size, form, factors (kronecker
+AxB), seed, steps, batch, lr, epochs-free step budget via steps, max_length, shots.
 """
 from surm import config_args
 
 
 def get_config(arg=None):
     a = config_args.parse(arg, task="sst2", checkpoint="minilm_l6", family="circulant",
-                          mode="adapter", targets="", rank=None, block_size=None, form=None,
-                          seed=0, steps=5000, batch=64, lr=2e-3, head_lr=2e-3, max_length=128,
-                          shots=0, pooling="pooler")
+                          mode="adapter", targets="", rank=None, block_size=None, factors="",
+                          form=None, seed=0, steps=5000, batch=64, lr=2e-3, head_lr=2e-3,
+                          max_length=128, shots=0, pooling="pooler")
     c = config_args.ml_collections.ConfigDict()
     c.seed = a.seed
     c.total_steps = a.steps

@@ -8,9 +8,10 @@ Everything it needs installs from PyPI; it runs offline on 2 CPU cores.
     python -m surm.inspect --config configs/default.py:mode=adapter --json
 
 Arguments (``:k=v,...``): family (a structured family, or houlsby/bitfit/linear_probe/full),
-mode (lora/adapter), targets (preset or rules, ';'-separated), rank, block_size, form, dataset,
-seed, steps, batch, lr, head_lr, shots (k examples per class; 0 = all), max_length,
-checkpoint (minilm_l6, a Hugging Face BERT folder, or random: a tiny random BERT).
+mode (lora/adapter), targets (preset or rules, ';'-separated), rank, block_size, form,
+factors (kronecker: AxB, the first factor's shape), dataset, seed, steps, batch, lr, head_lr,
+shots (k examples per class; 0 = all), max_length, checkpoint (minilm_l6, a Hugging Face BERT
+folder, or random: a tiny random BERT).
 dataset: a text dataset name, or your own file (surm.data.local), e.g.
 ``:dataset=csv:/data/train.csv?text=sentence&label=y`` (options joined with '&', not ',').
 """
@@ -19,9 +20,9 @@ from surm import config_args
 
 def get_config(arg=None):
     a = config_args.parse(arg, family="circulant", mode="lora", targets="", rank=None,
-                          block_size=None, form=None, dataset="tweet_sentiment", seed=0,
-                          steps=600, batch=32, lr=None, head_lr=1e-3, shots=0, max_length=64,
-                          checkpoint="minilm_l6")
+                          block_size=None, factors="", form=None, dataset="tweet_sentiment",
+                          seed=0, steps=600, batch=32, lr=None, head_lr=1e-3, shots=0,
+                          max_length=64, checkpoint="minilm_l6")
     c = config_args.ml_collections.ConfigDict()
     c.seed = a.seed
     c.total_steps = a.steps

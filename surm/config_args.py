@@ -52,16 +52,19 @@ def parse(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 def peft_block(a: ml_collections.ConfigDict, *, dropout: float = 0.0) -> dict[str, Any]:
     """The ``peft`` block of a config from its parsed arguments (family, mode, targets with ';'
-    between rules, rank, block_size, form), every other knob at its default."""
+    between rules, rank, block_size, form, factors), every other knob at its default."""
     return dict(family=a.family, mode=a.mode, targets=a.targets.replace(";", ","),
-                hparams=peft_hparams(a.family, a.rank, a.block_size, a.form), scale=1.0,
+                hparams=peft_hparams(a.family, a.rank, a.block_size, a.form,
+                                     a.get("factors") or None), scale=1.0,
                 learn_scale=False, dropout=dropout, activation="gelu", train_bias=False,
                 train_layernorm=False, train_extra=[])
 
 
 def peft_hparams(family: str, rank: int | None, block_size: int | None = None,
-                 form: str | None = None) -> dict[str, Any]:
-    """The family hyper-parameters that a config's generic arguments mean for ``family``."""
+                 form: str | None = None, factors: str | None = None) -> dict[str, Any]:
+    """The family hyper-parameters that a config's generic arguments mean for ``family``.
+
+    ``factors`` ("AxB": the first Kronecker factor is A x B) applies to kronecker only."""
     hp: dict[str, Any] = {}
     if family in ("lowrank", "ldr", "kronecker", "houlsby"):
         hp["rank"] = rank if rank is not None else {"lowrank": 8, "houlsby": 8}.get(family, 1)
@@ -69,4 +72,13 @@ def peft_hparams(family: str, rank: int | None, block_size: int | None = None,
         hp["block_size"] = block_size
     if form is not None:
         hp["form"] = form
+    if factors:
+        if family != "kronecker":
+            raise ValueError(f"config argument factors={factors} applies to family=kronecker "
+                             f"only, not {family}")
+        parts = str(factors).lower().split("x")
+        if len(parts) != 2 or not all(t.strip().isdigit() for t in parts):
+            raise ValueError(f"config argument factors={factors!r}: expected AxB, e.g. 16x24 "
+                             f"(the first Kronecker factor's shape)")
+        hp["factors"] = (int(parts[0]), int(parts[1]))
     return hp

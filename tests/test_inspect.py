@@ -31,3 +31,13 @@ def test_inspect_rejects_a_rule_matching_nothing():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "matches no linear module" in out.stderr and "attention/self/query" in out.stderr
+
+
+def test_kronecker_factors_config_argument():
+    from surm import config_args
+    assert config_args.peft_hparams("kronecker", None, factors="16x24") == {
+        "rank": 1, "factors": (16, 24)}
+    with pytest.raises(ValueError, match="expected AxB"):
+        config_args.peft_hparams("kronecker", None, factors="16x")
+    with pytest.raises(ValueError, match="family=kronecker only"):
+        config_args.peft_hparams("circulant", None, factors="16x24")
