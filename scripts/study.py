@@ -146,9 +146,10 @@ def _text_table(rows_by_regime: dict[str, list[dict]]) -> tuple[list[str], list[
             if v is not None:
                 parts.append(f"{'beats' if best > v else 'loses to'} {k} {v:.4f} "
                              f"({params[k].get(c[0], 0):,})")
-        beat_lora8 = sum(1 for s, _ in scored if refs["lowrank (rank=8) [lora]"] is not None
-                         and s > refs["lowrank (rank=8) [lora]"])
-        parts.append(f"{beat_lora8}/{len(scored)} SURM settings above LoRA r=8")
+        lora8 = refs["lowrank (rank=8) [lora]"]
+        if lora8 is not None:
+            above = sum(1 for s, _ in scored if s > lora8)
+            parts.append(f"{above}/{len(scored)} SURM settings above LoRA r=8")
         notes.append(f"- {c[0]} {c[1]}: " + "; ".join(parts))
     return lines, notes
 
