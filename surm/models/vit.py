@@ -17,6 +17,13 @@ including the AugReg ones) hold flat '/'-joined names::
     pre_logits/{kernel,bias}                         only with a representation layer
     head/{kernel,bias}
 
+Options for DINOv2-style checkpoints (all off by default): ``layer_scale`` adds
+``Transformer/encoderblock_{i}/layer_scale_{attn,mlp}/scale`` (D,), ``gelu_approximate=False``
+uses the exact erf GELU, and `resample_posemb`'s ``"torch_bicubic"`` resizes position embeddings
+as DINOv2 does. LayerNorm epsilon is Flax's default 1e-6, as in both layouts. A `.npz` written by
+`save(..., arch=...)` records these fields (see `checkpoint_config`), so `load` can check that a
+model fits a file beyond its shapes.
+
 The block's sub-module numbers (0, 1, 2, 3) come from pre-Linen Flax, which counted sub-modules
 across classes; this model names them explicitly so those files load without renaming. Linen
 counts per class, so checkpoints written by Linen code (big_vision, or `flax.training.checkpoints
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -66,6 +74,11 @@ class ViTConfig:
       classifier: 'token' (prepend a learned [CLS] token and read it out) or 'gap' (global
         average of the patch tokens, no `cls` parameter).
       representation_size: width of the tanh `pre_logits` layer; None for none.
+      layer_scale: multiply the attention and MLP outputs by learned per-channel scales before
+        the residual additions (DINOv2, CaiT); parameters ``layer_scale_attn/scale`` and
+        ``layer_scale_mlp/scale`` in each block.
+      gelu_approximate: the tanh approximation of GELU (Google's checkpoints, Flax's default)
+        or, when False, the exact erf form (DINOv2 and PyTorch's default).
       dropout: dropout after the position embeddings, attention and MLP layers.
       attention_dropout: dropout on the attention weights.
       dtype: compute dtype (e.g. "bfloat16"); parameters stay float32 and logits are float32.
@@ -80,6 +93,8 @@ class ViTConfig:
     mlp_dim: int = 3072
     classifier: str = "token"
     representation_size: int | None = None
+    layer_scale: bool = False
+    gelu_approximate: bool = True
     dropout: float = 0.0
     attention_dropout: float = 0.0
     dtype: Any = "float32"
@@ -130,13 +145,23 @@ class AddPositionEmbs(nn.Module):
         return x + pos.astype(x.dtype)
 
 
+class LayerScale(nn.Module):
+    """Multiplies by a learned per-channel `scale` (DINOv2's layer scale); starts at 1."""
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        return x * scale.astype(x.dtype)
+
+
 class MlpBlock(nn.Module):
-    """Dense -> GELU -> Dense. GELU is the tanh approximation, which the checkpoints were
-    trained with (Flax's default)."""
+    """Dense -> GELU -> Dense. GELU is the tanh approximation by default, which Google's
+    checkpoints were trained with (Flax's default); DINOv2 uses the exact form."""
 
     mlp_dim: int
     dropout: float
     dtype: Any
+    gelu_approximate: bool = True
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -144,13 +169,14 @@ class MlpBlock(nn.Module):
             features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
             bias_init=nn.initializers.normal(stddev=1e-6))
         width = x.shape[-1]
-        x = nn.gelu(dense(self.mlp_dim)(x))
+        x = nn.gelu(dense(self.mlp_dim)(x), approximate=self.gelu_approximate)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         return nn.Dropout(self.dropout)(dense(width)(x), deterministic=not train)
 
 
 class Encoder1DBlock(nn.Module):
-    """Pre-LayerNorm transformer block, named like the published checkpoints."""
+    """Pre-LayerNorm transformer block, named like the published checkpoints (plus the
+    optional layer scales)."""
 
     config: ViTConfig
 
@@ -171,9 +197,14 @@ class Encoder1DBlock(nn.Module):
                                            force_fp32_for_softmax=True),
             name="MultiHeadDotProductAttention_1",
         )(y, y)
+        if cfg.layer_scale:
+            y = LayerScale(name="layer_scale_attn")(y)
         x = x + nn.Dropout(cfg.dropout)(y, deterministic=not train)
         y = nn.LayerNorm(dtype=dtype, name="LayerNorm_2")(x)
-        y = MlpBlock(cfg.mlp_dim, cfg.dropout, dtype, name="MlpBlock_3")(y, train=train)
+        y = MlpBlock(cfg.mlp_dim, cfg.dropout, dtype, cfg.gelu_approximate,
+                     name="MlpBlock_3")(y, train=train)
+        if cfg.layer_scale:
+            y = LayerScale(name="layer_scale_mlp")(y)
         return x + y
 
 
@@ -249,23 +280,71 @@ _GET_CHECKPOINTS = (
     "pass its path.")
 
 
+POSEMB_METHODS = ("bilinear", "cubic", "torch_bicubic")
+
+
+def _torch_bicubic_matrix(old: int, new: int, a: float = -0.75) -> np.ndarray:
+    """(new, old) weights of 1-D bicubic resizing as PyTorch computes it.
+
+    ``F.interpolate(mode="bicubic", align_corners=False)`` without antialiasing, which is also
+    ONNX ``Resize(mode="cubic", cubic_coeff_a=-0.75, coordinate_transformation_mode="half_pixel",
+    exclude_outside=0)``: output i samples the input at (i + 0.5) * old / new - 0.5 with Keys'
+    cubic kernel (a = -0.75) on the four nearest samples, indices clamped to the edge. Unlike
+    `jax.image.resize`, the kernel is not widened when shrinking.
+    """
+    def kernel(d):
+        d = np.abs(d)
+        near = ((a + 2) * d - (a + 3)) * d * d + 1
+        far = (((d - 5) * d + 8) * d - 4) * a
+        return np.where(d <= 1, near, np.where(d < 2, far, 0.0))
+
+    source = (np.arange(new) + 0.5) * (old / new) - 0.5
+    first = np.floor(source) - 1
+    weights = np.zeros((new, old))
+    for tap in range(4):
+        index = first + tap
+        np.add.at(weights, (np.arange(new), np.clip(index, 0, old - 1).astype(int)),
+                  kernel(source - index))
+    return weights
+
+
 def resample_posemb(posemb: np.ndarray, grid_size: int, num_prefix_tokens: int,
                     method: str = "bilinear") -> np.ndarray:
     """Resizes (1, prefix + g*g, D) position embeddings to (1, prefix + grid_size**2, D).
 
-    The patch embeddings are treated as a g x g image with D channels and resized with
-    `jax.image.resize` (`method` 'bilinear' or 'cubic', antialiased when shrinking); the prefix
-    ([CLS]) rows are kept.
+    The patch embeddings are treated as a g x g image with D channels; the prefix ([CLS]) rows
+    are kept. `method`:
+
+    * ``"bilinear"``, ``"cubic"``: `jax.image.resize` (antialiased when shrinking);
+    * ``"torch_bicubic"``: PyTorch's bicubic without antialiasing (see `_torch_bicubic_matrix`),
+      how DINOv2 fits its 37 x 37 table to the input size inside the forward pass, so a DINOv2
+      model run here at any size matches the original run at that size.
     """
+    if method not in POSEMB_METHODS:
+        raise ValueError(f"Unknown position-embedding resampling {method!r}; expected one of "
+                         f"{POSEMB_METHODS}")
     prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
     old = math.isqrt(len(grid))
     if old * old != len(grid):
         raise ValueError(
             f"Cannot resample position embeddings of shape {posemb.shape}: {len(grid)} patch "
             f"positions (after {num_prefix_tokens} prefix token(s)) are not a square grid")
-    grid = jax.image.resize(jnp.asarray(grid.reshape(old, old, -1), jnp.float32),
-                            (grid_size, grid_size, grid.shape[-1]), method)
-    return np.concatenate([prefix, np.asarray(grid).reshape(1, grid_size**2, -1)], axis=1)
+    grid = grid.reshape(old, old, -1)
+    if method == "torch_bicubic":
+        weights = _torch_bicubic_matrix(old, grid_size)
+        grid = np.einsum("ih,jw,hwd->ijd", weights, weights, grid.astype(np.float64))
+    else:
+        grid = jax.image.resize(jnp.asarray(grid, jnp.float32),
+                                (grid_size, grid_size, grid.shape[-1]), method)
+    grid = np.asarray(grid, posemb.dtype).reshape(1, grid_size**2, -1)
+    return np.concatenate([prefix, grid], axis=1)
+
+
+# The npz entry where `save(..., arch=...)` records the architecture: a JSON string (a numpy
+# unicode scalar, so it reads with allow_pickle=False) of `ARCH_FIELDS` and "posemb_method".
+ARCH_KEY = "surm/vit_arch"
+ARCH_FIELDS = ("patch_size", "width", "depth", "num_heads", "mlp_dim", "layer_scale",
+               "gelu_approximate")
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
@@ -273,6 +352,46 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"No ViT checkpoint at {path!r}. {_GET_CHECKPOINTS}")
     with np.load(path, allow_pickle=False) as npz:
         return {key: npz[key] for key in npz.files}
+
+
+def _known_arch(arch: dict[str, Any], path: str) -> dict[str, Any]:
+    unknown = sorted(set(arch) - set(ARCH_FIELDS) - {"posemb_method"})
+    if unknown:
+        raise ValueError(f"Checkpoint {path}: unknown architecture fields {unknown}; known: "
+                         f"{ARCH_FIELDS + ('posemb_method',)}")
+    return arch
+
+
+def _parse_arch(value: np.ndarray, path: str) -> dict[str, Any]:
+    return _known_arch(json.loads(str(value)), path)
+
+
+def read_arch(path: str | os.PathLike) -> dict[str, Any]:
+    """The architecture a `.npz` records (`ARCH_FIELDS`, "posemb_method"); {} if none."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No ViT checkpoint at {path!r}. {_GET_CHECKPOINTS}")
+    with np.load(path, allow_pickle=False) as npz:
+        return _parse_arch(npz[ARCH_KEY], path) if ARCH_KEY in npz.files else {}
+
+
+def checkpoint_config(path: str | os.PathLike, **overrides) -> ViTConfig | None:
+    """The `ViTConfig` a `.npz` records, completed by `overrides` (at least `num_classes`;
+    `image_size`, `classifier`, `dtype`, ...); None for a file that records none."""
+    arch = read_arch(path)
+    if not arch:
+        return None
+    arch.pop("posemb_method", None)
+    return ViTConfig(**{**arch, **overrides})
+
+
+def _check_arch(arch: dict[str, Any], config: ViTConfig, path: str) -> None:
+    wrong = [f"{k}={getattr(config, k)!r} (checkpoint: {v!r})" for k, v in arch.items()
+             if k in ARCH_FIELDS and getattr(config, k) != v]
+    if wrong:
+        raise ValueError(f"Checkpoint {path} was written for another architecture: config has "
+                         f"{', '.join(wrong)}. Build the config with "
+                         f"surm.models.vit.checkpoint_config({path!r}, num_classes=...)")
 
 
 def _canonical_names(flat: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
@@ -319,7 +438,8 @@ def _fit_posemb(posemb: np.ndarray, config: ViTConfig, method: str) -> np.ndarra
     return posemb
 
 
-def load(path: str | os.PathLike, config: ViTConfig, *, posemb_method: str = "bilinear") -> dict:
+def load(path: str | os.PathLike, config: ViTConfig, *, posemb_method: str | None = None
+         ) -> dict:
     """Reads a google-format ViT `.npz` checkpoint into params for `ViT(config)`.
 
     Reads the published vision_transformer layout, its old ``opt/target/`` prefix, big_vision's
@@ -328,7 +448,7 @@ def load(path: str | os.PathLike, config: ViTConfig, *, posemb_method: str = "bi
     ``Transformer/pos_embedding``, with or without a [CLS] row). Then:
 
     * position embeddings for another grid are resampled with `resample_posemb`
-      (`posemb_method` 'bilinear' or 'cubic'), keeping the [CLS] row. The `embedding` kernel is
+      (`posemb_method`, one of `POSEMB_METHODS`), keeping the [CLS] row. The `embedding` kernel is
       not resampled, so a different patch size is reported as mis-shaped;
     * a `pre_logits` layer the config does not have is dropped, and the head is then fresh;
     * a head for another class count (or none) is replaced by a zero-initialised one.
@@ -337,7 +457,8 @@ def load(path: str | os.PathLike, config: ViTConfig, *, posemb_method: str = "bi
     Args:
       path: the `.npz` file, read with ``np.load(allow_pickle=False)``.
       config: the model to load into.
-      posemb_method: interpolation for resampled position embeddings.
+      posemb_method: interpolation for resampled position embeddings; None: the one the file
+        records (`save(..., arch=...)`), else 'bilinear'.
 
     Returns:
       The params tree (nested dicts of float32 numpy arrays): ``ViT(config).apply({"params":
@@ -345,10 +466,15 @@ def load(path: str | os.PathLike, config: ViTConfig, *, posemb_method: str = "bi
 
     Raises:
       FileNotFoundError: no file at `path` (the message says where checkpoints come from).
-      ValueError: missing, unexpected or mis-shaped tensors, each named with both shapes.
+      ValueError: missing, unexpected or mis-shaped tensors, each named with both shapes, or a
+        config that differs from the architecture the file records.
     """
     path = os.fspath(path)
-    flat = _canonical_names(_read_npz(path), path)
+    flat = _read_npz(path)
+    arch = _parse_arch(flat.pop(ARCH_KEY), path) if ARCH_KEY in flat else {}
+    _check_arch(arch, config, path)
+    posemb_method = posemb_method or arch.get("posemb_method", "bilinear")
+    flat = _canonical_names(flat, path)
     expected = _loading.expected_shapes(
         ViT(config), jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32))
 
@@ -375,8 +501,16 @@ def load(path: str | os.PathLike, config: ViTConfig, *, posemb_method: str = "bi
     return _loading.unflatten(flat)
 
 
-def save(path: str | os.PathLike, params: dict) -> None:
-    """Writes ``params`` as a google-format ``.npz`` (flat '/'-joined names) that `load` reads."""
-    flat = flax.traverse_util.flatten_dict(params, sep="/")
+def save(path: str | os.PathLike, params: dict, *, arch: dict[str, Any] | None = None) -> None:
+    """Writes ``params`` as a google-format ``.npz`` (flat '/'-joined names) that `load` reads.
+
+    `arch` (`ARCH_FIELDS` and optionally "posemb_method") is recorded beside the tensors so the
+    file alone says which model it fits (`checkpoint_config`) and `load` checks it.
+    """
+    flat = {k: np.asarray(v, np.float32)
+            for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()}
+    if arch:
+        flat[ARCH_KEY] = np.asarray(json.dumps(_known_arch(arch, os.fspath(path)),
+                                               sort_keys=True))
     with open(path, "wb") as f:
-        np.savez(f, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
+        np.savez(f, **flat)
