@@ -150,7 +150,8 @@ def test_budget_cli_prints_the_matches(capsys):
 @pytest.mark.parametrize("families,message", [
     ("lowrnk", "unknown family 'lowrnk'"),
     ("lowrank:rank", "is not HPARAM=V1;V2"),
-    ("kronecker:factors=4x4", "unknown config argument 'factors'"),
+    ("lowrank:ranks=4", "unknown config argument 'ranks'"),
+    ("circulant:factors=4x4", "family=kronecker only"),
 ])
 def test_bad_grids_fail_before_running(tmp_path, families, message):
     with pytest.raises(sweep.SweepError, match=message):
