@@ -210,10 +210,12 @@ def _cka_section(c: dict) -> list[str]:
              f"`python scripts/cka.py --full {c['full']} --runs ...`: linear CKA between the full "
              "fine-tuning update and each run's merged update, over the q and v matrices of the "
              "6 layers ('random': the same statistic against a Gaussian matrix).", "",
-             "| run | method | CKA mean | min | max | random |", "|---|---|---:|---:|---:|---:|"]
+             "| run | method | CKA mean | min | max | random | mean / random |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for run, r in c["runs"].items():
         lines.append(f"| `{run}` | {r['method']} | {r['mean']:.4f} | {r['min']:.4f} | "
-                     f"{r['max']:.4f} | {r['random_mean']:.4f} |")
+                     f"{r['max']:.4f} | {r['random_mean']:.4f} | "
+                     f"{r['mean'] / r['random_mean']:.2f} |")
     return lines + [""]
 
 
