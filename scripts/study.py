@@ -146,7 +146,9 @@ def _text_table(rows_by_regime: dict[str, list[dict]]) -> tuple[list[str], list[
     for m in order:
         p = params[m]
         n = max(len(v) for v in cells[m].values())
-        lines.append(f"| {m} | {p.get('tweet_sentiment', 0):,} / {p.get('bbc_news', 0):,} | "
+        counts = " / ".join(f"{p[ds]:,}" if ds in p else "-"
+                            for ds in TEXT["datasets"].split(","))
+        lines.append(f"| {m} | {counts} | "
                      + " | ".join(_fmt(cells[m].get(c, [])) for c in cols)
                      + f" | {n} | {statistics.mean(walls[m]):.0f} |")
     # verdicts: best structured method vs LoRA r=8 and vs the linear probe in every column
