@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 
 from surm import optim, peft  # noqa: E402
 from surm.models import factory  # noqa: E402
-from surm.train import make_step_fns  # noqa: E402
+from surm.train import model_inputs, make_step_fns  # noqa: E402
 
 MODELS = {
     # name: (model config, modality)
@@ -100,16 +100,21 @@ class _Stepper:
         jax.block_until_ready(metrics["loss"])
 
 
-def time_calls(fn, warmup: int, steps: int) -> float:
-    """Median seconds per call of ``fn()`` (which blocks) after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = [0.0]
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[1:] or times)
+def interleaved_medians(calls: dict, warmup: int, steps: int) -> dict[str, float]:
+    """Median seconds per call of each ``calls[name]()`` (which blocks): ``warmup`` untimed calls
+    each, then rounds of ``ROUND`` timed calls of one after the other's, so that drift of a
+    shared machine hits all alike."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in calls}
+    for _ in range(max(1, steps // ROUND)):
+        for name, fn in calls.items():
+            for _ in range(min(ROUND, steps)):
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_model(name: str, families: list[str], args) -> dict:
@@ -141,19 +146,9 @@ def bench_model(name: str, families: list[str], args) -> dict:
                                   "trainable": counts["trainable"], "adapter": counts["adapter"]}
         if trained_spec is None:
             trained_spec = spec
-    # Time the methods in interleaved rounds, so that drift of a shared machine hits all alike.
-    times = {m: [] for m in steppers}
-    for s in steppers.values():
-        for _ in range(args.warmup):
-            s()
-    for _ in range(max(1, args.steps // ROUND)):
-        for method, s in steppers.items():
-            for _ in range(min(ROUND, args.steps)):
-                t = time.perf_counter()
-                s()
-                times[method].append(time.perf_counter() - t)
+    seconds = interleaved_medians(steppers, args.warmup, args.steps)
     for method, entry in out["methods"].items():
-        entry["step_ms"] = 1e3 * statistics.median(times[method])
+        entry["step_ms"] = 1e3 * seconds[method]
         print(f"  {name:10s} {method:18s} trainable {entry['trainable']:>11,}  step "
               f"{entry['step_ms']:8.1f} ms  peak {entry['peak_mb']:8.1f} MiB  temp "
               f"{entry['temp_mb']:7.1f} MiB", flush=True)
@@ -163,17 +158,14 @@ def bench_model(name: str, families: list[str], args) -> dict:
     # merged inference: the base model's forward with merged weights vs with its own weights
     frozen = peft.split(params, trained_spec)[1]
     merged = peft.merge(peft.full_params(frozen, trained), trained["adapters"], trained_spec)
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, *_inputs(x, modality)))
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, *model_inputs(x, modality)))
     f_base = forward.lower(params, inputs).compile()
     f_merged = forward.lower(merged, inputs).compile()
     assert np.isfinite(np.asarray(f_merged(merged, inputs))).all()
-    base, merged_t = [], []
-    for f, p, acc in ((f_base, params, base), (f_merged, merged, merged_t)):
-        time_calls(lambda: jax.block_until_ready(f(p, inputs)), args.warmup, 0)
-    for _ in range(max(1, args.steps // ROUND)):  # interleaved rounds, as for training
-        for f, p, acc in ((f_base, params, base), (f_merged, merged, merged_t)):
-            acc.append(time_calls(lambda: jax.block_until_ready(f(p, inputs)), 0, ROUND))
-    base_s, merged_s = statistics.median(base), statistics.median(merged_t)
+    t = interleaved_medians({"base": lambda: jax.block_until_ready(f_base(params, inputs)),
+                             "merged": lambda: jax.block_until_ready(f_merged(merged, inputs))},
+                            args.warmup, args.steps)
+    base_s, merged_s = t["base"], t["merged"]
     out["inference"] = {"base_ms": 1e3 * base_s, "merged_ms": 1e3 * merged_s}
     m = out["methods"]
     surm = families[0]
@@ -189,12 +181,6 @@ def bench_model(name: str, families: list[str], args) -> dict:
           + f"  (inference base {1e3 * base_s:.1f} ms, merged {1e3 * merged_s:.1f} ms)",
           flush=True)
     return out
-
-
-def _inputs(x, modality):
-    if modality == "image":
-        return (x["image"],)
-    return (x["input_ids"], x["attention_mask"], x["token_type_ids"])
 
 
 def main(argv=None) -> int:

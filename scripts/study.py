@@ -56,33 +56,27 @@ VIT_REGIMES = {"vit_mnist": "", "vit_mnist_k10": "shots=10,steps=100",
                "vit_mnist_k100": "shots=100,steps=100"}
 
 
+def _sweep(grid: dict, extra_base: str, families, modes: str, seed: int, root: str) -> list[str]:
+    """One ``scripts/sweep.py`` invocation of ``grid`` (TEXT or VIT) for one seed."""
+    cmd = [sys.executable, "scripts/sweep.py", "--config", grid["config"],
+           "--base", ",".join(filter(None, [grid["base"], extra_base])),
+           "--families", ",".join(families), "--modes", modes, "--seeds", str(seed),
+           "--datasets", grid["datasets"], "--root", str(ROOT / root)]
+    for item in grid.get("sets", ()):
+        cmd += ["--set", item]
+    return cmd
+
+
 def vit_commands(seeds=(0,)) -> list[list[str]]:
-    out = []
-    for seed in seeds:
-        for root, extra in VIT_REGIMES.items():
-            out.append([sys.executable, "scripts/sweep.py", "--config", VIT["config"],
-                        "--base", ",".join(filter(None, [VIT["base"], extra])),
-                        "--families", ",".join(VIT["families"]), "--modes", "lora",
-                        "--seeds", str(seed), "--datasets", VIT["datasets"],
-                        "--root", str(ROOT / root)])
-    return out
+    return [_sweep(VIT, extra, VIT["families"], "lora", seed, root)
+            for seed in seeds for root, extra in VIT_REGIMES.items()]
 
 
 def sweep_commands(seeds=SEEDS) -> list[list[str]]:
     """The sweep invocations, seed-major."""
-    out = []
-    for seed in seeds:
-        for regime, extra in REGIMES.items():
-            base = ",".join(filter(None, [TEXT["base"], extra]))
-            for _, families, modes in PARTS:
-                cmd = [sys.executable, "scripts/sweep.py", "--config", TEXT["config"],
-                       "--base", base, "--families", ",".join(families), "--modes", modes,
-                       "--seeds", str(seed), "--datasets", TEXT["datasets"],
-                       "--root", str(ROOT / regime)]
-                for item in TEXT["sets"]:
-                    cmd += ["--set", item]
-                out.append(cmd)
-    return out
+    return [_sweep(TEXT, extra, families, modes, seed, regime)
+            for seed in seeds for regime, extra in REGIMES.items()
+            for _, families, modes in PARTS]
 
 
 def _display(cmd: list[str]) -> str:

@@ -105,7 +105,8 @@ def _check_batch(global_batch: int, mesh) -> None:
                           f"{math.lcm(data_axis, procs) * max(1, global_batch // math.lcm(data_axis, procs))}")
 
 
-def _model_inputs(batch, modality: str):
+def model_inputs(batch, modality: str):
+    """The model call's positional inputs from a batch of this modality."""
     if modality == "image":
         return (batch["image"],)
     return (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
@@ -143,7 +144,7 @@ def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
         step_rng = jax.random.fold_in(state["rng"], state["step"])
 
         def loss_fn(tr):
-            out = peft.apply(model, frozen, tr, spec, *_model_inputs(batch, modality),
+            out = peft.apply(model, frozen, tr, spec, *model_inputs(batch, modality),
                              train=True, rng=step_rng)
             return _loss(out, batch["label"], regression)
 
@@ -158,7 +159,7 @@ def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
         return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     def eval_step(trainable, frozen, batch):
-        return peft.apply(model, frozen, trainable, spec, *_model_inputs(batch, modality))
+        return peft.apply(model, frozen, trainable, spec, *model_inputs(batch, modality))
 
     return train_step, eval_step
 
