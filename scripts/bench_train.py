@@ -24,7 +24,9 @@ nearest budget from above), LoRA at rank 8 (the usual default), and full fine-tu
 headline ratios take the first family against LoRA r=1: ``surm_over_lora_time``,
 ``surm_over_lora_memory``, ``surm_over_full_time``, ``merged_over_base_time``, printed last in
 one JSON object (worst over the models) with ``--json``, the per-model figures under
-``models``. Timings on a shared machine are noisy: compare ratios within one run.
+``models``. ``--lora_paths structured,dense`` times each family on both ways of computing its
+update (``surm.peft.choose_lora_path``: the FFT product on the activations, or the update
+folded into the kernel inside the step); ``auto`` takes the one the trainer takes. Timings on a shared machine are noisy: compare ratios within one run.
 """
 from __future__ import annotations
 
@@ -60,13 +62,17 @@ NUM_CLASSES = 10
 ROUND = 5  # steps of one method in a row before the next method's
 
 
-def methods(families: list[str]) -> dict[str, peft.PeftSpec]:
-    out = {f: peft.PeftSpec.create(family=f, mode="lora", targets="qv") for f in families}
-    out["lora_r1"] = peft.PeftSpec.create(family="lowrank", mode="lora", targets="qv",
-                                          hparams={"rank": 1})
-    out["lora_r8"] = peft.PeftSpec.create(family="lowrank", mode="lora", targets="qv",
-                                          hparams={"rank": 8})
-    out["full"] = peft.PeftSpec.create(family="full")
+def methods(families: list[str], paths: list[str]) -> dict[str, tuple[peft.PeftSpec, str]]:
+    """name -> (spec, lora_path); a family timed on several paths is named ``family[path]``."""
+    out = {}
+    for f in families:
+        spec = peft.PeftSpec.create(family=f, mode="lora", targets="qv")
+        for path in paths:
+            out[f if len(paths) == 1 else f"{f}[{path}]"] = (spec, path)
+    for rank in (1, 8):
+        out[f"lora_r{rank}"] = (peft.PeftSpec.create(family="lowrank", mode="lora", targets="qv",
+                                                     hparams={"rank": rank}), "auto")
+    out["full"] = (peft.PeftSpec.create(family="full"), "auto")
     return out
 
 
@@ -131,28 +137,29 @@ def bench_model(name: str, families: list[str], args) -> dict:
            "input": f"{args.seq_len} tokens" if modality == "text" else f"{args.image_size} px",
            "methods": {}}
     steppers, trained, trained_spec = {}, None, None
-    for method, spec in methods(families).items():
+    for method, (spec, path) in methods(families, args.lora_paths).items():
         trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(1))
         counts = peft.count(params, trainable, spec)
         tx, _ = optim.make(OPTIMIZER, 1000, trainable)
         state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
                  "opt_state": tx.init(trainable), "rng": jax.random.PRNGKey(2)}
         state = jax.tree.map(jnp.copy, state)  # donated below: must not alias ``params``
-        train_step, _ = make_step_fns(model, spec, tx, modality, regression=False)
+        train_step, _ = make_step_fns(model, spec, tx, modality, regression=False,
+                                      lora_path=path)
         compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, frozen, batch).compile()
         steppers[method] = _Stepper(compiled, state, frozen, batch)
         mem = memory_bytes(compiled)
         out["methods"][method] = {"peak_mb": mem["peak"] / 2**20, "temp_mb": mem["temp"] / 2**20,
                                   "trainable": counts["trainable"], "adapter": counts["adapter"]}
         if trained_spec is None:
-            trained_spec = spec
+            trained_spec, surm = spec, method
     seconds = interleaved_medians(steppers, args.warmup, args.steps)
     for method, entry in out["methods"].items():
         entry["step_ms"] = 1e3 * seconds[method]
         print(f"  {name:10s} {method:18s} trainable {entry['trainable']:>11,}  step "
               f"{entry['step_ms']:8.1f} ms  peak {entry['peak_mb']:8.1f} MiB  temp "
               f"{entry['temp_mb']:7.1f} MiB", flush=True)
-    trained = jax.device_get(steppers[families[0]].state["trainable"])
+    trained = jax.device_get(steppers[surm].state["trainable"])
     del steppers
 
     # merged inference: the base model's forward with merged weights vs with its own weights
@@ -168,7 +175,6 @@ def bench_model(name: str, families: list[str], args) -> dict:
     base_s, merged_s = t["base"], t["merged"]
     out["inference"] = {"base_ms": 1e3 * base_s, "merged_ms": 1e3 * merged_s}
     m = out["methods"]
-    surm = families[0]
     out["ratios"] = {
         "surm_over_lora_time": m[surm]["step_ms"] / m["lora_r1"]["step_ms"],
         "surm_over_lora_memory": m[surm]["peak_mb"] / m["lora_r1"]["peak_mb"],
@@ -191,6 +197,9 @@ def main(argv=None) -> int:
                    help=f"from {', '.join(MODELS)}")
     p.add_argument("--families", default="circulant",
                    help="structured families to time (the first one gives the headline ratios)")
+    p.add_argument("--lora_paths", default="auto",
+                   help="comma-separated lora paths of the structured families (auto, structured, "
+                        "dense: see surm.peft.choose_lora_path); the first gives the headline")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     p.add_argument("--text_batch", type=int, default=16)
@@ -204,12 +213,19 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     families = [f.strip() for f in args.families.split(",") if f.strip()]
+    args.lora_paths = [x.strip() for x in args.lora_paths.split(",") if x.strip()]
+    bad = sorted(set(args.lora_paths) - set(peft.LORA_PATHS))
+    if bad or not args.lora_paths:
+        p.error(f"--lora_paths {bad or '(empty)'}: choose from {', '.join(peft.LORA_PATHS)}")
     print(f"devices: {jax.devices()}; median of {args.steps} steps after {args.warmup} warm-up",
           flush=True)
     results = [bench_model(m, families, args) for m in models]
     keys = results[0]["ratios"].keys()
     summary = {k: max(r["ratios"][k] for r in results) for k in keys}
     summary["surm_family"] = families[0]
+    summary["lora_path"] = {r["model"]: peft.choose_lora_path(
+        peft.PeftSpec.create(family=families[0], mode="lora", targets="qv"),
+        args.lora_paths[0], train=True) for r in results}
     summary["lora_reference"] = "lowrank rank 1, same targets (q, v)"
     summary["models"] = {r["model"]: r for r in results}
     print("worst over models: " + ", ".join(f"{k} {summary[k]:.3f}" for k in keys), flush=True)

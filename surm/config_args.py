@@ -57,7 +57,7 @@ def peft_block(a: ml_collections.ConfigDict, *, dropout: float = 0.0) -> dict[st
                 hparams=peft_hparams(a.family, a.rank, a.block_size, a.form,
                                      a.get("factors") or None), scale=1.0,
                 learn_scale=False, dropout=dropout, activation="gelu", train_bias=False,
-                train_layernorm=False, train_extra=[])
+                train_layernorm=False, train_extra=[], lora_path="auto")
 
 
 def peft_hparams(family: str, rank: int | None, block_size: int | None = None,

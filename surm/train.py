@@ -72,6 +72,10 @@ def check_config(config, workdir: pathlib.Path) -> tuple[peft.PeftSpec, data.Dat
         raise ConfigError(f"eval_every must be >= 0 (0: no validation, only the final test "
                           f"evaluation), got {config.eval_every}")
     spec = peft.config_to_spec(config.peft)
+    try:
+        peft.choose_lora_path(spec, config.peft.get("lora_path", "auto"), train=True)
+    except ValueError as e:
+        raise ConfigError(f"peft.lora_path: {e}") from None
     data_spec = data.get_spec(config.input.dataset)
     takes = {"bert": "text", "vit": "image"}.get(config.model.get("name"))
     if takes and data_spec.modality != takes:
@@ -136,16 +140,17 @@ def _preprocessors(config, dataset):
 
 
 def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
-                  modality: str, regression: bool):
+                  modality: str, regression: bool, lora_path: str = "auto"):
     """The (unjitted) train step ``(state, frozen, batch) -> (state, metrics)`` and eval step
-    ``(trainable, frozen, inputs) -> outputs`` of a model under a PEFT spec."""
+    ``(trainable, frozen, inputs) -> outputs`` of a model under a PEFT spec. ``lora_path``:
+    how a lora-mode update is computed (``peft.choose_lora_path``)."""
 
     def train_step(state, frozen, batch):
         step_rng = jax.random.fold_in(state["rng"], state["step"])
 
         def loss_fn(tr):
             out = peft.apply(model, frozen, tr, spec, *model_inputs(batch, modality),
-                             train=True, rng=step_rng)
+                             train=True, rng=step_rng, lora_path=lora_path)
             return _loss(out, batch["label"], regression)
 
         loss, grads = jax.value_and_grad(loss_fn)(state["trainable"])
@@ -159,7 +164,8 @@ def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
         return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     def eval_step(trainable, frozen, batch):
-        return peft.apply(model, frozen, trainable, spec, *model_inputs(batch, modality))
+        return peft.apply(model, frozen, trainable, spec, *model_inputs(batch, modality),
+                          lora_path=lora_path)
 
     return train_step, eval_step
 
@@ -210,7 +216,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     regression = data_spec.regression
     modality = data_spec.modality
 
-    train_step, eval_step = make_step_fns(model, spec, tx, modality, regression)
+    train_step, eval_step = make_step_fns(model, spec, tx, modality, regression,
+                                          config.peft.get("lora_path", "auto"))
 
     batch_keys = (("image",) if modality == "image" else
                   ("input_ids", "attention_mask", "token_type_ids")) + ("label",)

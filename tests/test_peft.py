@@ -104,6 +104,57 @@ def test_merged_equals_unmerged_and_unmerge_restores(model_name, family):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_name,family", [
+    ("vit", "circulant"), ("bert", "circulant"), ("vit", "toeplitz"), ("bert", "kronecker"),
+    ("vit", "ldr"), ("bert", "lowrank")])
+def test_dense_lora_path_matches_the_structured_path(model_name, family):
+    """Folding the update into the kernel gives the same logits and the same gradients (of the
+    adapters, their learned scale and the head) as the fast product on the activations."""
+    model, params, inputs = MODELS[model_name]()
+    spec = peft.PeftSpec.create(family=family, hparams=FAMILY_HP[family], targets="all-linear",
+                                scale=0.7, learn_scale=True)
+    trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(3))
+    trainable = randomize(trainable)  # every adapter leaf (the scales too) ~ N(0, 0.05^2)
+    trainable["adapters"] = jax.tree.map(lambda a: 6 * a, trainable["adapters"])
+
+    def loss(tr, path):
+        out = peft.apply(model, frozen, tr, spec, *inputs, train=True, lora_path=path)
+        return jnp.sum(jnp.sin(out))
+
+    (a, ga), (b, gb) = (jax.value_and_grad(loss)(trainable, p) for p in ("structured", "dense"))
+    assert float(jnp.abs(logits(model_name, trainable, frozen, spec) - base_logits(
+        model_name)).max()) > 1e-2  # the adapters matter
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    flat_a, flat_b = tree.flatten(ga), tree.flatten(gb)
+    assert flat_a.keys() == flat_b.keys()
+    for path in flat_a:
+        scale = float(jnp.abs(flat_a[path]).max()) + 1e-6
+        # float32 FFTs against float32 matmuls: a learned scale's gradient sums every output
+        # with cancellation (1e-3 apart here; 1e-5 with float64 matmuls, a wrong fold is O(1))
+        np.testing.assert_allclose(flat_b[path] / scale, flat_a[path] / scale, atol=5e-3,
+                                   err_msg=path)
+
+
+def test_lora_path_choice_and_errors():
+    _, params, _ = tiny_bert()
+    circ = peft.PeftSpec.create(family="circulant")
+    # auto: the fast product on the CPU, whose FFTs beat a folded kernel's extra weight gradient
+    assert jax.default_backend() == "cpu"
+    assert peft.choose_lora_path(circ, "auto", train=True) == "structured"
+    assert peft.choose_lora_path(circ, "dense", train=True) == "dense"
+    with pytest.raises(ValueError, match="is not one of"):
+        peft.choose_lora_path(circ, "fft")
+    dropped = peft.PeftSpec.create(family="circulant", dropout=0.1)
+    assert peft.choose_lora_path(dropped, "dense", train=False) == "dense"  # eval: no dropout
+    with pytest.raises(ValueError, match="adapter dropout"):
+        peft.choose_lora_path(dropped, "dense", train=True)
+    for spec in (peft.PeftSpec.create(family="circulant", mode="adapter"),
+                 peft.PeftSpec.create(family="bitfit")):
+        assert peft.choose_lora_path(spec, "auto", train=True) == "structured"
+        with pytest.raises(ValueError, match="no weight update to fold"):
+            peft.choose_lora_path(spec, "dense")
+
+
 def test_learned_scale_and_adapter_mode_merge_errors():
     _, params, _ = tiny_bert()
     spec = peft.PeftSpec.create(family="circulant", learn_scale=True, scale=0.5)

@@ -78,12 +78,15 @@ def test_bad_configs_fail_before_compiling(tmp_path, tmp_path_factory):
         ("", {"input.batch_size": 6, "mesh.data": 4}, "needs more than the 1 devices"),
         ("", {"model.checkpoint": "/no/such/model"}, "not found"),
         ("dataset=cifar11", {}, "cifar11"),
+        ("", {"peft.lora_path": "fft"}, "lora_path.*is not one of"),
+        ("mode=adapter", {"peft.lora_path": "dense"}, "no weight update to fold"),
     ]
     for arg, extra, message in cases:
         cfg = load_config("default", f"dataset=bbc_news,{arg}".rstrip(","), **{**base, **extra})
         start = time.time()
         with pytest.raises((ValueError, FileNotFoundError), match=message):
-            train.train_and_evaluate(cfg, str(tmp_path / arg.replace("/", "_")))
+            train.train_and_evaluate(cfg, str(tmp_path / (arg.replace("/", "_") or
+                                                          "_".join(map(str, extra.values())))))
         assert time.time() - start < 30
 
 

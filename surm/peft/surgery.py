@@ -150,18 +150,56 @@ class _Interceptor:
         return (h + update.astype(h.dtype)).reshape(y.shape)
 
 
+LORA_PATHS = ("auto", "structured", "dense")
+
+
+def choose_lora_path(spec: PeftSpec, path: str = "auto", train: bool = False) -> str:
+    """How ``apply`` computes a lora-mode update: ``structured`` or ``dense``.
+
+    - ``structured``: ``y = x W + scale * S(x)``, the family's fast product (FFT, Kronecker
+      factors) on the activations; parameters and activations only, nothing d_in x d_out.
+    - ``dense``: ``y = x (W + scale * to_dense(S))``: the update is materialised and folded into
+      the kernel inside the step (differentiably), so the forward pass is the base model's and
+      the backward pass adds one weight-gradient matmul per target. Faster where matmuls are
+      cheap and FFTs are not (GPU, TPU); not possible with adapter dropout in training.
+    - ``auto``: ``dense`` for a structured family on a GPU or TPU backend, else ``structured``
+      (the figures behind this choice are in docs/RESULTS.md, "Benchmarks"). LoRA (lowrank),
+      adapter mode, and dropout in training always take the structured path under ``auto``.
+    """
+    if path not in LORA_PATHS:
+        raise ValueError(f"lora_path={path!r} is not one of {LORA_PATHS}")
+    foldable = spec.mode == "lora" and spec.is_structured
+    dropout = train and spec.dropout > 0
+    if path == "dense":
+        if not foldable or dropout:
+            why = ("adapter dropout acts on the update's input, which a folded kernel cannot do"
+                   if foldable else f"a {spec.family}/{spec.mode} spec has no weight update to fold")
+            raise ValueError(f"lora_path='dense' is not possible here: {why}. Use "
+                             f"lora_path='structured' (or 'auto')")
+        return "dense"
+    if path == "auto" and foldable and not dropout and spec.family != "lowrank" \
+            and jax.default_backend() in ("gpu", "tpu"):
+        return "dense"
+    return "structured"
+
+
 def apply(model: nn.Module, frozen: Mapping, trainable: Mapping, spec: PeftSpec, *args,
-          train: bool = False, rng=None, method=None, **kwargs):
+          train: bool = False, rng=None, method=None, lora_path: str = "auto", **kwargs):
     """Run ``model`` with the base parameters and the adapters of ``trainable``.
 
-    With ``train=True`` pass ``rng``: it feeds the model's dropout and the adapters' dropout."""
+    With ``train=True`` pass ``rng``: it feeds the model's dropout and the adapters' dropout.
+    ``lora_path`` picks how a lora-mode update is computed (see ``choose_lora_path``); both paths give
+    the same outputs and gradients up to float rounding."""
     if train and rng is None and spec.dropout > 0:
         raise ValueError("apply(train=True) with dropout needs an rng")
     params = full_params(frozen, trainable)
+    adapters = trainable.get("adapters", {})
+    if choose_lora_path(spec, lora_path, train) == "dense":
+        params, adapters = _fold(params, adapters, spec, 1.0), {}
     model_rng = adapter_rng = None
     if train and rng is not None:
         model_rng, adapter_rng = jax.random.split(rng)
-    interceptor = _Interceptor(spec, trainable.get("adapters", {}), adapter_rng)
+    interceptor = _Interceptor(spec, adapters, adapter_rng)
     extra = {"method": method} if method is not None else {}
     with nn.intercept_methods(interceptor):
         return model.apply({"params": params}, *args, train=train,
