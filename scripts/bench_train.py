@@ -25,7 +25,7 @@ headline ratios take the first family against LoRA r=1: ``surm_over_lora_time``,
 ``surm_over_lora_memory``, ``surm_over_full_time``, ``merged_over_base_time``, printed last in
 one JSON object (worst over the models) with ``--json``, the per-model figures under
 ``models``. ``--lora_paths structured,dense`` times each family on both ways of computing its
-update (``surm.peft.choose_lora_path``: the FFT product on the activations, or the update
+update (``surm.peft.lora_path_for``: the FFT product on the activations, or the update
 folded into the kernel inside the step); ``auto`` takes the one the trainer takes. Timings on a shared machine are noisy: compare ratios within one run.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from surm import optim, peft  # noqa: E402
+from surm import optim, peft, structured  # noqa: E402
 from surm.models import factory  # noqa: E402
 from surm.train import model_inputs, make_step_fns  # noqa: E402
 
@@ -153,6 +153,9 @@ def bench_model(name: str, families: list[str], args) -> dict:
                                   "trainable": counts["trainable"], "adapter": counts["adapter"]}
         if trained_spec is None:
             trained_spec, surm = spec, method
+            first = jax.tree.leaves(trainable["adapters"], is_leaf=lambda n: isinstance(
+                n, structured.Params))[0]
+            out["lora_path"] = peft.lora_path_for(spec, first, path, train=True)
     seconds = interleaved_medians(steppers, args.warmup, args.steps)
     for method, entry in out["methods"].items():
         entry["step_ms"] = 1e3 * seconds[method]
@@ -199,7 +202,7 @@ def main(argv=None) -> int:
                    help="structured families to time (the first one gives the headline ratios)")
     p.add_argument("--lora_paths", default="auto",
                    help="comma-separated lora paths of the structured families (auto, structured, "
-                        "dense: see surm.peft.choose_lora_path); the first gives the headline")
+                        "dense: see surm.peft.lora_path_for); the first gives the headline")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     p.add_argument("--text_batch", type=int, default=16)
@@ -222,10 +225,9 @@ def main(argv=None) -> int:
     results = [bench_model(m, families, args) for m in models]
     keys = results[0]["ratios"].keys()
     summary = {k: max(r["ratios"][k] for r in results) for k in keys}
+    summary["command"] = " ".join(["python scripts/bench_train.py", *(argv or sys.argv[1:])])
     summary["surm_family"] = families[0]
-    summary["lora_path"] = {r["model"]: peft.choose_lora_path(
-        peft.PeftSpec.create(family=families[0], mode="lora", targets="qv"),
-        args.lora_paths[0], train=True) for r in results}
+    summary["lora_path"] = {r["model"]: r["lora_path"] for r in results}
     summary["lora_reference"] = "lowrank rank 1, same targets (q, v)"
     summary["models"] = {r["model"]: r for r in results}
     print("worst over models: " + ", ".join(f"{k} {summary[k]:.3f}" for k in keys), flush=True)

@@ -171,21 +171,37 @@ def _text_table(rows_by_regime: dict[str, list[dict]]) -> tuple[list[str], list[
     return lines, notes
 
 
-def _bench_section(b: dict) -> list[str]:
-    lines = ["## Training-step benchmark", "",
-             "`python scripts/bench_train.py --steps 15 --warmup 2 --json`, one process, the "
-             "machine otherwise idle; q and v adapted in lora mode; SURM = circulant (one "
-             "vector per matrix), compared with LoRA rank 1 (the smallest LoRA, 2x the "
-             "parameters; the nearest budget) and rank 8. Step: forward, backward and AdamW "
-             "update, median of 15 steps; peak: XLA's buffer assignment of the compiled step "
-             "(frozen weights included).", "",
-             "| model | batch | method | trainable | step ms | peak MiB |",
-             "|---|---|---|---:|---:|---:|"]
-    for name, m in b["models"].items():
+BENCH_DEFAULT_COMMAND = "python scripts/bench_train.py --steps 15 --warmup 2 --json"
+GPU_BENCH = pathlib.Path("docs/results")  # bench_h200_*.json: accelerator runs, kept in git
+
+
+def _methods_table(models: dict) -> list[str]:
+    """One row per model and method, with time and peak memory against LoRA r=1's."""
+    lines = ["| model | batch | method | trainable | step ms | / LoRA r1 | peak MiB | / LoRA r1 |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for name, m in models.items():
+        ref = m["methods"]["lora_r1"]
         for method, r in m["methods"].items():
             lines.append(f"| {name} | {m['batch']} x {m['input']} | {method} | "
-                         f"{r['trainable']:,} | {r['step_ms']:.0f} | {r['peak_mb']:.0f} |")
-    lines += ["", "| model | SURM/LoRA r1 time | SURM/LoRA r1 memory | SURM/LoRA r8 time | "
+                         f"{r['trainable']:,} | {r['step_ms']:.1f} | "
+                         f"{r['step_ms'] / ref['step_ms']:.3f} | {r['peak_mb']:.0f} | "
+                         f"{r['peak_mb'] / ref['peak_mb']:.3f} |")
+    return lines
+
+
+def _bench_section(b: dict, gpu: list[dict]) -> list[str]:
+    lines = ["## Training-step benchmark", "",
+             f"`{b.get('command', BENCH_DEFAULT_COMMAND)}`, one process, the machine otherwise "
+             "idle; q and v adapted in lora mode; SURM = circulant (one vector per matrix) or "
+             "Toeplitz, compared with LoRA rank 1 (the smallest LoRA, 2x circulant's "
+             "parameters; the nearest budget) and rank 8. Step: forward, backward and AdamW "
+             "update, median of the timed steps; peak: XLA's buffer assignment of the compiled "
+             "step (frozen weights included). `family[structured]` computes the update with the "
+             "family's fast product on the activations (FFTs); `family[dense]` folds "
+             "`scale * to_dense(S)` into the kernel inside the step (`peft.lora_path`).", ""]
+    lines += _methods_table(b["models"])
+    lines += ["", "The script's headline ratios (its first family and path against LoRA r=1):", "",
+              "| model | SURM/LoRA r1 time | SURM/LoRA r1 memory | SURM/LoRA r8 time | "
               "SURM/full time | SURM/full memory | merged/base inference |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for name, m in b["models"].items():
@@ -198,6 +214,14 @@ def _bench_section(b: dict) -> list[str]:
             "merged_over_base_time")
     lines += ["", "Worst over the models (the script's JSON): "
               + ", ".join(f"`{k}` {b[k]:.3f}" for k in keys) + ".", ""]
+    if gpu:
+        lines += ["### On a GPU (one NVIDIA H200)", "",
+                  "The same script on ViT-S/16 and ViT-B/16 at 224 px, batch 64 "
+                  "(`python scripts/bench_train.py --models vit_s16 --image_batch 64 --steps 30 "
+                  "--warmup 5 --families circulant,toeplitz --lora_paths structured,dense "
+                  "--json`, likewise vit_b16; JSON in `docs/results/bench_h200_*.json`).", ""]
+        lines += _methods_table({k: v for g in gpu for k, v in g["models"].items()})
+        lines += [""]
     return lines
 
 
@@ -269,7 +293,8 @@ def report() -> None:
             lines += [f"### {root}", "", (ROOT / root / "results.md").read_text(), ""]
     bench = ROOT / "bench_train.json"
     if bench.exists():
-        lines += _bench_section(json.loads(bench.read_text()))
+        gpu = [json.loads(f.read_text()) for f in sorted(GPU_BENCH.glob("bench_h200_*.json"))]
+        lines += _bench_section(json.loads(bench.read_text()), gpu)
     cka = ROOT / "cka.json"
     if cka.exists():
         lines += _cka_section(json.loads(cka.read_text()))

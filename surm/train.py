@@ -73,7 +73,7 @@ def check_config(config, workdir: pathlib.Path) -> tuple[peft.PeftSpec, data.Dat
                           f"evaluation), got {config.eval_every}")
     spec = peft.config_to_spec(config.peft)
     try:
-        peft.choose_lora_path(spec, config.peft.get("lora_path", "auto"), train=True)
+        peft.check_lora_path(spec, config.peft.get("lora_path", "auto"), train=True)
     except ValueError as e:
         raise ConfigError(f"peft.lora_path: {e}") from None
     data_spec = data.get_spec(config.input.dataset)
@@ -143,7 +143,7 @@ def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
                   modality: str, regression: bool, lora_path: str = "auto"):
     """The (unjitted) train step ``(state, frozen, batch) -> (state, metrics)`` and eval step
     ``(trainable, frozen, inputs) -> outputs`` of a model under a PEFT spec. ``lora_path``:
-    how a lora-mode update is computed (``peft.choose_lora_path``)."""
+    how a lora-mode update is computed (``peft.lora_path_for``)."""
 
     def train_step(state, frozen, batch):
         step_rng = jax.random.fold_in(state["rng"], state["step"])

@@ -135,24 +135,60 @@ def test_dense_lora_path_matches_the_structured_path(model_name, family):
                                    err_msg=path)
 
 
-def test_lora_path_choice_and_errors():
-    _, params, _ = tiny_bert()
-    circ = peft.PeftSpec.create(family="circulant")
-    # auto: the fast product on the CPU, whose FFTs beat a folded kernel's extra weight gradient
+def test_lora_path_choice_and_errors(monkeypatch):
+    def S(family, d, **hp):
+        return structured.get(family).init(jax.random.PRNGKey(0), d, d, **hp)
+
+    circ, toep = (peft.PeftSpec.create(family=f) for f in ("circulant", "toeplitz"))
     assert jax.default_backend() == "cpu"
-    assert peft.choose_lora_path(circ, "auto", train=True) == "structured"
-    assert peft.choose_lora_path(circ, "dense", train=True) == "dense"
+    # auto on the CPU: folding pays at small widths, the FFT product at large ones, and a
+    # Toeplitz product (FFTs of twice the length) stays worth folding to larger widths
+    assert peft.lora_path_for(circ, S("circulant", 256), train=True) == "dense"
+    assert peft.lora_path_for(circ, S("circulant", 2048), train=True) == "structured"
+    assert peft.lora_path_for(toep, S("toeplitz", 768), train=True) == "dense"
+    assert peft.lora_path_for(toep, S("toeplitz", 4096), train=True) == "structured"
+    monkeypatch.setitem(peft.MATMUL_OVER_FFT_RATE, "cpu", 1e9)  # matmuls free: always fold
+    assert peft.lora_path_for(circ, S("circulant", 2048), train=True) == "dense"
+    monkeypatch.setitem(peft.MATMUL_OVER_FFT_RATE, "cpu", 0.0)  # matmuls dear: never
+    assert peft.lora_path_for(circ, S("circulant", 256), train=True) == "structured"
+    # explicit paths are taken as asked
+    assert peft.lora_path_for(circ, S("circulant", 64), "structured") == "structured"
+    assert peft.lora_path_for(circ, S("circulant", 64), "dense", train=True) == "dense"
+    monkeypatch.setitem(peft.MATMUL_OVER_FFT_RATE, "cpu", 1e9)
+    lora = peft.PeftSpec.create(family="lowrank", hparams={"rank": 2})
+    assert peft.lora_path_for(lora, S("lowrank", 64, rank=2), train=True) == "structured"
     with pytest.raises(ValueError, match="is not one of"):
-        peft.choose_lora_path(circ, "fft")
+        peft.check_lora_path(circ, "fft")
     dropped = peft.PeftSpec.create(family="circulant", dropout=0.1)
-    assert peft.choose_lora_path(dropped, "dense", train=False) == "dense"  # eval: no dropout
+    assert peft.lora_path_for(dropped, S("circulant", 64), train=True) == "structured"
+    assert peft.lora_path_for(dropped, S("circulant", 64), "dense") == "dense"  # eval: no dropout
     with pytest.raises(ValueError, match="adapter dropout"):
-        peft.choose_lora_path(dropped, "dense", train=True)
+        peft.check_lora_path(dropped, "dense", train=True)
     for spec in (peft.PeftSpec.create(family="circulant", mode="adapter"),
                  peft.PeftSpec.create(family="bitfit")):
-        assert peft.choose_lora_path(spec, "auto", train=True) == "structured"
+        peft.check_lora_path(spec, "auto", train=True)
         with pytest.raises(ValueError, match="no weight update to fold"):
-            peft.choose_lora_path(spec, "dense")
+            peft.check_lora_path(spec, "dense")
+
+
+def test_auto_lora_path_folds_per_target(monkeypatch):
+    """auto decides per matrix: between the square and the rectangular targets' cost ratios
+    (0.52 and 0.44: a 48 x 96 circulant takes FFTs of length 96 for twice the entries), the
+    rectangles are folded and the squares are not, and the logits are those of either path."""
+    model, params, inputs = tiny_bert()  # 48 -> 48 attention, 48 <-> 96 MLP
+    spec = peft.PeftSpec.create(family="circulant", targets="all-linear", scale=0.7)
+    trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(3))
+    trainable = randomize(trainable)
+    nodes = tree.flatten(trainable["adapters"], stop=lambda d: "S" in d)
+    widths = {p: n["S"].d_in * n["S"].d_out for p, n in nodes.items()}
+    monkeypatch.setitem(peft.MATMUL_OVER_FFT_RATE, "cpu", 0.48)
+    choice = {p: peft.lora_path_for(spec, n["S"]) for p, n in nodes.items()}
+    assert {choice[p] for p in nodes if widths[p] == 48 * 48} == {"structured"}
+    assert {choice[p] for p in nodes if widths[p] == 48 * 96} == {"dense"}
+    ref = logits("bert", trainable, frozen, spec, lora_path="structured")
+    np.testing.assert_allclose(logits("bert", trainable, frozen, spec), ref, atol=1e-5)
+    np.testing.assert_allclose(logits("bert", trainable, frozen, spec, lora_path="dense"), ref,
+                               atol=1e-5)
 
 
 def test_learned_scale_and_adapter_mode_merge_errors():

@@ -20,6 +20,7 @@ def _script(name):
 
 cka = _script("cka")
 bench_train = _script("bench_train")
+bench_lora_path = _script("bench_lora_path")
 study = _script("study")
 sweep = _script("sweep")
 
@@ -86,6 +87,31 @@ def test_bench_train_prints_the_ratios_last(capsys):
     # every weight, the PEFT methods only of theirs
     assert methods["full"]["peak_mb"] > 2 * methods["circulant"]["peak_mb"]
     assert methods["circulant"]["trainable"] < methods["lora_r1"]["trainable"]
+    assert out["lora_path"]["vit_ti16"] in ("structured", "dense")  # what auto took
+
+
+def test_bench_train_times_both_lora_paths(capsys):
+    assert bench_train.main(["--models", "vit_ti16", "--image_size", "32", "--steps", "1",
+                             "--warmup", "0", "--image_batch", "2", "--families", "toeplitz",
+                             "--lora_paths", "dense,structured", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    methods = out["models"]["vit_ti16"]["methods"]
+    assert {"toeplitz[dense]", "toeplitz[structured]"} <= set(methods)
+    assert out["lora_path"]["vit_ti16"] == "dense"  # the first path gives the headline
+    assert methods["toeplitz[dense]"]["trainable"] == methods["toeplitz[structured]"]["trainable"]
+    with pytest.raises(SystemExit):
+        bench_train.main(["--models", "vit_ti16", "--lora_paths", "fft"])
+
+
+def test_bench_lora_path_checks_the_paths_agree_and_reports_the_crossover(capsys):
+    assert bench_lora_path.main(["--widths", "32,64", "--tokens", "16", "--steps", "1",
+                                 "--warmup", "0", "--families", "circulant", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    fam = out["families"]["circulant"]
+    assert [r["width"] for r in fam["rows"]] == [32, 64]
+    assert all(r["dense_ms"] > 0 and r["structured_ms"] > 0 and r["frozen_ms"] > 0
+               for r in fam["rows"])
+    assert fam["dense_max_width"] in (0, 32, 64)
 
 
 def test_study_commands_are_valid_grids(tmp_path):

@@ -190,7 +190,7 @@ def trains_in_full(spec: PeftSpec, path: str) -> bool:
 
 def config_to_spec(cfg: Mapping[str, Any]) -> PeftSpec:
     """A spec from the ``peft`` block of a config (a ConfigDict or a dict). Its ``lora_path``
-    key, if any, is a compute choice of the trainer (``choose_lora_path``), not part of the spec."""
+    key, if any, is a compute choice of the trainer (``lora_path_for``), not part of the spec."""
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     d.pop("lora_path", None)
     return PeftSpec.create(**d)

@@ -15,6 +15,7 @@ the rest the outputs, so ViT's (D, heads, D/heads) attention kernels are (D, D) 
 """
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Any, Mapping
 
@@ -152,35 +153,76 @@ class _Interceptor:
 
 LORA_PATHS = ("auto", "structured", "dense")
 
+# How many times more flops per second a backend's dense matmuls run than its FFT-based
+# products, fitted to scripts/bench_lora_path.py (CPU: dense and structured break even at width
+# ~520 for circulant, ~1450 for Toeplitz, both at ratio 3.1-3.6) and to scripts/bench_train.py
+# on one H200 (ViT-S/16, ViT-B/16: the per-matrix cost of the two paths gives 41 for circulant,
+# 52 for Toeplitz; the lower is kept). TPUs are unmeasured and take the GPU's figure.
+MATMUL_OVER_FFT_RATE = {"cpu": 3.4, "gpu": 40.0, "tpu": 40.0}
 
-def choose_lora_path(spec: PeftSpec, path: str = "auto", train: bool = False) -> str:
-    """How ``apply`` computes a lora-mode update: ``structured`` or ``dense``.
 
-    - ``structured``: ``y = x W + scale * S(x)``, the family's fast product (FFT, Kronecker
-      factors) on the activations; parameters and activations only, nothing d_in x d_out.
-    - ``dense``: ``y = x (W + scale * to_dense(S))``: the update is materialised and folded into
-      the kernel inside the step (differentiably), so the forward pass is the base model's and
-      the backward pass adds one weight-gradient matmul per target. Faster where matmuls are
-      cheap and FFTs are not (GPU, TPU); not possible with adapter dropout in training.
-    - ``auto``: ``dense`` for a structured family on a GPU or TPU backend, else ``structured``
-      (the figures behind this choice are in docs/RESULTS.md, "Benchmarks"). LoRA (lowrank),
-      adapter mode, and dropout in training always take the structured path under ``auto``.
-    """
+def check_lora_path(spec: PeftSpec, path: str, train: bool = False) -> None:
+    """Raise a ValueError when ``path`` is not a lora path or cannot be taken for ``spec``."""
     if path not in LORA_PATHS:
         raise ValueError(f"lora_path={path!r} is not one of {LORA_PATHS}")
-    foldable = spec.mode == "lora" and spec.is_structured
-    dropout = train and spec.dropout > 0
-    if path == "dense":
-        if not foldable or dropout:
-            why = ("adapter dropout acts on the update's input, which a folded kernel cannot do"
-                   if foldable else f"a {spec.family}/{spec.mode} spec has no weight update to fold")
-            raise ValueError(f"lora_path='dense' is not possible here: {why}. Use "
-                             f"lora_path='structured' (or 'auto')")
-        return "dense"
-    if path == "auto" and foldable and not dropout and spec.family != "lowrank" \
-            and jax.default_backend() in ("gpu", "tpu"):
-        return "dense"
-    return "structured"
+    if path != "dense":
+        return
+    if not (spec.mode == "lora" and spec.is_structured):
+        raise ValueError(f"lora_path='dense' is not possible here: a {spec.family}/{spec.mode} "
+                         f"spec has no weight update to fold. Use lora_path='structured' (or "
+                         f"'auto')")
+    if train and spec.dropout > 0:
+        raise ValueError("lora_path='dense' is not possible here: adapter dropout acts on the "
+                         "update's input, which a folded kernel cannot do. Use "
+                         "lora_path='structured' (or 'auto'), or peft.dropout=0")
+
+
+@functools.lru_cache(maxsize=None)
+def _flops_per_row(family: str, d_in: int, d_out: int, hp: tuple, arrays: tuple) -> float | None:
+    """XLA's flop count of ``apply`` for one more row of x (the per-token cost, excluding
+    work on the parameters alone, such as a kernel's FFT)."""
+    fam = structured.get(family)
+    S = structured.Params(family, d_in, d_out, hp,
+                          {name: jax.ShapeDtypeStruct(shape, dtype) for name, shape, dtype in arrays})
+    counts = []
+    for rows in (1, 2):
+        cost = jax.jit(fam.apply).lower(S, jax.ShapeDtypeStruct((rows, d_in), jnp.float32))
+        cost = cost.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        if not cost or "flops" not in cost:
+            return None
+        counts.append(float(cost["flops"]))
+    return counts[1] - counts[0]
+
+
+def lora_path_for(spec: PeftSpec, S, path: str = "auto", train: bool = False) -> str:
+    """How ``apply`` computes the lora-mode update of one structured matrix ``S``:
+    ``"structured"`` or ``"dense"``.
+
+    - ``structured``: ``y = x W + scale * S(x)``, the family's fast product (FFTs, Kronecker
+      factors) on the activations; nothing of size d_in x d_out is formed.
+    - ``dense``: ``y = x (W + scale * to_dense(S))``: the update is materialised and folded into
+      the kernel inside the step (differentiably). The forward pass is the base model's; the
+      backward pass adds one weight-gradient matmul (2 d_in d_out flops per row of x) and a
+      transient d_in x d_out buffer. Not possible with adapter dropout in training.
+    - ``auto``: a cost model: ``dense`` when those 2 d_in d_out flops are fewer than
+      ``MATMUL_OVER_FFT_RATE[backend]`` times the structured path's (3x XLA's flop count of
+      ``S(x)`` per row: the forward product and two in the backward pass). LoRA (``lowrank``),
+      adapter mode and adapter dropout in training always take ``structured``.
+    """
+    check_lora_path(spec, path, train)
+    if path != "auto":
+        return path
+    if spec.mode != "lora" or not spec.is_structured or spec.family == "lowrank" or (
+            train and spec.dropout > 0):
+        return "structured"
+    ratio = MATMUL_OVER_FFT_RATE.get(jax.default_backend())
+    arrays = tuple(sorted((k, tuple(v.shape), jnp.dtype(v.dtype).name)
+                          for k, v in S.arrays.items()))
+    per_row = _flops_per_row(S.family, S.d_in, S.d_out, S.hp, arrays)
+    if ratio is None or not per_row:
+        return "structured"
+    return "dense" if 2 * S.d_in * S.d_out <= ratio * 3 * per_row else "structured"
 
 
 def apply(model: nn.Module, frozen: Mapping, trainable: Mapping, spec: PeftSpec, *args,
@@ -188,14 +230,20 @@ def apply(model: nn.Module, frozen: Mapping, trainable: Mapping, spec: PeftSpec,
     """Run ``model`` with the base parameters and the adapters of ``trainable``.
 
     With ``train=True`` pass ``rng``: it feeds the model's dropout and the adapters' dropout.
-    ``lora_path`` picks how a lora-mode update is computed (see ``choose_lora_path``); both paths give
+    ``lora_path`` picks how a lora-mode update is computed, per target (see ``lora_path_for``); both paths give
     the same outputs and gradients up to float rounding."""
     if train and rng is None and spec.dropout > 0:
         raise ValueError("apply(train=True) with dropout needs an rng")
+    check_lora_path(spec, lora_path, train)
     params = full_params(frozen, trainable)
     adapters = trainable.get("adapters", {})
-    if choose_lora_path(spec, lora_path, train) == "dense":
-        params, adapters = _fold(params, adapters, spec, 1.0), {}
+    if spec.mode == "lora" and spec.is_structured:
+        nodes = tree.flatten(adapters, stop=_is_target)
+        fold = {p for p, n in nodes.items() if lora_path_for(spec, n["S"], lora_path, train)
+                == "dense"}
+        if fold:
+            params = _fold(params, tree.unflatten({p: nodes[p] for p in fold}), spec, 1.0)
+            adapters = tree.unflatten({p: n for p, n in nodes.items() if p not in fold})
     model_rng = adapter_rng = None
     if train and rng is not None:
         model_rng, adapter_rng = jax.random.split(rng)

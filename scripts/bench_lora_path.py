@@ -1,0 +1,114 @@
+"""Where folding the update into the kernel beats the fast structured product, by width.
+
+    python scripts/bench_lora_path.py                              # widths 256 .. 4096
+    python scripts/bench_lora_path.py --widths 768,4096 --tokens 8192 --families circulant
+
+One adapted linear layer ``y = x (W + scale S)`` inside a network: forward, and the backward to
+the adapter's parameters and to ``x`` (the layer's input: a layer mid-network passes its
+gradient on), through ``surm.peft.apply`` exactly as the trainer calls it, once with
+``lora_path="structured"`` (``x W + S(x)``, the family's FFT product) and once with
+``lora_path="dense"`` (``to_dense(S)`` folded into the kernel inside the step). ``frozen`` is
+the same layer with no adapter (its input gradient only): the floor both paths pay. Each
+width's figures are medians of interleaved timed calls in one process; the ratio
+``dense / structured`` < 1 means folding is faster at that width. ``--json`` prints one JSON
+object last, with the widest width at which dense wins for each family (``dense_max_width``):
+the numbers behind ``surm.peft.surgery.DENSE_MAX_WIDTH``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from surm import peft  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_train import interleaved_medians  # noqa: E402
+
+
+class Layer(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(self.width, use_bias=False, name="proj")(x)
+
+
+def time_width(family: str, width: int, tokens: int, warmup: int, steps: int) -> dict:
+    model = Layer(width)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((tokens, width)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((tokens, width)), jnp.float32)
+    params = {"proj": {"kernel": jnp.asarray(rng.standard_normal((width, width)) / width ** 0.5,
+                                             jnp.float32)}}
+    spec = peft.PeftSpec.create(family=family, mode="lora", targets="proj", init="random")
+    trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(0))
+
+    # Everything is an argument: closed-over arrays would be constants that XLA may fold.
+    def step_for(path):
+        def loss(tr, x, frozen, g):
+            out = peft.apply(model, frozen, tr, spec, x, train=True, lora_path=path)
+            return jnp.sum(out * g)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+    def frozen_step(x, params, g):
+        return jax.grad(lambda x: jnp.sum(model.apply({"params": params}, x) * g))(x)
+
+    args = (trainable, x, frozen, g)
+    compiled = {p: step_for(p).lower(*args).compile() for p in ("structured", "dense")}
+    compiled_frozen = jax.jit(frozen_step).lower(x, params, g).compile()
+    a = compiled["structured"](*args)
+    b = compiled["dense"](*args)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):  # the two paths agree
+        err = float(jnp.abs(u - v).max() / (jnp.abs(u).max() + 1e-12))
+        if err > 1e-3:
+            raise AssertionError(f"{family} at width {width}: paths differ by {err:.2e}")
+    calls = {p: (lambda c=c: jax.block_until_ready(c(*args))) for p, c in compiled.items()}
+    calls["frozen"] = lambda: jax.block_until_ready(compiled_frozen(x, params, g))
+    t = interleaved_medians(calls, warmup, steps)
+    return {"width": width, **{f"{k}_ms": 1e3 * v for k, v in t.items()},
+            "dense_over_structured": t["dense"] / t["structured"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--families", default="circulant,toeplitz")
+    p.add_argument("--widths", default="256,512,768,1024,2048,4096")
+    p.add_argument("--tokens", type=int, default=1024, help="rows of x (batch x sequence)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = p.parse_args(argv)
+    widths = [int(w) for w in args.widths.split(",") if w.strip()]
+    print(f"devices: {jax.devices()}; {args.tokens} tokens; median of {args.steps} steps",
+          flush=True)
+    out = {"command": " ".join(["python scripts/bench_lora_path.py", *(argv or sys.argv[1:])]),
+           "backend": jax.default_backend(), "tokens": args.tokens, "families": {}}
+    for family in [f.strip() for f in args.families.split(",") if f.strip()]:
+        rows = []
+        for width in widths:
+            r = time_width(family, width, args.tokens, args.warmup, args.steps)
+            rows.append(r)
+            print(f"  {family:14s} {width:6d}  frozen {r['frozen_ms']:9.2f} ms  structured "
+                  f"{r['structured_ms']:9.2f} ms  dense {r['dense_ms']:9.2f} ms  dense/structured "
+                  f"{r['dense_over_structured']:.3f}", flush=True)
+        wins = [r["width"] for r in rows if r["dense_over_structured"] < 1.0]
+        out["families"][family] = {"rows": rows, "dense_max_width": max(wins) if wins else 0}
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
