@@ -21,7 +21,8 @@ on synthetic batches:
 Methods (targets q, v, lora mode): ``surm`` = each of ``--families`` (default circulant: one
 vector per matrix, d params), LoRA at rank 1 (2d params per matrix: the smallest LoRA, the
 nearest budget from above), LoRA at rank 8 (the usual default), and full fine-tuning. The
-headline ratios take the first family against LoRA r=1: ``surm_over_lora_time``,
+headline ratios take the first family (on the path ``auto`` picks when several are timed)
+against LoRA r=1: ``surm_over_lora_time``,
 ``surm_over_lora_memory``, ``surm_over_full_time``, ``merged_over_base_time``, printed last in
 one JSON object (worst over the models) with ``--json``, the per-model figures under
 ``models``. ``--lora_paths structured,dense`` times each family on both ways of computing its
@@ -151,11 +152,15 @@ def bench_model(name: str, families: list[str], args) -> dict:
         mem = memory_bytes(compiled)
         out["methods"][method] = {"peak_mb": mem["peak"] / 2**20, "temp_mb": mem["temp"] / 2**20,
                                   "trainable": counts["trainable"], "adapter": counts["adapter"]}
-        if trained_spec is None:
+        if trained_spec is None:  # the first family gives the headline, on auto's path
             trained_spec, surm = spec, method
             first = jax.tree.leaves(trainable["adapters"], is_leaf=lambda n: isinstance(
                 n, structured.Params))[0]
-            out["lora_path"] = peft.lora_path_for(spec, first, path, train=True)
+            auto = peft.lora_path_for(spec, first, "auto", train=True)
+            out["lora_path"] = auto if len(args.lora_paths) > 1 else peft.lora_path_for(
+                spec, first, path, train=True)
+        if spec is trained_spec and len(args.lora_paths) > 1 and path == out["lora_path"]:
+            surm = method
     seconds = interleaved_medians(steppers, args.warmup, args.steps)
     for method, entry in out["methods"].items():
         entry["step_ms"] = 1e3 * seconds[method]

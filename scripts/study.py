@@ -17,8 +17,10 @@ bbc_news) x two regimes (all training data; 64 examples per class) x 3 seeds x
 Runs go seed-major (every method at seed 0 before any seed 1), so a study cut short still has
 one complete pass. Each sweep resumes: running the same command again skips finished runs.
 ``report`` also folds in the ViT-S/14 MNIST study (``vit`` sweeps, when run), the training
-benchmark JSON (``bench_train.py --json > sweeps/study/bench_train.json``) and the CKA JSON
-(``cka.py --json > sweeps/study/cka.json``) when they exist.
+benchmark JSONs (the last line of ``bench_train.py --json`` in sweeps/study/bench_train.json, of
+``bench_lora_path.py --json`` in sweeps/study/bench_lora_path.json; accelerator runs of
+bench_train in docs/results/bench_h200_*.json) and the CKA JSON (``cka.py --json`` in
+sweeps/study/cka.json) when they exist.
 """
 from __future__ import annotations
 
@@ -161,7 +163,9 @@ def _text_table(rows_by_regime: dict[str, list[dict]]) -> tuple[list[str], list[
         parts = [f"best SURM {best_m} {best:.4f} ({params[best_m].get(c[0], 0):,} params)"]
         for k, v in refs.items():
             if v is not None:
-                parts.append(f"{'beats' if best > v else 'loses to'} {k} {v:.4f} "
+                verb = ("ties" if round(best, 4) == round(v, 4) else
+                        "beats" if best > v else "loses to")
+                parts.append(f"{verb} {k} {v:.4f} "
                              f"({params[k].get(c[0], 0):,})")
         lora8 = refs["lowrank (rank=8) [lora]"]
         if lora8 is not None:
@@ -215,14 +219,29 @@ def _bench_section(b: dict, gpu: list[dict]) -> list[str]:
     lines += ["", "Worst over the models (the script's JSON): "
               + ", ".join(f"`{k}` {b[k]:.3f}" for k in keys) + ".", ""]
     if gpu:
-        lines += ["### On a GPU (one NVIDIA H200)", "",
-                  "The same script on ViT-S/16 and ViT-B/16 at 224 px, batch 64 "
-                  "(`python scripts/bench_train.py --models vit_s16 --image_batch 64 --steps 30 "
-                  "--warmup 5 --families circulant,toeplitz --lora_paths structured,dense "
-                  "--json`, likewise vit_b16; JSON in `docs/results/bench_h200_*.json`).", ""]
+        lines += ["### On a GPU", "",
+                  "The same script on ViT-S/16 and ViT-B/16 at 224 px, batch 64, on "
+                  f"{gpu[0].get('device', 'a GPU')} (JSON in `docs/results/bench_h200_*.json`):",
+                  "", "```"] + [g["command"] for g in gpu] + ["```", ""]
         lines += _methods_table({k: v for g in gpu for k, v in g["models"].items()})
         lines += [""]
     return lines
+
+
+def _lora_path_section(b: dict) -> list[str]:
+    lines = ["## Folding the update into the kernel, by width", "",
+             f"`{b['command']}` ({b['backend']}, {b['tokens']} rows of x): one adapted "
+             "square layer, forward and backward (to the adapter and to x); `frozen` is the "
+             "layer alone. `dense / structured` < 1: folding is faster. These crossovers fit "
+             "`surm.peft.MATMUL_OVER_FFT_RATE`, the cost model behind `lora_path='auto'`.", "",
+             "| family | width | frozen ms | structured ms | dense ms | dense / structured |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for family, f in b["families"].items():
+        for r in f["rows"]:
+            lines.append(f"| {family} | {r['width']} | {r['frozen_ms']:.2f} | "
+                         f"{r['structured_ms']:.2f} | {r['dense_ms']:.2f} | "
+                         f"{r['dense_over_structured']:.3f} |")
+    return lines + [""]
 
 
 def _cka_section(c: dict) -> list[str]:
@@ -295,6 +314,9 @@ def report() -> None:
     if bench.exists():
         gpu = [json.loads(f.read_text()) for f in sorted(GPU_BENCH.glob("bench_h200_*.json"))]
         lines += _bench_section(json.loads(bench.read_text()), gpu)
+    lora_path = ROOT / "bench_lora_path.json"
+    if lora_path.exists():
+        lines += _lora_path_section(json.loads(lora_path.read_text()))
     cka = ROOT / "cka.json"
     if cka.exists():
         lines += _cka_section(json.loads(cka.read_text()))

@@ -93,11 +93,14 @@ def test_bench_train_prints_the_ratios_last(capsys):
 def test_bench_train_times_both_lora_paths(capsys):
     assert bench_train.main(["--models", "vit_ti16", "--image_size", "32", "--steps", "1",
                              "--warmup", "0", "--image_batch", "2", "--families", "toeplitz",
-                             "--lora_paths", "dense,structured", "--json"]) == 0
+                             "--lora_paths", "structured,dense", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     methods = out["models"]["vit_ti16"]["methods"]
     assert {"toeplitz[dense]", "toeplitz[structured]"} <= set(methods)
-    assert out["lora_path"]["vit_ti16"] == "dense"  # the first path gives the headline
+    assert out["lora_path"]["vit_ti16"] == "dense"  # auto's pick for a 192-wide Toeplitz on a CPU
+    ratios = out["models"]["vit_ti16"]["ratios"]  # the headline is the path auto picks
+    assert ratios["surm_over_lora_time"] == pytest.approx(
+        methods["toeplitz[dense]"]["step_ms"] / methods["lora_r1"]["step_ms"])
     assert methods["toeplitz[dense]"]["trainable"] == methods["toeplitz[structured]"]["trainable"]
     with pytest.raises(SystemExit):
         bench_train.main(["--models", "vit_ti16", "--lora_paths", "fft"])
