@@ -10,7 +10,8 @@ offline text default), sized for 2 CPU cores: 100 steps of batch 16 at 32 tokens
 intermediate validation, test accuracy on the full test split. Two datasets (tweet_sentiment,
 bbc_news) x two regimes (all training data; 64 examples per class) x 3 seeds x
 
-- the seven structured families (ldr at r=1 and 2) in lora mode and in adapter mode,
+- the seven structured families (ldr at r=1 and 2; block_circulant with 64-wide blocks, since
+  its default on a square matrix is one circulant block) in lora mode and in adapter mode,
 - LoRA (lowrank r=1, 4, 8), the Houlsby adapter (bottleneck 8), BitFit, linear probe, full
   fine-tuning.
 
@@ -38,7 +39,7 @@ ROOT = pathlib.Path("sweeps/study")
 DOC = pathlib.Path("docs/RESULTS.md")
 
 STRUCTURED = ["circulant", "skew_circulant", "toeplitz", "symmetric_toeplitz", "kronecker",
-              "ldr:rank=1;2", "block_circulant"]
+              "ldr:rank=1;2", "block_circulant:block_size=64"]
 BASELINES = ["lowrank:rank=1;4;8", "houlsby:rank=8", "bitfit", "linear_probe", "full"]
 SEEDS = (0, 1, 2)
 
