@@ -433,8 +433,8 @@ class ParamCounter:
         self.head = self.counts("linear_probe", None, {})["trainable"]
 
     def spec(self, family: str, mode: str | None, hparams: Mapping) -> peft.PeftSpec:
-        return peft.PeftSpec.create(**{**self.peft, "family": family, "hparams": dict(hparams),
-                                       "mode": mode or self.peft["mode"]})
+        return peft.config_to_spec({**self.peft, "family": family, "hparams": dict(hparams),
+                                    "mode": mode or self.peft["mode"]})
 
     def counts(self, family: str, mode: str | None, hparams: Mapping) -> dict:
         spec = self.spec(family, mode, hparams)
