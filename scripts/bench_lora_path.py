@@ -12,7 +12,7 @@ the same layer with no adapter (its input gradient only): the floor both paths p
 width's figures are medians of interleaved timed calls in one process; the ratio
 ``dense / structured`` < 1 means folding is faster at that width. ``--json`` prints one JSON
 object last, with the widest width at which dense wins for each family (``dense_max_width``):
-the numbers behind ``surm.peft.surgery.DENSE_MAX_WIDTH``.
+the crossovers that ``surm.peft.MATMUL_OVER_FFT_RATE`` is fitted to.
 """
 from __future__ import annotations
 

@@ -207,7 +207,7 @@ def main(argv=None) -> int:
                    help="structured families to time (the first one gives the headline ratios)")
     p.add_argument("--lora_paths", default="auto",
                    help="comma-separated lora paths of the structured families (auto, structured, "
-                        "dense: see surm.peft.lora_path_for); the first gives the headline")
+                        "dense: see surm.peft.lora_path_for); the headline takes auto's pick")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     p.add_argument("--text_batch", type=int, default=16)

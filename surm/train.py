@@ -94,6 +94,8 @@ def check_config(config, workdir: pathlib.Path) -> tuple[peft.PeftSpec, data.Dat
     if saved.exists():
         old = json.loads(saved.read_text())
         new = json.loads(config.to_json_best_effort())
+        for cfg in (old, new):  # a compute choice, free to change on resume
+            cfg.get("peft", {}).pop("lora_path", None)
         changed = [k for k in _RESUME_KEYS if _lookup(old, k) != _lookup(new, k)]
         if changed:
             raise ConfigError(f"{workdir} holds a run with a different {', '.join(changed)}; "

@@ -91,11 +91,17 @@ def test_bad_configs_fail_before_compiling(tmp_path, tmp_path_factory):
 
 
 def test_resume_continues_where_it_stopped(tmp_path, tmp_path_factory):
-    """total_steps=4, then total_steps=8 in the same workdir: the second run starts at 5."""
+    """total_steps=4, then total_steps=8 in the same workdir: the second run starts at 5. The
+    lora path, a compute choice, may change on resume; the spec may not."""
     kw = bbc_overrides(tmp_path_factory, **{"eval_every": 100, "ckpt_every": 4})
-    cfg = load_config("default", "dataset=bbc_news", **{**kw, "total_steps": 4})
+    cfg = load_config("default", "dataset=bbc_news", **{**kw, "total_steps": 4,
+                                                        "peft.lora_path": "structured"})
     train.train_and_evaluate(cfg, str(tmp_path / "a"))
-    cfg = load_config("default", "dataset=bbc_news", **{**kw, "total_steps": 8})
+    cfg = load_config("default", "dataset=bbc_news,family=ldr,rank=2", **{**kw, "total_steps": 8})
+    with pytest.raises(ValueError, match="different peft"):
+        train.train_and_evaluate(cfg, str(tmp_path / "a"))
+    cfg = load_config("default", "dataset=bbc_news", **{**kw, "total_steps": 8,
+                                                        "peft.lora_path": "dense"})
     summary = train.train_and_evaluate(cfg, str(tmp_path / "a"))
     steps = [l["step"] for l in read_metrics(tmp_path / "a") if "train_loss" in l]
     assert steps == list(range(1, 9)) and summary["step"] == 8
