@@ -27,7 +27,8 @@ against LoRA r=1: ``surm_over_lora_time``,
 one JSON object (worst over the models) with ``--json``, the per-model figures under
 ``models``. ``--lora_paths structured,dense`` times each family on both ways of computing its
 update (``surm.peft.lora_path_for``: the FFT product on the activations, or the update
-folded into the kernel inside the step); ``auto`` takes the one the trainer takes. Timings on a shared machine are noisy: compare ratios within one run.
+folded into the kernel inside the step); ``auto`` takes the one the trainer takes. Timings on a
+shared machine are noisy: compare ratios within one run.
 """
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ def bench_model(name: str, families: list[str], args) -> dict:
     out = {"model": name, "batch": batch_size,
            "input": f"{args.seq_len} tokens" if modality == "text" else f"{args.image_size} px",
            "methods": {}}
-    steppers, trained, trained_spec = {}, None, None
+    steppers, trained_spec, first = {}, None, None
     for method, (spec, path) in methods(families, args.lora_paths).items():
         trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(1))
         counts = peft.count(params, trainable, spec)
@@ -152,15 +153,16 @@ def bench_model(name: str, families: list[str], args) -> dict:
         mem = memory_bytes(compiled)
         out["methods"][method] = {"peak_mb": mem["peak"] / 2**20, "temp_mb": mem["temp"] / 2**20,
                                   "trainable": counts["trainable"], "adapter": counts["adapter"]}
-        if trained_spec is None:  # the first family gives the headline, on auto's path
+        if trained_spec is None:  # the first family gives the headline
             trained_spec, surm = spec, method
             first = jax.tree.leaves(trainable["adapters"], is_leaf=lambda n: isinstance(
                 n, structured.Params))[0]
-            auto = peft.lora_path_for(spec, first, "auto", train=True)
-            out["lora_path"] = auto if len(args.lora_paths) > 1 else peft.lora_path_for(
-                spec, first, path, train=True)
-        if spec is trained_spec and len(args.lora_paths) > 1 and path == out["lora_path"]:
-            surm = method
+    # ... on the path auto picks when several are timed
+    several = len(args.lora_paths) > 1
+    out["lora_path"] = peft.lora_path_for(trained_spec, first,
+                                          "auto" if several else args.lora_paths[0], train=True)
+    if several and f"{families[0]}[{out['lora_path']}]" in steppers:
+        surm = f"{families[0]}[{out['lora_path']}]"
     seconds = interleaved_medians(steppers, args.warmup, args.steps)
     for method, entry in out["methods"].items():
         entry["step_ms"] = 1e3 * seconds[method]

@@ -205,7 +205,8 @@ def _bench_section(b: dict, gpu: list[dict]) -> list[str]:
              "family's fast product on the activations (FFTs); `family[dense]` folds "
              "`scale * to_dense(S)` into the kernel inside the step (`peft.lora_path`).", ""]
     lines += _methods_table(b["models"])
-    lines += ["", "The script's headline ratios (its first family and path against LoRA r=1):", "",
+    lines += ["", "The script's headline ratios (its first family, on the path `auto` picks, "
+              "against LoRA r=1):", "",
               "| model | SURM/LoRA r1 time | SURM/LoRA r1 memory | SURM/LoRA r8 time | "
               "SURM/full time | SURM/full memory | merged/base inference |",
               "|---|---:|---:|---:|---:|---:|---:|"]

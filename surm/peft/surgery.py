@@ -167,7 +167,7 @@ def check_lora_path(spec: PeftSpec, path: str, train: bool = False) -> None:
         raise ValueError(f"lora_path={path!r} is not one of {LORA_PATHS}")
     if path != "dense":
         return
-    if not (spec.mode == "lora" and spec.is_structured):
+    if not spec.mergeable:
         raise ValueError(f"lora_path='dense' is not possible here: a {spec.family}/{spec.mode} "
                          f"spec has no weight update to fold. Use lora_path='structured' (or "
                          f"'auto')")
@@ -213,8 +213,7 @@ def lora_path_for(spec: PeftSpec, S, path: str = "auto", train: bool = False) ->
     check_lora_path(spec, path, train)
     if path != "auto":
         return path
-    if spec.mode != "lora" or not spec.is_structured or spec.family == "lowrank" or (
-            train and spec.dropout > 0):
+    if not spec.mergeable or spec.family == "lowrank" or (train and spec.dropout > 0):
         return "structured"
     ratio = MATMUL_OVER_FFT_RATE.get(jax.default_backend())
     arrays = tuple(sorted((k, tuple(v.shape), jnp.dtype(v.dtype).name)
@@ -230,14 +229,14 @@ def apply(model: nn.Module, frozen: Mapping, trainable: Mapping, spec: PeftSpec,
     """Run ``model`` with the base parameters and the adapters of ``trainable``.
 
     With ``train=True`` pass ``rng``: it feeds the model's dropout and the adapters' dropout.
-    ``lora_path`` picks how a lora-mode update is computed, per target (see ``lora_path_for``); both paths give
-    the same outputs and gradients up to float rounding."""
+    ``lora_path`` picks how a lora-mode update is computed, per target (see
+    ``lora_path_for``); both paths give the same outputs and gradients up to float rounding."""
     if train and rng is None and spec.dropout > 0:
         raise ValueError("apply(train=True) with dropout needs an rng")
     check_lora_path(spec, lora_path, train)
     params = full_params(frozen, trainable)
     adapters = trainable.get("adapters", {})
-    if spec.mode == "lora" and spec.is_structured:
+    if spec.mergeable:
         nodes = tree.flatten(adapters, stop=_is_target)
         fold = {p for p, n in nodes.items() if lora_path_for(spec, n["S"], lora_path, train)
                 == "dense"}
