@@ -25,10 +25,11 @@ headline ratios take the first family (on the path ``auto`` picks when several a
 against LoRA r=1: ``surm_over_lora_time``,
 ``surm_over_lora_memory``, ``surm_over_full_time``, ``merged_over_base_time``, printed last in
 one JSON object (worst over the models) with ``--json``, the per-model figures under
-``models``. ``--lora_paths structured,dense`` times each family on both ways of computing its
-update (``surm.peft.lora_path_for``: the FFT product on the activations, or the update
-folded into the kernel inside the step); ``auto`` takes the one the trainer takes. Timings on a
-shared machine are noisy: compare ratios within one run.
+``models``. ``--lora_paths structured,dense,mixed`` times each family on each way of computing
+its update (``surm.peft.lora_path_for``: the FFT product on the activations; the update folded
+into the kernel inside the step, its gradient by the kernel's matmul or by the family's
+product); ``auto`` takes the one the trainer takes. Timings on a shared machine are noisy:
+compare ratios within one run.
 """
 from __future__ import annotations
 
@@ -209,7 +210,8 @@ def main(argv=None) -> int:
                    help="structured families to time (the first one gives the headline ratios)")
     p.add_argument("--lora_paths", default="auto",
                    help="comma-separated lora paths of the structured families (auto, structured, "
-                        "dense: see surm.peft.lora_path_for); the headline takes auto's pick")
+                        "dense, mixed: see surm.peft.lora_path_for); the headline takes auto's "
+                        "pick")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     p.add_argument("--text_batch", type=int, default=16)

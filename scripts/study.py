@@ -243,7 +243,9 @@ def _bench_section(b: dict, gpu: list[dict]) -> list[str]:
              "update, median of the timed steps; peak: XLA's buffer assignment of the compiled "
              "step (frozen weights included). `family[structured]` computes the update with the "
              "family's fast product on the activations (FFTs); `family[dense]` folds "
-             "`scale * to_dense(S)` into the kernel inside the step (`peft.lora_path`).", ""]
+             "`scale * to_dense(S)` into the kernel inside the step, its gradient through the "
+             "kernel's; `family[mixed]` folds it too, its gradient by the family's product "
+             "(`peft.lora_path`).", ""]
     lines += _methods_table(b["models"])
     lines += ["", "The script's headline ratios (its first family, on the path `auto` picks, "
               "against LoRA r=1):", "",
@@ -263,7 +265,9 @@ def _bench_section(b: dict, gpu: list[dict]) -> list[str]:
     if gpu:
         lines += ["### On a GPU", "",
                   "The same script on ViT-S/16 and ViT-B/16 at 224 px, batch 64, on "
-                  f"{gpu[0].get('device', 'a GPU')} (JSON in `docs/results/bench_h200_*.json`):",
+                  f"{gpu[0].get('device', 'a GPU')} (JSON in `docs/results/bench_h200_*.json`; "
+                  "timed before the `mixed` path existed; `auto` picks `dense` for these widths "
+                  "on a GPU):",
                   "", "```"] + [g["command"] for g in gpu] + ["```", ""]
         lines += _methods_table({k: v for g in gpu for k, v in g["models"].items()})
         lines += [""]
@@ -271,18 +275,27 @@ def _bench_section(b: dict, gpu: list[dict]) -> list[str]:
 
 
 def _lora_path_section(b: dict) -> list[str]:
-    lines = ["## Folding the update into the kernel, by width", "",
+    lines = ["## Three ways to compute the update in training, by width", "",
              f"`{b['command']}` ({b['backend']}, {b['tokens']} rows of x): one adapted "
-             "square layer, forward and backward (to the adapter and to x); `frozen` is the "
-             "layer alone. `dense / structured` < 1: folding is faster. These crossovers fit "
-             "`surm.peft.MATMUL_OVER_FFT_RATE`, the cost model behind `lora_path='auto'`.", "",
-             "| family | width | frozen ms | structured ms | dense ms | dense / structured |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "square layer, its loss and the gradient to the adapter and to x; `frozen` is the "
+             "layer alone. `structured`: the family's FFT product forward and backward; "
+             "`dense`: the update folded into the kernel, its gradient by the kernel's matmul; "
+             "`mixed`: folded, its gradient by the family's product. `rate`: how many times "
+             "faster per flop the matmul runs than the product, from the extra times of dense "
+             "and mixed over frozen: the quantity in `surm.peft.MATMUL_OVER_FFT_RATE`, the cost "
+             "model behind `lora_path='auto'`.", "",
+             "| family | width | frozen ms | structured ms | dense ms | mixed ms | best | rate |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
     for family, f in b["families"].items():
         for r in f["rows"]:
+            rate = f"{r['rate']:.2f}" if r.get("rate") else "-"
             lines.append(f"| {family} | {r['width']} | {r['frozen_ms']:.2f} | "
-                         f"{r['structured_ms']:.2f} | {r['dense_ms']:.2f} | "
-                         f"{r['dense_over_structured']:.3f} |")
+                         f"{r['structured_ms']:.2f} | {r['dense_ms']:.2f} | {r['mixed_ms']:.2f} | "
+                         f"{r['best']} | {rate} |")
+    lines += ["", "Median rate: " + ", ".join(
+        f"{family} {f['rate']:.2f}" for family, f in b["families"].items() if f.get("rate"))
+        + "; dense beats mixed up to width " + ", ".join(
+        f"{f['dense_max_width']} ({family})" for family, f in b["families"].items()) + "."]
     return lines + [""]
 
 

@@ -57,6 +57,11 @@ def _lookup(cfg, dotted: str):
     return cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
 
 
+def _lora_path(config) -> str:
+    """``peft.lora_path`` of a config (older configs have none: auto)."""
+    return config.peft.get("lora_path", "auto")
+
+
 def check_config(config, workdir: pathlib.Path) -> tuple[peft.PeftSpec, data.DatasetSpec]:
     """Everything that can be checked before loading weights or compiling."""
     for key in ("total_steps", "input.batch_size", "seed", "peft.family", "eval_every",
@@ -73,7 +78,7 @@ def check_config(config, workdir: pathlib.Path) -> tuple[peft.PeftSpec, data.Dat
                           f"evaluation), got {config.eval_every}")
     spec = peft.config_to_spec(config.peft)
     try:
-        peft.check_lora_path(spec, config.peft.get("lora_path", "auto"), train=True)
+        peft.check_lora_path(spec, _lora_path(config), train=True)
     except ValueError as e:
         raise ConfigError(f"peft.lora_path: {e}") from None
     data_spec = data.get_spec(config.input.dataset)
@@ -219,7 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     modality = data_spec.modality
 
     train_step, eval_step = make_step_fns(model, spec, tx, modality, regression,
-                                          config.peft.get("lora_path", "auto"))
+                                          _lora_path(config))
 
     batch_keys = (("image",) if modality == "image" else
                   ("input_ids", "attention_mask", "token_type_ids")) + ("label",)

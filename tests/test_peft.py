@@ -107,9 +107,10 @@ def test_merged_equals_unmerged_and_unmerge_restores(model_name, family):
 @pytest.mark.parametrize("model_name,family", [
     ("vit", "circulant"), ("bert", "toeplitz"), ("bert", "kronecker"), ("vit", "ldr"),
     ("bert", "lowrank")])
-def test_dense_lora_path_matches_the_structured_path(model_name, family):
-    """Folding the update into the kernel gives the same logits and the same gradients (of the
-    adapters, their learned scale and the head) as the fast product on the activations."""
+def test_folded_lora_paths_match_the_structured_path(model_name, family):
+    """Folding the update into the kernel (its gradient by the dense matmul, or by the family's
+    product: 'mixed') gives the same logits and the same gradients (of the adapters, their
+    learned scale and the head) as the fast product on the activations."""
     model, params, inputs = MODELS[model_name]()
     spec = peft.PeftSpec.create(family=family, hparams=FAMILY_HP[family], targets="all-linear",
                                 scale=0.7, learn_scale=True)
@@ -121,18 +122,21 @@ def test_dense_lora_path_matches_the_structured_path(model_name, family):
         out = peft.apply(model, frozen, tr, spec, *inputs, train=True, lora_path=path)
         return jnp.sum(jnp.sin(out))
 
-    (a, ga), (b, gb) = (jax.value_and_grad(loss)(trainable, p) for p in ("structured", "dense"))
+    a, ga = jax.value_and_grad(loss)(trainable, "structured")
     assert float(jnp.abs(logits(model_name, trainable, frozen, spec) - base_logits(
         model_name)).max()) > 1e-2  # the adapters matter
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    flat_a, flat_b = tree.flatten(ga), tree.flatten(gb)
-    assert flat_a.keys() == flat_b.keys()
-    for path in flat_a:
-        scale = float(jnp.abs(flat_a[path]).max()) + 1e-6
-        # float32 FFTs against float32 matmuls: a learned scale's gradient sums every output
-        # with cancellation (1e-3 apart here; 1e-5 with float64 matmuls, a wrong fold is O(1))
-        np.testing.assert_allclose(flat_b[path] / scale, flat_a[path] / scale, atol=5e-3,
-                                   err_msg=path)
+    flat_a = tree.flatten(ga)
+    for path in ("dense", "mixed"):
+        b, gb = jax.value_and_grad(loss)(trainable, path)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        flat_b = tree.flatten(gb)
+        assert flat_a.keys() == flat_b.keys()
+        for leaf in flat_a:
+            scale = float(jnp.abs(flat_a[leaf]).max()) + 1e-6
+            # float32 FFTs against float32 matmuls: a learned scale's gradient sums every output
+            # with cancellation (1e-3 apart here; 1e-5 with float64 matmuls, a wrong fold is O(1))
+            np.testing.assert_allclose(flat_b[leaf] / scale, flat_a[leaf] / scale, atol=5e-3,
+                                       err_msg=f"{path}: {leaf}")
 
 
 def test_lora_path_choice_and_errors(monkeypatch):
@@ -141,19 +145,32 @@ def test_lora_path_choice_and_errors(monkeypatch):
 
     circ, toep = (peft.PeftSpec.create(family=f) for f in ("circulant", "toeplitz"))
     assert jax.default_backend() == "cpu"
-    # auto on the CPU: folding pays at small widths, the FFT product at large ones, and a
-    # Toeplitz product (FFTs of twice the length) stays worth folding to larger widths
-    assert peft.lora_path_for(circ, S("circulant", 256), train=True) == "dense"
-    assert peft.lora_path_for(circ, S("circulant", 2048), train=True) == "structured"
-    assert peft.lora_path_for(toep, S("toeplitz", 768), train=True) == "dense"
-    assert peft.lora_path_for(toep, S("toeplitz", 4096), train=True) == "structured"
-    monkeypatch.setitem(peft.MATMUL_OVER_FFT_RATE, "cpu", 1e9)  # matmuls free: always fold
-    assert peft.lora_path_for(circ, S("circulant", 2048), train=True) == "dense"
+
+    def auto(spec, family, d, train=True):
+        return peft.lora_path_for(spec, S(family, d), train=train)
+
+    # auto on the CPU, in training: the weight-gradient matmul pays at small widths, the
+    # family's product at large ones, and a Toeplitz product (FFTs of twice the length) stays
+    # dearer than the matmul to larger widths
+    assert auto(circ, "circulant", 64) == "dense"
+    assert auto(circ, "circulant", 1024) == "mixed"
+    assert auto(toep, "toeplitz", 256) == "dense"
+    assert auto(toep, "toeplitz", 1024) == "mixed"
+    # the rule is the documented one: 2 d_in d_out against rate x the product's flops per row
+    for family, spec in (("circulant", circ), ("toeplitz", toep)):
+        for d in (96, 192, 384, 768):
+            cheaper = 2 * d * d <= peft.MATMUL_OVER_FFT_RATE["cpu"] * peft.flops_per_row(
+                S(family, d))
+            assert auto(spec, family, d) == ("dense" if cheaper else "mixed")
+    monkeypatch.setitem(peft.MATMUL_OVER_FFT_RATE, "cpu", 1e9)  # matmuls free: always dense
+    assert auto(circ, "circulant", 2048) == "dense"
     monkeypatch.setitem(peft.MATMUL_OVER_FFT_RATE, "cpu", 0.0)  # matmuls dear: never
-    assert peft.lora_path_for(circ, S("circulant", 256), train=True) == "structured"
+    assert auto(circ, "circulant", 64) == "mixed"
+    # no gradient: a mergeable update is folded whatever the rates
+    assert auto(circ, "circulant", 2048, train=False) == "dense"
     # explicit paths are taken as asked
-    assert peft.lora_path_for(circ, S("circulant", 64), "structured") == "structured"
-    assert peft.lora_path_for(circ, S("circulant", 64), "dense", train=True) == "dense"
+    for path in ("structured", "dense", "mixed"):
+        assert peft.lora_path_for(circ, S("circulant", 64), path, train=True) == path
     monkeypatch.setitem(peft.MATMUL_OVER_FFT_RATE, "cpu", 1e9)
     lora = peft.PeftSpec.create(family="lowrank", hparams={"rank": 2})
     assert peft.lora_path_for(lora, S("lowrank", 64, rank=2), train=True) == "structured"
@@ -162,33 +179,43 @@ def test_lora_path_choice_and_errors(monkeypatch):
     dropped = peft.PeftSpec.create(family="circulant", dropout=0.1)
     assert peft.lora_path_for(dropped, S("circulant", 64), train=True) == "structured"
     assert peft.lora_path_for(dropped, S("circulant", 64), "dense") == "dense"  # eval: no dropout
-    with pytest.raises(ValueError, match="adapter dropout"):
-        peft.check_lora_path(dropped, "dense", train=True)
+    for path in ("dense", "mixed"):
+        with pytest.raises(ValueError, match="adapter dropout"):
+            peft.check_lora_path(dropped, path, train=True)
     for spec in (peft.PeftSpec.create(family="circulant", mode="adapter"),
                  peft.PeftSpec.create(family="bitfit")):
         peft.check_lora_path(spec, "auto", train=True)
-        with pytest.raises(ValueError, match="no weight update to fold"):
-            peft.check_lora_path(spec, "dense")
+        assert peft.lora_path_for(spec, None, train=True) == "structured"
+        for path in ("dense", "mixed"):
+            with pytest.raises(ValueError, match="no weight update to fold"):
+                peft.check_lora_path(spec, path)
 
 
 def test_auto_lora_path_folds_per_target(monkeypatch):
     """auto decides per matrix: between the square and the rectangular targets' cost ratios
-    (0.52 and 0.44: a 48 x 96 circulant takes FFTs of length 96 for twice the entries), the
-    rectangles are folded and the squares are not, and the logits are those of either path."""
+    (1.56 and 1.32: a 48 x 96 circulant takes FFTs of length 96 for twice the entries), the
+    rectangles take the dense weight gradient and the squares the mixed one, and the logits and
+    gradients are those of the structured path."""
     model, params, inputs = tiny_bert()  # 48 -> 48 attention, 48 <-> 96 MLP
     spec = peft.PeftSpec.create(family="circulant", targets="all-linear", scale=0.7)
     trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(3))
     trainable = randomize(trainable)
     nodes = tree.flatten(trainable["adapters"], stop=lambda d: "S" in d)
     widths = {p: n["S"].d_in * n["S"].d_out for p, n in nodes.items()}
-    monkeypatch.setitem(peft.MATMUL_OVER_FFT_RATE, "cpu", 0.48)
-    choice = {p: peft.lora_path_for(spec, n["S"]) for p, n in nodes.items()}
-    assert {choice[p] for p in nodes if widths[p] == 48 * 48} == {"structured"}
+    monkeypatch.setitem(peft.MATMUL_OVER_FFT_RATE, "cpu", 1.44)
+    choice = {p: peft.lora_path_for(spec, n["S"], train=True) for p, n in nodes.items()}
+    assert {choice[p] for p in nodes if widths[p] == 48 * 48} == {"mixed"}
     assert {choice[p] for p in nodes if widths[p] == 48 * 96} == {"dense"}
-    ref = logits("bert", trainable, frozen, spec, lora_path="structured")
-    np.testing.assert_allclose(logits("bert", trainable, frozen, spec), ref, atol=1e-5)
-    np.testing.assert_allclose(logits("bert", trainable, frozen, spec, lora_path="dense"), ref,
-                               atol=1e-5)
+
+    def loss(tr, path):
+        out = peft.apply(model, frozen, tr, spec, *inputs, train=True, lora_path=path)
+        return jnp.sum(jnp.sin(out))
+
+    ref, ref_grad = jax.value_and_grad(loss)(trainable, "structured")
+    got, grad = jax.value_and_grad(loss)(trainable, "auto")
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(ref_grad), jax.tree.leaves(grad)):
+        np.testing.assert_allclose(b, a, atol=1e-4 * (float(jnp.abs(a).max()) + 1e-6))
 
 
 def test_learned_scale_and_adapter_mode_merge_errors():

@@ -105,7 +105,9 @@ def test_bench_lora_path_checks_the_paths_agree_and_reports_the_crossover(capsys
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     fam = out["families"]["circulant"]
     assert [r["width"] for r in fam["rows"]] == [32, 64]
-    assert all(r["dense_ms"] > 0 and r["structured_ms"] > 0 and r["frozen_ms"] > 0
+    assert all(r[f"{path}_ms"] > 0 for r in fam["rows"]
+               for path in ("frozen", "structured", "dense", "mixed"))
+    assert all(r["best"] == min(("structured", "dense", "mixed"), key=lambda p: r[f"{p}_ms"])
                for r in fam["rows"])
     assert fam["dense_max_width"] in (0, 32, 64)
 

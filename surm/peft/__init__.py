@@ -8,10 +8,11 @@
 from surm.peft.report import count, format_report
 from surm.peft.spec import BASELINES, MODES, PRESETS, PeftSpec, config_to_spec, match_targets
 from surm.peft.surgery import (LORA_PATHS, MATMUL_OVER_FFT_RATE, apply, check_lora_path,
-                               full_params, init, inject, linear_modules, lora_path_for, merge,
-                               split, targets, unmerge)
+                               flops_per_row, full_params, init, inject, linear_modules,
+                               lora_path_for, merge, split, targets, unmerge)
 
 __all__ = ["BASELINES", "LORA_PATHS", "MATMUL_OVER_FFT_RATE", "MODES", "PRESETS", "PeftSpec",
-           "apply", "check_lora_path", "config_to_spec", "count", "format_report", "full_params",
+           "apply", "check_lora_path", "config_to_spec", "count", "flops_per_row", "format_report",
+           "full_params",
            "init", "inject", "linear_modules", "lora_path_for", "match_targets", "merge", "split",
            "targets", "unmerge"]

@@ -108,11 +108,39 @@ def full_params(frozen: Mapping, trainable: Mapping) -> dict:
     return tree.overlay(frozen, trainable.get("base", {}))
 
 
+def _lora_update(S: structured.Params, scale, x):
+    return scale * structured.get(S.family).apply(S, x)
+
+
+@jax.custom_vjp
+def _update_gradient(S: structured.Params, scale, x):
+    """Zeros shaped like the lora update ``scale * S(x)``, whose VJP is that update's VJP for
+    ``S`` and ``scale`` (none for ``x``). Added to the output of a layer whose kernel already
+    holds the update (detached), it gives the adapter its gradient through the family's fast
+    product, while the forward pass and the input gradient are the folded kernel's."""
+    return jnp.zeros((*x.shape[:-1], S.d_out), jnp.result_type(scale, x))
+
+
+def _update_gradient_fwd(S, scale, x):
+    return _update_gradient(S, scale, x), (S, scale, x)
+
+
+def _update_gradient_bwd(res, g):
+    S, scale, x = res
+    _, vjp = jax.vjp(lambda S, scale: _lora_update(S, scale, x), S, scale)
+    return (*vjp(g), jnp.zeros_like(x))
+
+
+_update_gradient.defvjp(_update_gradient_fwd, _update_gradient_bwd)
+
+
 class _Interceptor:
-    def __init__(self, spec: PeftSpec, adapters: Mapping, rng):
+    def __init__(self, spec: PeftSpec, adapters: Mapping, rng, gradient_only: Mapping = None):
         self.spec = spec
         self.nodes = tree.flatten(adapters, stop=_is_target)
         self.rng = rng
+        # lora_path "mixed": the update is in the kernel; only its gradient is added here
+        self.gradient_only = dict(gradient_only or {})
 
     def _dropout(self, path: str, x):
         if self.rng is None or self.spec.dropout == 0.0:
@@ -127,12 +155,17 @@ class _Interceptor:
         path = "/".join(module.path)
         node = self.nodes.get(path)
         y = next_fun(*args, **kwargs)
-        if node is None:
+        folded = self.gradient_only.get(path)
+        if node is None and folded is None:
             return y
         axis = getattr(module, "axis", -1)
         n_in = len(axis) if isinstance(axis, (tuple, list)) else 1
         x = args[0]
         batch = x.shape[:x.ndim - n_in]
+        if folded is not None:
+            scale = jnp.asarray(folded.get("scale", self.spec.scale), jnp.float32)
+            zero = _update_gradient(folded["S"], scale, x.reshape(*batch, -1))
+            return y + zero.reshape(y.shape).astype(y.dtype)
         scale = node.get("scale", self.spec.scale)
         if self.spec.mode == "lora":
             S = node["S"]
@@ -151,7 +184,7 @@ class _Interceptor:
         return (h + update.astype(h.dtype)).reshape(y.shape)
 
 
-LORA_PATHS = ("auto", "structured", "dense")
+LORA_PATHS = ("auto", "structured", "dense", "mixed")
 
 # How many times more flops per second a backend's dense matmuls run than its FFT-based
 # products, fitted to scripts/bench_lora_path.py (CPU: dense and structured break even at width
@@ -165,22 +198,20 @@ def check_lora_path(spec: PeftSpec, path: str, train: bool = False) -> None:
     """Raise a ValueError when ``path`` is not a lora path or cannot be taken for ``spec``."""
     if path not in LORA_PATHS:
         raise ValueError(f"lora_path={path!r} is not one of {LORA_PATHS}")
-    if path != "dense":
+    if path not in ("dense", "mixed"):
         return
     if not spec.mergeable:
-        raise ValueError(f"lora_path='dense' is not possible here: a {spec.family}/{spec.mode} "
+        raise ValueError(f"lora_path={path!r} is not possible here: a {spec.family}/{spec.mode} "
                          f"spec has no weight update to fold. Use lora_path='structured' (or "
                          f"'auto')")
     if train and spec.dropout > 0:
-        raise ValueError("lora_path='dense' is not possible here: adapter dropout acts on the "
-                         "update's input, which a folded kernel cannot do. Use "
+        raise ValueError(f"lora_path={path!r} is not possible here: adapter dropout acts on "
+                         "the update's input, which a folded kernel cannot do. Use "
                          "lora_path='structured' (or 'auto'), or peft.dropout=0")
 
 
 @functools.lru_cache(maxsize=None)
 def _flops_per_row(family: str, d_in: int, d_out: int, hp: tuple, arrays: tuple) -> float | None:
-    """XLA's flop count of ``apply`` for one more row of x (the per-token cost, excluding
-    work on the parameters alone, such as a kernel's FFT)."""
     fam = structured.get(family)
     S = structured.Params(family, d_in, d_out, hp,
                           {name: jax.ShapeDtypeStruct(shape, dtype) for name, shape, dtype in arrays})
@@ -195,33 +226,52 @@ def _flops_per_row(family: str, d_in: int, d_out: int, hp: tuple, arrays: tuple)
     return counts[1] - counts[0]
 
 
+def flops_per_row(S: structured.Params) -> float | None:
+    """XLA's flop count of ``apply(S, x)`` for one more row of x (the per-token cost, excluding
+    work on the parameters alone, such as a kernel's FFT); None where XLA gives none."""
+    arrays = tuple(sorted((k, tuple(v.shape), jnp.dtype(v.dtype).name)
+                          for k, v in S.arrays.items()))
+    return _flops_per_row(S.family, S.d_in, S.d_out, S.hp, arrays)
+
+
 def lora_path_for(spec: PeftSpec, S, path: str = "auto", train: bool = False) -> str:
     """How ``apply`` computes the lora-mode update of one structured matrix ``S``:
-    ``"structured"`` or ``"dense"``.
+    ``"structured"``, ``"dense"`` or ``"mixed"``.
 
     - ``structured``: ``y = x W + scale * S(x)``, the family's fast product (FFTs, Kronecker
-      factors) on the activations; nothing of size d_in x d_out is formed.
+      factors) on the activations, forward and backward; nothing of size d_in x d_out is formed.
     - ``dense``: ``y = x (W + scale * to_dense(S))``: the update is materialised and folded into
       the kernel inside the step (differentiably). The forward pass is the base model's; the
       backward pass adds one weight-gradient matmul (2 d_in d_out flops per row of x) and a
-      transient d_in x d_out buffer. Not possible with adapter dropout in training.
-    - ``auto``: a cost model: ``dense`` when those 2 d_in d_out flops are fewer than
-      ``MATMUL_OVER_FFT_RATE[backend]`` times the structured path's (3x XLA's flop count of
-      ``S(x)`` per row: the forward product and two in the backward pass). LoRA (``lowrank``),
-      adapter mode and adapter dropout in training always take ``structured``.
+      transient d_in x d_out buffer.
+    - ``mixed``: folded as in ``dense`` for the forward pass and the input gradient, but the
+      kernel's update is detached and the adapter's gradient comes from the family's product
+      (for the FFT families: the FFTs of x and of the output gradient, one product's worth of
+      work per row) instead of the weight-gradient matmul.
+    - ``auto``: in training, a cost model between the two folded paths: ``dense`` when its
+      2 d_in d_out flops per row are fewer than ``MATMUL_OVER_FFT_RATE[backend]`` times XLA's
+      flop count of ``S(x)`` per row (what ``mixed`` spends), else ``mixed``; ``structured``
+      (which spends about three products per row) for LoRA (``lowrank``: its factors are
+      matmuls already), adapter mode and adapter dropout. Outside training (no gradient) a
+      mergeable update is folded: ``dense``, the base model's cost.
+
+    The folded paths are not possible with adapter dropout in training (dropout acts on the
+    update's input).
     """
     check_lora_path(spec, path, train)
     if path != "auto":
         return path
-    if not spec.mergeable or spec.family == "lowrank" or (train and spec.dropout > 0):
+    if not spec.mergeable:
+        return "structured"
+    if not train:
+        return "dense"
+    if spec.family == "lowrank" or spec.dropout > 0:
         return "structured"
     ratio = MATMUL_OVER_FFT_RATE.get(jax.default_backend())
-    arrays = tuple(sorted((k, tuple(v.shape), jnp.dtype(v.dtype).name)
-                          for k, v in S.arrays.items()))
-    per_row = _flops_per_row(S.family, S.d_in, S.d_out, S.hp, arrays)
+    per_row = flops_per_row(S)
     if ratio is None or not per_row:
-        return "structured"
-    return "dense" if 2 * S.d_in * S.d_out <= ratio * 3 * per_row else "structured"
+        return "mixed"
+    return "dense" if 2 * S.d_in * S.d_out <= ratio * per_row else "mixed"
 
 
 def apply(model: nn.Module, frozen: Mapping, trainable: Mapping, spec: PeftSpec, *args,
@@ -230,23 +280,28 @@ def apply(model: nn.Module, frozen: Mapping, trainable: Mapping, spec: PeftSpec,
 
     With ``train=True`` pass ``rng``: it feeds the model's dropout and the adapters' dropout.
     ``lora_path`` picks how a lora-mode update is computed, per target (see
-    ``lora_path_for``); both paths give the same outputs and gradients up to float rounding."""
+    ``lora_path_for``); every path gives the same outputs and gradients up to float rounding."""
     if train and rng is None and spec.dropout > 0:
         raise ValueError("apply(train=True) with dropout needs an rng")
     check_lora_path(spec, lora_path, train)
     params = full_params(frozen, trainable)
     adapters = trainable.get("adapters", {})
+    mixed = {}
     if spec.mergeable:
         nodes = tree.flatten(adapters, stop=_is_target)
-        fold = {p for p, n in nodes.items() if lora_path_for(spec, n["S"], lora_path, train)
-                == "dense"}
-        if fold:
-            params = _fold(params, tree.unflatten({p: nodes[p] for p in fold}), spec, 1.0)
-            adapters = tree.unflatten({p: n for p, n in nodes.items() if p not in fold})
+        paths = {p: lora_path_for(spec, n["S"], lora_path, train) for p, n in nodes.items()}
+        dense = {p: nodes[p] for p, how in paths.items() if how == "dense"}
+        mixed = {p: nodes[p] for p, how in paths.items() if how == "mixed"}
+        if dense:
+            params = _fold(params, tree.unflatten(dense), spec, 1.0)
+        if mixed:
+            params = _fold(params, tree.unflatten(mixed), spec, 1.0, detach=True)
+        adapters = tree.unflatten({p: nodes[p] for p, how in paths.items()
+                                   if how == "structured"})
     model_rng = adapter_rng = None
     if train and rng is not None:
         model_rng, adapter_rng = jax.random.split(rng)
-    interceptor = _Interceptor(spec, adapters, adapter_rng)
+    interceptor = _Interceptor(spec, adapters, adapter_rng, gradient_only=mixed)
     extra = {"method": method} if method is not None else {}
     with nn.intercept_methods(interceptor):
         return model.apply({"params": params}, *args, train=train,
@@ -254,7 +309,8 @@ def apply(model: nn.Module, frozen: Mapping, trainable: Mapping, spec: PeftSpec,
                            **extra, **kwargs)
 
 
-def _fold(base_params: Mapping, adapters: Mapping, spec: PeftSpec, sign: float) -> dict:
+def _fold(base_params: Mapping, adapters: Mapping, spec: PeftSpec, sign: float,
+          detach: bool = False) -> dict:
     if not spec.mergeable:
         why = ("adapter mode applies a non-linearity after S, so its update is not a fixed "
                "matrix" if spec.mode == "adapter" else f"{spec.family} adds no weight update")
@@ -265,6 +321,8 @@ def _fold(base_params: Mapping, adapters: Mapping, spec: PeftSpec, sign: float) 
         kernel = flat[f"{path}/kernel"]
         S = node["S"]
         delta = structured.get(S.family).to_dense(S) * node.get("scale", spec.scale)
+        if detach:  # its gradient comes another way (lora_path "mixed")
+            delta = jax.lax.stop_gradient(delta)
         flat[f"{path}/kernel"] = (kernel + sign * delta.reshape(kernel.shape)).astype(kernel.dtype)
     return tree.unflatten(flat)
 
