@@ -143,16 +143,6 @@ def _collect(root: str, commands: list[list[str]]) -> list[dict]:
     return rows
 
 
-def _fmt(values: list[float]) -> str:
-    import statistics
-    if not values:
-        return "-"
-    mean = statistics.mean(values)
-    if len(values) == 1:
-        return f"{mean:.4f}"
-    return f"{mean:.4f} ± {statistics.stdev(values):.4f}"
-
-
 def _method(row: dict) -> str:
     name = row["family"]
     if row["hparams"]:
@@ -187,7 +177,7 @@ def _text_table(rows_by_regime: dict[str, list[dict]]) -> tuple[list[str], list[
         counts = " / ".join(f"{p[ds]:,}" if ds in p else "-"
                             for ds in TEXT["datasets"].split(","))
         lines.append(f"| {m} | {counts} | "
-                     + " | ".join(_fmt(cells[m].get(c, [])) for c in cols)
+                     + " | ".join(_sweep_module().mean_std(cells[m].get(c, [])) for c in cols)
                      + f" | {n} | {statistics.mean(walls[m]):.0f} |")
     # verdicts: best structured method vs LoRA r=8 and vs the linear probe in every column
     notes = []

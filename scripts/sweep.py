@@ -666,8 +666,10 @@ def write_csv(rows: Sequence[dict], path: pathlib.Path) -> None:
         writer.writerows(rows)
 
 
-def _mean_std(values: Sequence[float | str]) -> str:
-    values = [v for v in values if v != ""]  # "": no validation (eval_every=0)
+def mean_std(values: Sequence[float | str]) -> str:
+    """'mean ± sample std' to 4 places (the value alone for one, '-' for none; '' entries are
+    values that were not there, e.g. no validation with eval_every=0)."""
+    values = [v for v in values if v != ""]
     if not values:
         return "-"
     if len(values) < 2:
@@ -692,8 +694,8 @@ def write_markdown(rows: Sequence[dict], path: pathlib.Path) -> None:
     for (dataset, family, mode, hparams), runs in group(rows).items():
         lines.append(
             f"| {dataset} | {family} | {mode} | {hparams or '-'} | {runs[0]['trainable']:,} | "
-            f"{runs[0]['adapter']:,} | {runs[0]['metric']} | {_mean_std([r['test'] for r in runs])}"
-            f" | {_mean_std([r['best_validation'] for r in runs])} | {len(runs)} | "
+            f"{runs[0]['adapter']:,} | {runs[0]['metric']} | {mean_std([r['test'] for r in runs])}"
+            f" | {mean_std([r['best_validation'] for r in runs])} | {len(runs)} | "
             f"{statistics.mean(r['wall_seconds'] for r in runs):.0f} |")
     unfinished = [r for r in rows if r["status"] != "done"]
     if unfinished:
