@@ -124,3 +124,36 @@ def test_study_commands_are_valid_grids(tmp_path):
         counts.append(len(sweep.plan(grid, root)))  # resolves every run's config
     # per regime: 7 baselines x 2 datasets, then 8 structured settings x 2 modes x 2 datasets
     assert counts == [14, 32] * len(study.REGIMES)
+
+
+def test_study_report_rebuilds_from_its_record(tmp_path, monkeypatch):
+    """A fresh clone has the record (docs/results/*.csv) and no workdirs: the report takes the
+    planned runs from the record, leaves out rows no longer planned, and the sweeps resume
+    from it."""
+    monkeypatch.setattr(study, "ROOT", tmp_path / "sweeps")
+    monkeypatch.setattr(study, "RECORDS", tmp_path / "records")
+    study.RECORDS.mkdir()
+    root = str(study.ROOT / "full")
+    commands = [c for c in study.sweep_commands((0,)) if c[c.index("--root") + 1] == root]
+    assert not any("--records" in c for c in commands)
+    keys = sorted(study.planned_keys(commands))
+    assert len(keys) == 14 + 32
+
+    def row(key, test):
+        dataset, family, mode, hparams, seed = key
+        return dict(dataset=dataset, family=family, mode=mode, hparams=hparams, seed=seed,
+                    status="done", metric="accuracy", test=test, trainable=100, adapter=10,
+                    base=1000, wall_seconds=5.0, workdir="sweeps/gone", test_accuracy=test)
+
+    unplanned = ("bbc_news", "circulant", "lora", "block_size=7", "0")
+    sweep.write_csv([row(keys[0], 0.5), row(keys[1], 0.75), row(unplanned, 0.9)],
+                    study.records_file("full"))
+    rows = study._collect("full", commands)
+    done = [r for r in rows if r["status"] == "done"]
+    assert sorted(sweep.run_key(r) for r in done) == keys[:2]
+    assert sorted(r["test"] for r in done) == [0.5, 0.75]  # numbers again, not text
+    assert sum(r["status"] == "not run" for r in rows) == len(keys) - 2
+    assert len(sweep.read_records([study.records_file("full")])) == 2  # the record, rewritten
+    assert (study.RECORDS / "pareto_full.png").exists()
+    resumed = [c for c in study.sweep_commands((0,)) if c[c.index("--root") + 1] == root]
+    assert all(c[-2:] == ["--records", str(study.records_file("full"))] for c in resumed)

@@ -186,12 +186,15 @@ class _Interceptor:
 
 LORA_PATHS = ("auto", "structured", "dense", "mixed")
 
-# How many times more flops per second a backend's dense matmuls run than its FFT-based
-# products, fitted to scripts/bench_lora_path.py (CPU: dense and structured break even at width
-# ~520 for circulant, ~1450 for Toeplitz, both at ratio 3.1-3.6) and to scripts/bench_train.py
-# on one H200 (ViT-S/16, ViT-B/16: the per-matrix cost of the two paths gives 41 for circulant,
-# 52 for Toeplitz; the lower is kept). TPUs are unmeasured and take the GPU's figure.
-MATMUL_OVER_FFT_RATE = {"cpu": 3.4, "gpu": 40.0, "tpu": 40.0}
+# How many times more flops per second a backend runs the folded weight gradient's matmul than a
+# family's product (XLA's flop count of S(x)), for lora_path="auto". CPU: the crossovers of
+# scripts/bench_lora_path.py (1024 rows; docs/RESULTS.md): mixed beats dense for circulant at
+# width 256 (rate < 5.3), dense beats mixed for Toeplitz at 384 (rate >= 3.5) and loses at 512
+# (rate < 4.6); bench_train's choices on MiniLM-L6, ViT-S/16 and ViT-B/16 agree. GPU: fitted to
+# scripts/bench_train.py on one H200 (ViT-S/16, ViT-B/16: the per-matrix cost of the structured
+# and dense paths gives 41 for circulant, 52 for Toeplitz; the lower is kept), before the mixed
+# path existed. TPUs are unmeasured and take the GPU's figure.
+MATMUL_OVER_FFT_RATE = {"cpu": 4.0, "gpu": 40.0, "tpu": 40.0}
 
 
 def check_lora_path(spec: PeftSpec, path: str, train: bool = False) -> None:
