@@ -101,7 +101,7 @@ def test_resume_continues_where_it_stopped(tmp_path, tmp_path_factory):
     with pytest.raises(ValueError, match="different peft"):
         train.train_and_evaluate(cfg, str(tmp_path / "a"))
     cfg = load_config("default", "dataset=bbc_news", **{**kw, "total_steps": 8,
-                                                        "peft.lora_path": "dense"})
+                                                        "peft.lora_path": "mixed"})
     summary = train.train_and_evaluate(cfg, str(tmp_path / "a"))
     steps = [l["step"] for l in read_metrics(tmp_path / "a") if "train_loss" in l]
     assert steps == list(range(1, 9)) and summary["step"] == 8
@@ -171,9 +171,10 @@ for name, data, model, fsdp in (("one", 1, 1, False), ("data8", 8, 1, True),
 
 
 def test_meshes_of_8_fake_devices_match_one_device(tmp_path, tmp_path_factory):
-    """data=8 with the frozen base FSDP-sharded, and data=4 x model=2 (tensor parallel)."""
+    """data=8 with the frozen base FSDP-sharded, and data=4 x model=2 (tensor parallel); the
+    update on the mixed path (folded into the sharded kernels, its gradient by FFTs)."""
     kw = bbc_overrides(tmp_path_factory, **{"total_steps": 4, "eval_every": 100,
-                                           "ckpt_every": 100})
+                                           "ckpt_every": 100, "peft.lora_path": "mixed"})
     script = MESH_SCRIPT.format(root=str(ROOT), kw=json.dumps(kw), tmp=str(tmp_path))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
