@@ -135,7 +135,8 @@ _update_gradient.defvjp(_update_gradient_fwd, _update_gradient_bwd)
 
 
 class _Interceptor:
-    def __init__(self, spec: PeftSpec, adapters: Mapping, rng, gradient_only: Mapping = None):
+    def __init__(self, spec: PeftSpec, adapters: Mapping, rng,
+                 gradient_only: Mapping | None = None):
         self.spec = spec
         self.nodes = tree.flatten(adapters, stop=_is_target)
         self.rng = rng
