@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Iterable
 
 import numpy as np
-import scipy.stats
 
 
 def accuracy(pred, label) -> float:
@@ -32,11 +31,15 @@ def f1(pred, label) -> float:
     return float(2 * tp / denom) if denom else 0.0
 
 
+# scipy.stats is imported where it is used: it takes seconds to import, and only the regression
+# metrics need it.
 def pearson(score, label) -> float:
+    import scipy.stats
     return float(scipy.stats.pearsonr(score, label)[0])
 
 
 def spearman(score, label) -> float:
+    import scipy.stats
     return float(scipy.stats.spearmanr(score, label)[0])
 
 

@@ -28,6 +28,12 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
     return cfg.get(key, default) if cfg.get(key, default) is not None else default
 
 
+def _init(model, rng, example):
+    """Random parameters, initialised in one compiled program (eagerly, every initialiser and
+    op would compile on its own: seconds for even a tiny model)."""
+    return jax.jit(model.init)(rng, example)["params"]
+
+
 def build(cfg: Mapping[str, Any], num_classes: int, rng=None):
     """(flax module, params, example inputs) for ``num_classes`` outputs (1: regression)."""
     name = cfg["name"]
@@ -41,7 +47,7 @@ def build(cfg: Mapping[str, Any], num_classes: int, rng=None):
                                      **dict(_get(cfg, "bert", {})))
             model = bert.BERT(config)
             ids = jnp.zeros((1, 8), jnp.int32)
-            return model, model.init(rng, ids)["params"], (ids,)
+            return model, _init(model, rng, ids), (ids,)
         folder = bert.minilm_l6_path() if ckpt == "minilm_l6" else ckpt
         config, params = bert.load(folder, num_labels=num_classes, pooling=pooling, dtype=dtype,
                                    **dict(_get(cfg, "bert", {})))
@@ -57,7 +63,7 @@ def build(cfg: Mapping[str, Any], num_classes: int, rng=None):
         model = vit.ViT(config)
         images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
         if path is None:
-            return model, model.init(rng, images)["params"], (images,)
+            return model, _init(model, rng, images), (images,)
         return model, vit.load(path, config), (images,)
     raise ValueError(f"unknown model.name {name!r}; known: bert, vit")
 
