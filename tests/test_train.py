@@ -34,6 +34,11 @@ def load_config(name, arg="", **overrides):
     return config
 
 
+def xla_flags(devices: int) -> str:
+    """The session's XLA flags (conftest.py) with ``devices`` fake CPU devices."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+
+
 def read_metrics(workdir):
     return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -130,7 +135,7 @@ def _cli(workdir, data_dir, steps, extra=()):
 
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path, tmp_path_factory):
     data_dir = prepared_dir("bbc_news", tmp_path_factory)
-    steps = 40
+    steps = 15  # checkpoints at 5, 10, 15: killed after the first, resumed from it
     ref = _run(_cli(tmp_path / "ref", data_dir, steps))
     out, _ = ref.communicate(timeout=600)
     assert ref.returncode == 0, out
@@ -142,6 +147,7 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, tmp_path_factory):
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+    assert not (tmp_path / "kill" / "summary.json").exists()  # killed before it finished
     resumed = _run(_cli(tmp_path / "kill", data_dir, steps))
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
@@ -176,7 +182,7 @@ def test_meshes_of_8_fake_devices_match_one_device(tmp_path, tmp_path_factory):
     kw = bbc_overrides(tmp_path_factory, **{"total_steps": 4, "eval_every": 100,
                                            "ckpt_every": 100, "peft.lora_path": "mixed"})
     script = MESH_SCRIPT.format(root=str(ROOT), kw=json.dumps(kw), tmp=str(tmp_path))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices=8)}
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -195,7 +201,7 @@ def _free_port():
 
 def test_two_processes_match_one(tmp_path, tmp_path_factory):
     data_dir = prepared_dir("bbc_news", tmp_path_factory)
-    env2 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env2 = {"XLA_FLAGS": xla_flags(devices=2)}
     port = _free_port()
     procs = [_run(_cli(tmp_path / "two", data_dir, 6, (
         "--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
@@ -203,7 +209,7 @@ def test_two_processes_match_one(tmp_path, tmp_path_factory):
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     one = _run(_cli(tmp_path / "one", data_dir, 6),
-               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+               env={"XLA_FLAGS": xla_flags(devices=4)})
     out, _ = one.communicate(timeout=600)
     assert one.returncode == 0, out
     np.testing.assert_allclose(np.array(_losses(tmp_path / "two")),

@@ -29,9 +29,11 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
 
 
 def _init(model, rng, example):
-    """Random parameters, initialised in one compiled program (eagerly, every initialiser and
-    op would compile on its own: seconds for even a tiny model)."""
-    return jax.jit(model.init)(rng, example)["params"]
+    """Random parameters. ``lazy_init`` traces the forward pass on the example's shape and runs
+    only the initialisers (the same values as ``init``, without executing the forward pass op by
+    op). Under ``jax.jit`` the values would differ in the last bits and a deep model compiles
+    slower than it initialises."""
+    return model.lazy_init(rng, jax.ShapeDtypeStruct(example.shape, example.dtype))["params"]
 
 
 def build(cfg: Mapping[str, Any], num_classes: int, rng=None):
