@@ -131,6 +131,8 @@ def bench_model(name: str, families: list[str], args) -> dict:
     cfg = dict(cfg)
     if modality == "image":
         cfg["image_size"] = args.image_size
+        if args.vit_depth:
+            cfg["depth"] = args.vit_depth
     model, params, _ = factory.build(cfg, NUM_CLASSES)
     rng = np.random.default_rng(0)
     batch_size = args.text_batch if modality == "text" else args.image_batch
@@ -139,6 +141,8 @@ def bench_model(name: str, families: list[str], args) -> dict:
     out = {"model": name, "batch": batch_size,
            "input": f"{args.seq_len} tokens" if modality == "text" else f"{args.image_size} px",
            "methods": {}}
+    if modality == "image" and args.vit_depth:
+        out["depth"] = args.vit_depth
     steppers, trained_spec, first = {}, None, None
     for method, (spec, path) in methods(families, args.lora_paths).items():
         trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(1))
@@ -218,6 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq_len", type=int, default=64)
     p.add_argument("--image_batch", type=int, default=4)
     p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--vit_depth", type=int, default=0,
+                   help="blocks of the ViTs (default: the variant's; fewer for a quick check)")
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     args = p.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -83,6 +83,20 @@ def test_config_for_variants(name, width, depth, heads, mlp):
     assert models.get_model("vit") is vit
 
 
+def test_factory_random_vit_of_fewer_blocks_equals_init():
+    from surm.models import factory
+    model, params, (images,) = factory.build(
+        dict(name="vit", checkpoint="random", variant="Ti/16", image_size=32, depth=2), 3)
+    assert sorted(k for k in params["Transformer"] if k.startswith("encoderblock")) == [
+        "encoderblock_0", "encoderblock_1"]
+    assert images.shape == (1, 32, 32, 3) and params["head"]["kernel"].shape == (192, 3)
+    # the factory's shape-only initialisation gives exactly the values of model.init
+    ref = model.init(jax.random.PRNGKey(0), images)["params"]
+    assert jax.tree.structure(ref) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("bad", [dict(name="X/16"), dict(name="B16"),
                                  dict(name="B/16", image_size=225),
                                  dict(name="B/16", classifier="map"),

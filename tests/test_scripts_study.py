@@ -50,20 +50,15 @@ def test_linear_cka_matches_the_gram_form_and_its_invariances():
 
 
 def test_cka_end_to_end_on_tiny_runs(tmp_path, monkeypatch, capsys):
+    from test_sweep import grid_argv  # its tiny runs: circulant and LoRA r=1 compile once
     monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)
     root = tmp_path / "sweep"
-    argv = ["--config", str(ROOT / "configs" / "default.py"),
-            "--base", "dataset=bbc_news,checkpoint=random,max_length=16",
-            "--families", "full,circulant,lowrank:rank=2,houlsby:rank=2", "--modes", "lora",
-            "--seeds", "0", "--root", str(root)]
-    for s in ["total_steps=3", "eval_every=0", "ckpt_every=3", "input.batch_size=8",
-              "input.eval_batch_size=64", f"input.data_dir={tmp_path / 'data'}"]:
-        argv += ["--set", s]
-    assert sweep.main(argv) == 0
+    assert sweep.main(grid_argv(root, tmp_path / "data", seeds="0",
+                                families="full,circulant,lowrank:rank=1,houlsby:rank=2")) == 0
     runs = root / "bbc_news"
     assert cka.main(["--full", str(runs / "full_seed0"), "--json", "--runs",
                      str(runs / "circulant_lora_seed0"),
-                     str(runs / "lowrank_rank-2_lora_seed0")]) == 0
+                     str(runs / "lowrank_rank-1_lora_seed0")]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for run in out["runs"].values():
         assert run["matrices"] == 4  # q and v of 2 layers
@@ -76,13 +71,15 @@ def test_cka_end_to_end_on_tiny_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_bench_train_prints_the_ratios_last(capsys):
-    assert bench_train.main(["--models", "vit_ti16", "--image_size", "32", "--steps", "2",
-                             "--warmup", "1", "--image_batch", "2", "--families", "toeplitz",
+    assert bench_train.main(["--models", "vit_ti16", "--vit_depth", "2", "--image_size", "32",
+                             "--steps", "2", "--warmup", "1", "--image_batch", "2",
+                             "--families", "toeplitz",
                              "--lora_paths", "structured,dense", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("surm_over_lora_time", "surm_over_lora_memory", "surm_over_full_time",
                 "merged_over_base_time"):
         assert out[key] > 0
+    assert out["models"]["vit_ti16"]["depth"] == 2
     methods = out["models"]["vit_ti16"]["methods"]
     assert set(methods) == {"toeplitz[structured]", "toeplitz[dense]", "lora_r1", "lora_r8",
                             "full"}

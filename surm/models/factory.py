@@ -7,6 +7,7 @@
                       converted once into ~/.cache/surm/models), or "random"
     model.variant     ViT size/patch for random init or to shape an .npz, e.g. "S/16"; ignored
                       for checkpoints that record their architecture (converted ones do)
+    model.depth       blocks of a random ViT, when fewer than its variant's (quick checks)
     model.image_size, model.pooling, model.dtype, and for random BERTs the BertConfig fields
                       under model.bert (e.g. hidden_size, num_layers)
 """
@@ -61,7 +62,8 @@ def build(cfg: Mapping[str, Any], num_classes: int, rng=None):
             convert_onnx_vit.cached_npz() if ckpt == convert_onnx_vit.NAME else os.fspath(ckpt))
         config = vit.checkpoint_config(path, **fields) if path else None
         if config is None:  # No architecture recorded: the variant says.
-            config = vit.config_for(_get(cfg, "variant", "B/16"), **fields)
+            depth = {"depth": int(cfg["depth"])} if _get(cfg, "depth") else {}
+            config = vit.config_for(_get(cfg, "variant", "B/16"), **fields, **depth)
         model = vit.ViT(config)
         images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
         if path is None:
