@@ -511,6 +511,7 @@ def test_train_on_an_image_folder(tmp_path):
                                          "variant=Ti/16,image_size=32,steps=2,batch=4")
     config.input.eval_batch_size = 4
     config.log_every = 1
+    config.model.depth = 2  # 2 of ViT-Ti's 12 blocks: the data path is under test, not the model
     summary = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert summary["step"] == 2 and 0 <= summary["test_accuracy"] <= 1
     saved = json.loads((tmp_path / "run" / "dataset.json").read_text())

@@ -60,6 +60,8 @@ def test_one_step_and_eval_under_mock_data(tmp_path, config, arg, dataset, metri
     data_dir = tmp_path / "data"
     pretend_prepared(data.get_spec(dataset).tfds_name, data_dir)
     cfg = load_config(config, arg, **tiny_overrides(data_dir))
+    if cfg.model.name == "vit":
+        cfg.model.depth = 2  # a random ViT-Ti of 2 blocks
     with mocked(16):
         summary = train.train_and_evaluate(cfg, str(tmp_path / "run"))
     assert np.isfinite(summary[f"test_{metric}"])
