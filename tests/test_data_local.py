@@ -22,7 +22,6 @@ from surm.data.local import cache
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLASS_SIZES = {"negative": 12, "neutral": 10, "positive": 8}
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def sentiment_rows():
@@ -486,8 +485,7 @@ def test_train_on_a_csv_file_from_the_command_line(tmp_path):
         [sys.executable, "-m", "surm.train", "--config",
          f"configs/default.py:dataset=csv:{path},checkpoint=random,steps=3,batch=8,"
          "max_length=16", "--workdir", str(workdir), "--config.input.eval_batch_size=8"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "XLA_FLAGS": FAST_COMPILE})
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "train_loss" in l] == [3]

@@ -14,7 +14,6 @@ from surm import inspect as surm_inspect
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "default.py")
 BASE = "dataset=bbc_news,checkpoint=random,max_length=32"
-FAST_COMPILE = "--xla_backend_optimization_level=0"  # smoke runs: compile ~40% faster
 TINY = ["total_steps=2", "eval_every=2", "ckpt_every=2", "input.batch_size=8",
         "input.eval_batch_size=64"]
 
@@ -29,8 +28,7 @@ def grid_argv(root, data_dir, families="circulant,lowrank:rank=1", seeds="0,1", 
             "--seeds", seeds, *sets, "--root", str(root)]
 
 
-def test_tiny_grid_runs_collects_and_resumes(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)
+def test_tiny_grid_runs_collects_and_resumes(tmp_path, capsys):
     root, data_dir = tmp_path / "sweep", tmp_path / "data"
     assert sweep.main(grid_argv(root, data_dir)) == 0
     summaries = sorted(root.glob("bbc_news/*/summary.json"))
