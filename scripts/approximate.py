@@ -54,15 +54,13 @@ from typing import Any, Callable
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Runnable as `python scripts/approximate.py` from anywhere: the package lives one level up.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from surm import structured  # noqa: E402
-from surm.structured.base import divisors  # noqa: E402
+from surm import structured
+from surm.structured.base import divisors
 
 SEED = 20240624
 PSD_TARGETS = ("wishart", "wishart_corr")

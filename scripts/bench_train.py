@@ -35,22 +35,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
-import statistics
 import sys
-import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from surm import optim, peft, structured  # noqa: E402
-from surm.models import factory  # noqa: E402
-from surm.train import model_inputs, make_step_fns  # noqa: E402
+from surm import optim, peft, structured
+from surm.models import factory
+from surm.timing import interleaved_medians
+from surm.train import model_inputs, make_step_fns
 
 MODELS = {
     # name: (model config, modality)
@@ -62,7 +56,6 @@ MODELS = {
 OPTIMIZER = dict(name="adamw", lr=1e-3, head_lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.999,
                  momentum=0.9, grad_clip=1.0, schedule="linear", warmup_frac=0.0)
 NUM_CLASSES = 10
-ROUND = 5  # steps of one method in a row before the next method's
 
 
 def methods(families: list[str], paths: list[str]) -> dict[str, tuple[peft.PeftSpec, str]]:
@@ -107,23 +100,6 @@ class _Stepper:
     def __call__(self):
         self.state, metrics = self.compiled(self.state, self.frozen, self.batch)
         jax.block_until_ready(metrics["loss"])
-
-
-def interleaved_medians(calls: dict, warmup: int, steps: int) -> dict[str, float]:
-    """Median seconds per call of each ``calls[name]()`` (which blocks): ``warmup`` untimed calls
-    each, then rounds of ``ROUND`` timed calls of one after the other's, so that drift of a
-    shared machine hits all alike."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in calls}
-    for _ in range(max(1, steps // ROUND)):
-        for name, fn in calls.items():
-            for _ in range(min(ROUND, steps)):
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_model(name: str, families: list[str], args) -> dict:
