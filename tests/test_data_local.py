@@ -467,10 +467,9 @@ def test_specs_survive_config_arguments_and_sweeps(tmp_path, capsys):
     with pytest.raises(ValueError, match="a value cannot hold one"):
         config_args.parse(f"dataset={spec}&text=a,b", dataset="")
 
-    module = importlib.util.spec_from_file_location("sweep", ROOT / "scripts" / "sweep.py")
-    sweep = sys.modules["sweep"] = importlib.util.module_from_spec(module)
-    module.loader.exec_module(sweep)
-    assert sweep.main(["--config", str(ROOT / "configs" / "default.py"), "--base",
+    from surm import sweep
+    from surm.sweep.__main__ import main as sweep_main
+    assert sweep_main(["--config", str(ROOT / "configs" / "default.py"), "--base",
                        "checkpoint=random", "--families", "circulant", "--datasets", spec,
                        "--root", str(tmp_path / "sweep"), "--print_commands"]) == 0
     argv = shlex.split(capsys.readouterr().out.strip())

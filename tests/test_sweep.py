@@ -1,15 +1,20 @@
-"""scripts/sweep.py: a tiny grid end to end, resuming, commands for launchers, budget matching."""
+"""surm.sweep: a tiny grid end to end with lrs chosen on validation, resuming, commands for
+launchers, the choice itself on built cases, and budget matching."""
 import csv
-import importlib.util
 import json
 import pathlib
 import shlex
 import shutil
+import subprocess
 import sys
 
 import pytest
 
 from surm import inspect as surm_inspect
+from surm import peft, sweep
+from surm.sweep import runner, selection
+from surm.sweep.__main__ import main
+from surm.sweep.runner import dataset_folder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "default.py")
@@ -17,59 +22,68 @@ BASE = "dataset=bbc_news,checkpoint=random,max_length=32"
 TINY = ["total_steps=2", "eval_every=2", "ckpt_every=2", "input.batch_size=8",
         "input.eval_batch_size=64"]
 
-_spec = importlib.util.spec_from_file_location("sweep", ROOT / "scripts" / "sweep.py")
-sweep = sys.modules["sweep"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sweep)
 
-
-def grid_argv(root, data_dir, families="circulant,lowrank:rank=1", seeds="0,1", base=BASE):
+def grid_argv(root, data_dir, families="circulant,lowrank:rank=1", seeds="0,1", base=BASE,
+              extra=()):
     sets = [a for s in TINY + [f"input.data_dir={data_dir}"] for a in ("--set", s)]
     return ["--config", CONFIG, "--base", base, "--families", families, "--modes", "lora",
-            "--seeds", seeds, *sets, "--root", str(root)]
+            "--seeds", seeds, *sets, "--root", str(root), *extra]
 
 
-def test_tiny_grid_runs_collects_and_resumes(tmp_path, capsys):
+def _rows(path):
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_grid_chooses_lrs_on_validation_and_resumes(tmp_path, capsys):
+    """`python -m surm.sweep` with two lrs per method, tuned on seed 0: the chosen lr is the
+    one with the better validation, seed 1 runs only at it, and the table says so."""
     root, data_dir = tmp_path / "sweep", tmp_path / "data"
-    assert sweep.main(grid_argv(root, data_dir)) == 0
-    summaries = sorted(root.glob("bbc_news/*/summary.json"))
-    assert [p.parent.name for p in summaries] == [
-        "circulant_lora_seed0", "circulant_lora_seed1",
-        "lowrank_rank-1_lora_seed0", "lowrank_rank-1_lora_seed1"]
+    families = "circulant:lr=1e-3;3e-1,lowrank:rank=1:lr=1e-3;3e-1"
+    argv = grid_argv(root, data_dir, families, extra=["--tune_seed", "0"])
+    done = subprocess.run([sys.executable, "-m", "surm.sweep", *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = sorted(p.parent.name for p in root.glob("bbc_news/*/summary.json"))
+    rows = _rows(root / "results.csv")
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"done"}
+    tuning = [r for r in rows if r["seed"] == "0"]
+    assert len(tuning) == 4 and all(r["validation"] != "" for r in tuning)
+    for family in ("circulant", "lowrank"):
+        runs = [r for r in tuning if r["family"] == family]
+        best = min(runs, key=lambda r: (-float(r["validation"]), float(r["validation_loss"]),
+                                        float(r["lr"])))
+        # seed 1 ran at the lr seed 0 chose, and only there
+        assert [r["lr"] for r in rows if r["family"] == family and r["seed"] == "1"] == [
+            best["lr"]]
+    assert sum(n.endswith("_seed1") for n in names) == 2
 
-    with (root / "results.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and {r["status"] for r in rows} == {"done"}
-    assert {(r["family"], r["hparams"], r["adapter"]) for r in rows} == {
-        ("circulant", "", "128"), ("lowrank", "rank=1", "256")}
-    assert all(0.0 <= float(r["test"]) <= 1.0 and r["test_accuracy"] == r["test"] for r in rows)
-    table = (root / "results.md").read_text().splitlines()
-    body = [line for line in table if line.startswith("| bbc_news")]
-    assert len(body) == 2 and all(" ± " in line and line.split("|")[-3].strip() == "2"
-                                  for line in body)
+    table = (root / "results.md").read_text()
+    assert "| chosen lr |" in table and "tuned on seed 0" in table
+    chosen = [line for line in table.split("## Every run")[0].splitlines()
+              if line.startswith("| bbc_news")]
+    assert len(chosen) == 2 and all(line.split("|")[-2].strip() == "2" for line in chosen)
+    assert all(line.split("|")[11].strip() == "2" for line in chosen)  # tried
     assert (root / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Same command again: every run is skipped, nothing is rewritten.
-    stamps = [p.stat().st_mtime_ns for p in summaries]
-    capsys.readouterr()
-    assert sweep.main(grid_argv(root, data_dir)) == 0
-    assert capsys.readouterr().out.count("finished before, skipped") == 4
-    assert [p.stat().st_mtime_ns for p in summaries] == stamps
+    stamps = sorted(p.stat().st_mtime_ns for p in root.glob("bbc_news/*/summary.json"))
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("finished before, skipped") == 6
+    assert sorted(p.stat().st_mtime_ns for p in root.glob("bbc_news/*/summary.json")) == stamps
 
-    # A third seed: only the unfinished runs are printed, as commands that parse.
-    (root / "results.md").unlink()
-    assert sweep.main(grid_argv(root, data_dir, seeds="0,1,2") + ["--print_commands"]) == 0
+    # A third seed: only its runs at the chosen lrs are printed, as commands that parse.
+    assert main(grid_argv(root, data_dir, families, seeds="0,1,2",
+                          extra=["--tune_seed", "0", "--print_commands"])) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     for line in lines:
-        argv = shlex.split(line)
-        assert argv[:3] == ["python", "-m", "surm.train"]
-        workdir = pathlib.Path(argv[3].removeprefix("--workdir="))
-        assert workdir.name.endswith("_lora_seed2") and (workdir / "run.json").exists()
-        assert argv[4].startswith(f"--config={CONFIG}:") and "seed=2" in argv[4]
-        assert argv[5:] == [f"--config.{s}" for s in TINY + [f"input.data_dir={data_dir}"]]
-
-    assert sweep.main(["--collect_only", "--root", str(root)]) == 0
-    assert (root / "results.md").read_text().count("- pending:") == 2
+        args = shlex.split(line)
+        assert args[:3] == ["python", "-m", "surm.train"]
+        workdir = pathlib.Path(args[3].removeprefix("--workdir="))
+        assert workdir.name.endswith("_seed2") and (workdir / "run.json").exists()
+        assert workdir.name.replace("_seed2", "_seed1") in names
+        assert args[4].startswith(f"--config={CONFIG}:") and "seed=2" in args[4]
 
     # The workdirs gone (a fresh clone), the results.csv kept: nothing runs again and the
     # results are rebuilt from the record.
@@ -77,36 +91,109 @@ def test_tiny_grid_runs_collects_and_resumes(tmp_path, capsys):
     record.write_text((root / "results.csv").read_text())
     shutil.rmtree(root)
     capsys.readouterr()
-    assert sweep.main(grid_argv(root, data_dir) + ["--records", str(record)]) == 0
-    assert capsys.readouterr().out.count("recorded as done, skipped") == 4
+    assert main(argv + ["--records", str(record)]) == 0
+    assert capsys.readouterr().out.count("recorded as done, skipped") == 6
     assert not list(root.glob("bbc_news/*/summary.json"))
-    with (root / "results.csv").open() as f:
-        again = list(csv.DictReader(f))
-    assert sorted((r["family"], r["seed"], r["test"]) for r in again) == sorted(
-        (r["family"], r["seed"], r["test"]) for r in rows)
+    again = _rows(root / "results.csv")
+    assert sorted((r["family"], r["lr"], r["seed"], r["test"]) for r in again) == sorted(
+        (r["family"], r["lr"], r["seed"], r["test"]) for r in rows)
     # a record of the same run with other settings is refused
-    changed = record.read_text().replace("total_steps=2", "total_steps=3")
-    record.write_text(changed)
+    record.write_text(record.read_text().replace("total_steps=2", "total_steps=3"))
     with pytest.raises(sweep.SweepError, match="different settings"):
-        sweep.main(grid_argv(root, data_dir) + ["--records", str(record)])
+        main(argv + ["--records", str(record)])
     with pytest.raises(sweep.SweepError, match="not a sweep results.csv"):
         record.write_text("a,b\n1,2\n")
-        sweep.main(grid_argv(root, data_dir) + ["--records", str(record)])
+        main(argv + ["--records", str(record)])
+
+
+def _row(lr, validation, test, seed=0, loss=0.5, status="done", head_lr=None, family="toeplitz"):
+    return dict(dataset="d", family=family, mode="lora", hparams="", lr=lr,
+                head_lr=lr if head_lr is None else head_lr, seed=seed, status=status,
+                metric="accuracy", validation=validation if status == "done" else "",
+                validation_loss=loss, test=test if status == "done" else "", trainable=10,
+                wall_seconds=1.0)
+
+
+def test_the_choice_follows_validation_not_test():
+    # validation and test disagree: lr 1e-2 is best on test, 1e-3 on validation
+    rows = [_row(1e-3, 0.80, 0.70), _row(1e-2, 0.75, 0.90), _row(1e-1, 0.60, 0.50)]
+    (picked,) = selection.select(rows)
+    assert picked["lr"] == 1e-3 and picked["test"] == 0.70 and picked["tried"] == 3
+    assert picked["edge"] == "lr at min"
+    # ties on the metric go to the lower validation loss, then to the smaller lr
+    tie = [_row(1e-3, 0.8, 0.1, loss=0.7), _row(3e-3, 0.8, 0.2, loss=0.6), _row(1e-2, 0.8, 0.3,
+                                                                                loss=0.6)]
+    assert selection.select(tie)[0]["lr"] == 3e-3
+    assert selection.select(tie)[0]["edge"] == ""  # inside the grid
+    # a diverged run counts as tried, is never chosen, and the value below it is no edge
+    failed = [_row(1e-3, 0.7, 0.7), _row(1e-2, 0.8, 0.8), _row(1e-1, "", "", status="failed")]
+    (picked,) = selection.select(failed)
+    assert picked["lr"] == 1e-2 and picked["failed"] == 1 and picked["edge"] == ""
+    # a separate head lr is an axis of its own
+    heads = [_row(1e-3, 0.7, 0.7, head_lr=1e-3), _row(1e-3, 0.9, 0.8, head_lr=1e-2),
+             _row(1e-2, 0.6, 0.9, head_lr=1e-3), _row(1e-2, 0.5, 0.6, head_lr=1e-2)]
+    (picked,) = selection.select(heads)
+    assert (picked["lr"], picked["head_lr"]) == (1e-3, 1e-2)
+    assert picked["edge"] == "lr at min; head_lr at max"
+
+
+def test_the_choice_waits_for_every_run_and_needs_validation():
+    assert selection.select([_row(1e-3, 0.8, 0.7), _row(1e-2, 0.9, 0.9, status="pending")]) == []
+    assert selection.unsettled([_row(1e-3, 0.8, 0.7), _row(1e-2, 0.9, 0.9, status="pending")])
+    with pytest.raises(sweep.SweepError, match="eval_every > 0"):
+        selection.select([_row(1e-3, "", 0.7), _row(1e-2, "", 0.9)])
+    (only,) = selection.select([_row(1e-3, "", 0.7)])  # one lr: nothing to choose
+    assert only["tried"] == 1
+
+
+def test_tuned_on_one_seed_the_others_report_at_its_choice():
+    rows = [_row(1e-3, 0.8, 0.7, seed=0), _row(1e-2, 0.9, 0.8, seed=0),
+            _row(1e-2, 0.5, 0.6, seed=1), _row(1e-3, 0.99, 0.99, seed=1),
+            _row(1e-2, 0.6, 0.65, seed=2)]
+    picked = selection.select(rows, tune_seed=0)
+    assert sorted((r["seed"], r["lr"], r["test"]) for r in picked) == [
+        (0, 1e-2, 0.8), (1, 1e-2, 0.6), (2, 1e-2, 0.65)]
+    # tuned on every seed, seed 1 picks its own
+    assert {(r["seed"], r["lr"]) for r in selection.select(rows)} == {
+        (0, 1e-2), (1, 1e-3), (2, 1e-2)}
+
+
+def test_followups_run_the_other_seeds_at_the_chosen_values(tmp_path):
+    grid = sweep.Grid(config=CONFIG, base=(("checkpoint", "random"), ("dataset", "bbc_news")),
+                      families=tuple(sweep.parse_families(["circulant:lr=1e-3;1e-2:head_lr=lr",
+                                                           "lowrank:rank=1:lr=1e-3;1e-2"])),
+                      modes=("lora",), seeds=(0, 1, 2), tune_seed=0)
+    runs = sweep.plan(grid, tmp_path)
+    assert len(runs) == 4 and {r.meta["seed"] for r in runs} == {0}
+    assert {(r.meta["lr"], r.meta["head_lr"]) for r in runs if r.meta["family"] == "circulant"} \
+        == {(1e-3, 1e-3), (1e-2, 1e-2)}  # head_lr=lr: the head at each lr
+    rows = [dict(r.meta, status="done", validation=0.9 if r.meta["lr"] == 1e-2 else 0.8,
+                 validation_loss=1.0, test=0.5) for r in runs if r.meta["family"] == "circulant"]
+    # one of circulant's two lrs has not run yet: nothing can follow, whatever the other gave
+    assert sweep.plan_followups(grid, tmp_path, rows[1:]) == ([], 2)
+    followups, waiting = sweep.plan_followups(grid, tmp_path, rows)
+    assert waiting == 1  # lowrank has not been tuned yet
+    assert sorted(r.meta["seed"] for r in followups) == [1, 2]
+    assert all(r.meta["lr"] == r.meta["head_lr"] == 1e-2 for r in followups)
+    assert all(r.workdir.name == f"circulant_lora_lr0.01_seed{r.meta['seed']}" for r in followups)
+    with pytest.raises(sweep.SweepError, match="tune on one of the seeds"):
+        sweep.Grid(config=CONFIG, families=grid.families, seeds=(1, 2), tune_seed=0)
 
 
 def test_print_commands_dedupes_baselines_and_matches_grid_file(tmp_path, capsys):
-    families = "circulant,lowrank:rank=1;4,houlsby:rank=8,bitfit,linear_probe,full"
+    families = "circulant,lowrank:rank=1;4,houlsby:rank=8,bitfit,linear_probe,full:lr=1e-5;1e-4"
     argv = ["--config", CONFIG, "--base", "checkpoint=random", "--families", families,
             "--modes", "lora,adapter", "--seeds", "0,1", "--datasets", "bbc_news,tweet_sentiment",
             "--set", "total_steps=20", "--root", str(tmp_path / "a"), "--print_commands"]
-    assert sweep.main(argv) == 0
+    assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    # (2 circulant + 4 lowrank + houlsby + 3 baselines) x 2 datasets x 2 seeds
-    assert len(lines) == 10 * 2 * 2
+    # (2 circulant + 4 lowrank + houlsby + bitfit + probe + 2 full) x 2 datasets x 2 seeds
+    assert len(lines) == 11 * 2 * 2
     workdirs = [shlex.split(line)[3] for line in lines]
     assert len(set(workdirs)) == len(workdirs)
-    assert sum("/bbc_news/bitfit_seed" in w for w in workdirs) == 2
+    assert sum("/bbc_news/bitfit_lr" in w for w in workdirs) == 2
     assert sum("houlsby_rank-8_adapter" in w for w in workdirs) == 4
+    assert sum("/full_lr1e-05_hlr0.001_seed" in w for w in workdirs) == 4
 
     grid = {"config": CONFIG, "base": {"checkpoint": "random"},
             "families": families.split(","), "modes": ["lora", "adapter"], "seeds": [0, 1],
@@ -114,8 +201,7 @@ def test_print_commands_dedupes_baselines_and_matches_grid_file(tmp_path, capsys
             "root": str(tmp_path / "a")}
     (tmp_path / "grid.json").write_text(json.dumps(grid))
     commands = tmp_path / "commands.sh"
-    assert sweep.main(["--grid", str(tmp_path / "grid.json"), "--write_commands",
-                       str(commands)]) == 0
+    assert main(["--grid", str(tmp_path / "grid.json"), "--write_commands", str(commands)]) == 0
     assert commands.read_text().strip().splitlines() == lines
 
 
@@ -123,9 +209,9 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     root = tmp_path / "sweep"
     argv = grid_argv(root, tmp_path / "data", families="circulant", seeds="0",
                      base="dataset=bbc_news,checkpoint=/nonexistent/bert")
-    assert sweep.main(argv) == 1
-    error = (root / "bbc_news" / "circulant_lora_seed0" / "error.txt").read_text()
-    assert error.startswith("exit status 1") and "not found" in error
+    assert main(argv) == 1
+    (error,) = root.glob("bbc_news/circulant_lora_*_seed0/error.txt")
+    assert error.read_text().startswith("exit status 1") and "not found" in error.read_text()
     assert "- failed:" in (root / "results.md").read_text()
 
 
@@ -136,11 +222,14 @@ def test_budget_matcher_is_exact():
     budget = 2 * n * targets  # exactly lowrank rank 1
 
     found = {m.family: m for m in sweep.match_budget(
-        config, budget, ["lowrank", "ldr", "block_circulant", "circulant", "toeplitz", "dense"])}
+        config, budget, ["lowrank", "ldr", "block_circulant", "circulant", "toeplitz", "dense",
+                         "symmetric_toeplitz"])}
     assert found["lowrank"].hparams == {"rank": 1} and found["lowrank"].params == budget
     assert found["ldr"].hparams == {"rank": 1} and found["ldr"].fits
     assert found["block_circulant"].hparams == {"block_size": n // 2}
     assert found["circulant"].hparams == {"form": "hadamard"}
+    assert found["symmetric_toeplitz"].hparams == {"form": "product"}
+    assert found["symmetric_toeplitz"].params == budget  # the authors' T(a)T(b): 2n per matrix
     assert found["toeplitz"].params == (2 * n - 1) * targets and found["toeplitz"].fits
     assert not found["dense"].fits and found["dense"].params == n * n * targets
 
@@ -153,14 +242,14 @@ def test_budget_matcher_is_exact():
 
     (over,) = sweep.match_budget(config, budget - 1, ["lowrank"])
     assert over.hparams == {"rank": 1} and not over.fits
-    (listed,) = sweep.match_budget(config, 10 * budget, ["lowrank:rank=2;4;16"])
+    (listed,) = sweep.match_budget(config, 10 * budget, ["lowrank:rank=2;4;16:lr=1e-3;1e-2"])
     assert listed.hparams == {"rank": 4}
 
 
 def test_budget_cli_prints_the_matches(capsys):
     argv = ["--config", CONFIG, "--base", "checkpoint=random", "--families", "lowrank,houlsby",
             "--modes", "lora", "--budget", "256", "--match_only"]
-    assert sweep.main(argv) == 0
+    assert main(argv) == 0
     out = capsys.readouterr().out
     lowrank = next(line for line in out.splitlines() if line.startswith("lowrank"))
     assert "rank=1" in lowrank and lowrank.endswith("fits")
@@ -170,28 +259,83 @@ def test_budget_cli_prints_the_matches(capsys):
 
 @pytest.mark.parametrize("families,message", [
     ("lowrnk", "unknown family 'lowrnk'"),
-    ("lowrank:rank", "is not HPARAM=V1;V2"),
+    ("lowrank:rank", "is not KEY=V1;V2"),
     ("lowrank:ranks=4", "unknown config argument 'ranks'"),
     ("circulant:factors=4x4", "family=kronecker only"),
+    ("circulant:lr=fast", "must be positive numbers"),
+    ("circulant:lr=-1e-3", "must be positive numbers"),
+    ("circulant:head_lr=lr", "lists no lr"),
+    ("circulant:alpha=16", "needs a family with an explicit rank"),
 ])
 def test_bad_grids_fail_before_running(tmp_path, families, message):
     with pytest.raises(sweep.SweepError, match=message):
-        sweep.main(["--config", CONFIG, "--families", families, "--root", str(tmp_path)])
+        main(["--config", CONFIG, "--families", families, "--root", str(tmp_path)])
     assert not any(tmp_path.iterdir())
 
 
 def test_grid_syntax():
-    (fam,) = sweep.parse_families(["kronecker:rank=1;2:factors=16x48"])
+    (fam,) = sweep.parse_families(["kronecker:rank=1;2:factors=16x48:lr=1e-3;1e-2:alpha=2"])
     assert fam.name == "kronecker"
-    assert fam.combos() == [{"rank": 1, "factors": (16, 48)}, {"rank": 2, "factors": (16, 48)}]
+    assert fam.combos() == [{"rank": 1, "factors": (16, 48), "alpha": 2},
+                            {"rank": 2, "factors": (16, 48), "alpha": 2}]
+    assert fam.tuned() == [{"lr": 1e-3}, {"lr": 1e-2}]
     with pytest.raises(sweep.SweepError, match="--set"):
-        sweep.main(["--config", CONFIG, "--families", "lowrank", "--set", "total_steps",
-                    "--root", "unused"])
+        main(["--config", CONFIG, "--families", "lowrank", "--set", "total_steps",
+              "--root", "unused"])
+
+
+def test_the_methods_own_knobs_reach_the_runs(tmp_path):
+    """LoRA's alpha, the authors' forms and Kronecker factor shapes, from a sweep grid."""
+    grid = sweep.Grid(config=CONFIG, base=(("checkpoint", "random"),), families=tuple(
+        sweep.parse_families(["lowrank:rank=4:alpha=8", "circulant:form=hadamard",
+                              "symmetric_toeplitz:form=product",
+                              "kronecker:factors=2x16:scale=0.5"])), modes=("lora",))
+    by_family = {r.meta["family"]: r for r in sweep.plan(grid, tmp_path)}
+    assert by_family["lowrank"].meta["hparams"] == "alpha=8,rank=4"
+    assert by_family["circulant"].meta["hparams"] == "form=hadamard"
+    assert by_family["kronecker"].meta["hparams"] == "factors=2x16,rank=1,scale=0.5"
+    config = sweep.load_config(CONFIG, "checkpoint=random,family=lowrank,rank=4,alpha=8")
+    assert peft.config_to_spec(config.peft).update_scale == 2.0
 
 
 def test_dataset_folders_are_safe_names():
-    assert sweep._dataset_folder("glue/sst2") == "glue-sst2"
-    a = sweep._dataset_folder("csv:/tmp/x/my data.csv?text=a&label=b")
-    b = sweep._dataset_folder("csv:/tmp/x/my data.csv?text=a&label=c")
+    assert dataset_folder("glue/sst2") == "glue-sst2"
+    a = dataset_folder("csv:/tmp/x/my data.csv?text=a&label=b")
+    b = dataset_folder("csv:/tmp/x/my data.csv?text=a&label=c")
     assert a.startswith("csv-my_data-") and a != b
     assert all(c.isalnum() or c in "_.-" for c in a)
+
+
+def test_old_script_command_still_works(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep.py"), "--config", CONFIG,
+                           "--base", "checkpoint=random", "--families", "lowrank", "--modes",
+                           "lora", "--budget", "256", "--match_only"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "lowrank" in done.stdout
+
+
+def test_widening_a_grid_whose_choice_sits_at_its_edge(tmp_path):
+    grid = sweep.Grid(config=CONFIG, base=(("checkpoint", "random"), ("dataset", "bbc_news")),
+                      families=tuple(sweep.parse_families(
+                          ["circulant:lr=1e-3;3e-3;1e-2:head_lr=lr"])),
+                      modes=("lora",), seeds=(0, 1), tune_seed=0)
+    score = {1e-3: 0.80, 3e-3: 0.70, 1e-2: 0.60, 3e-4: 0.85, 1e-4: 0.90, 3e-5: 0.1}
+
+    def rows_of(runs):
+        return [dict(r.meta, status="done", validation=score[r.meta["lr"]], validation_loss=1.0,
+                     test=0.5) for r in runs]
+
+    rows = rows_of(sweep.plan(grid, tmp_path))
+    assert runner.plan_widening(grid, tmp_path, rows, widen=0) == []
+    (wider,) = runner.plan_widening(grid, tmp_path, rows, widen=2)  # best at the smallest lr
+    assert wider.meta["lr"] == wider.meta["head_lr"] == 3e-4  # one half-decade further down
+    assert sweep.plan_followups(grid, tmp_path, rows, widen=2) == ([], 1)  # not final yet
+    rows += rows_of([wider])
+    (wider,) = runner.plan_widening(grid, tmp_path, rows, widen=2)
+    assert wider.meta["lr"] == 1e-4
+    rows += rows_of([wider])
+    assert runner.plan_widening(grid, tmp_path, rows, widen=2) == []  # two beyond: the limit
+    (follow,), _ = sweep.plan_followups(grid, tmp_path, rows, widen=2)
+    assert follow.meta["lr"] == 1e-4 and follow.meta["seed"] == 1
+    (picked,) = selection.select(rows, tune_seed=0)
+    assert picked["lr"] == 1e-4 and picked["edge"] == "lr at min" and picked["tried"] == 5

@@ -29,6 +29,7 @@ import optax
 Array = jax.Array
 
 INITS = ("zero", "random")
+RANK, DIVISOR = "rank", "divisor"  # kinds of searchable hyper-parameter (``Family.searchable``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +114,10 @@ class Family:
     name: str = ""
     #: one line on how a family that is square by nature treats a rectangle
     rectangular: str = "native"
+    #: the hyper-parameters a budget match may search (``surm.peft.budget``): name -> a tuple
+    #: of values, ``RANK`` (any positive int: the largest that fits is found) or ``DIVISOR``
+    #: (the sizes that divide every side of the matrices)
+    searchable: Mapping[str, Any] = {}
 
     # ---- to implement -------------------------------------------------------------------------
     def hparams(self, d_in: int, d_out: int, **hp: Any) -> dict[str, Any]:

@@ -13,11 +13,12 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from surm.structured.base import ArraySpec, TiedFamily, divisors
+from surm.structured.base import DIVISOR, ArraySpec, TiedFamily, divisors
 
 
 class BlockCirculant(TiedFamily):
     name = "block_circulant"
+    searchable = {"block_size": DIVISOR}
 
     def hparams(self, d_in, d_out, **hp):
         self._no_unknown(hp, ("block_size",))

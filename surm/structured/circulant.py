@@ -27,13 +27,14 @@ FORMS = ("plain", "hadamard")
 
 class Circulant(TiedFamily):
     name = "circulant"
+    searchable = {"form": FORMS}
     rectangular = "leading (d_in, d_out) block of an n x n circulant, n = max(d_in, d_out): n params"
     #: f of the f-circulant: entries that wrap around are multiplied by it
     wrap_sign = 1.0
 
     def hparams(self, d_in, d_out, **hp):
         self._no_unknown(hp, ("form",))
-        return {"form": self._choice(hp, "form", FORMS)}
+        return {"form": self._choice(hp, "form", self.searchable["form"])}
 
     def arrays(self, d_in, d_out, hp):
         n = max(d_in, d_out)

@@ -19,7 +19,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from surm.structured.base import ArraySpec, Family, divisors
+from surm.structured.base import RANK, ArraySpec, Family, divisors
 
 
 def _is_prime(n: int) -> bool:
@@ -28,6 +28,7 @@ def _is_prime(n: int) -> bool:
 
 class Kronecker(Family):
     name = "kronecker"
+    searchable = {"rank": RANK}
 
     def hparams(self, d_in, d_out, **hp):
         self._no_unknown(hp, ("factors", "rank"))

@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from surm.structured import circulant
-from surm.structured.base import ArraySpec, Family, fit_by_descent
+from surm.structured.base import RANK, ArraySpec, Family, fit_by_descent
 
 
 class LDR(Family):
     name = "ldr"
+    searchable = {"rank": RANK}
     rectangular = "leading (d_in, d_out) block of an n x n LDR matrix, n = max(d_in, d_out): 2rn params"
 
     def hparams(self, d_in, d_out, **hp):

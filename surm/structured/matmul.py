@@ -11,11 +11,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from surm.structured.base import ArraySpec, Family
+from surm.structured.base import RANK, ArraySpec, Family
 
 
 class LowRank(Family):
     name = "lowrank"
+    searchable = {"rank": RANK}
 
     def hparams(self, d_in, d_out, **hp):
         self._no_unknown(hp, ("rank",))

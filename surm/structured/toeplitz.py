@@ -51,13 +51,14 @@ class Toeplitz(TiedFamily):
 
 class SymmetricToeplitz(TiedFamily):
     name = "symmetric_toeplitz"
+    searchable = {"form": ("plain", "product")}
     vector = "v"
     rectangular = ("leading (d_in, d_out) block of an m x m symmetric Toeplitz, m = max(d_in, "
                    "d_out): m params (product form: d_in + m)")
 
     def hparams(self, d_in, d_out, **hp):
         self._no_unknown(hp, ("form",))
-        return {"form": self._choice(hp, "form", ("plain", "product"))}
+        return {"form": self._choice(hp, "form", self.searchable["form"])}
 
     def arrays(self, d_in, d_out, hp):
         m = max(d_in, d_out)

@@ -1,0 +1,141 @@
+"""What a sweep keeps of each run: ``run.json`` in its workdir, and rows of ``results.csv``.
+
+A row names its run by ``run_key`` (dataset, family, mode, hparams, lr, head_lr, seed) and holds
+its settings, status, final validation and test metrics, parameter counts and wall time. An
+earlier ``results.csv`` (e.g. one kept in git when the workdirs are gone) can stand in for the
+runs it records as done (``read_records`` / ``recorded_runs``).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+from typing import Any, Iterable, Mapping, Sequence
+
+from surm.sweep.grid import SweepError, last_line
+
+KEY = ("dataset", "family", "mode", "hparams", "lr", "head_lr", "seed")
+CSV_HEAD = [*KEY, "status", "metric", "validation", "validation_loss", "test",
+            "best_validation", "trainable", "adapter", "base", "wall_seconds", "final_train_loss",
+            "workdir", "error", "settings"]
+TEXT_COLUMNS = {"dataset", "family", "mode", "hparams", "status", "metric", "workdir", "error",
+                "settings"}
+
+
+def run_key(row: Mapping[str, Any]) -> tuple[str, ...]:
+    """What identifies a run in a results row or a run's meta, as text (the way a CSV holds
+    it; numbers written as ``%g``, so 0.001 and 1e-3 are the same run)."""
+    return tuple(f"{row[k]:g}" if isinstance(row[k], float) else
+                 f"{float(row[k]):g}" if k in ("lr", "head_lr") else str(row[k]) for k in KEY)
+
+
+def write_record(workdir: pathlib.Path, meta: Mapping[str, Any], settings: Sequence[str]) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "run.json").write_text(json.dumps({**meta, "settings": list(settings)}, indent=2))
+
+
+def check_workdir(workdir: pathlib.Path, settings: Sequence[str]) -> None:
+    """Refuse to reuse a workdir whose run.json records different settings."""
+    record = workdir / "run.json"
+    if record.exists():
+        old = json.loads(record.read_text())["settings"]
+        if tuple(old) != tuple(settings):
+            raise SweepError(f"{workdir} holds a run with different settings (recorded "
+                             f"{sorted(set(old) - set(settings))}, now "
+                             f"{sorted(set(settings) - set(old))}); sweep into a new --root, or "
+                             f"delete that workdir to redo it")
+
+
+def _final_train_loss(workdir: pathlib.Path) -> float | str:
+    path = workdir / "metrics.jsonl"
+    losses = [r["train_loss"] for r in map(json.loads, path.read_text().splitlines())
+              if "train_loss" in r] if path.exists() else []
+    return losses[-1] if losses else ""
+
+
+def read_run(record: pathlib.Path) -> dict:
+    """One results.csv row from a workdir's run.json and, if finished, its summary.json."""
+    workdir = record.parent
+    meta = json.loads(record.read_text())
+    row = {k: meta[k] for k in (*KEY, "metric")}
+    row["workdir"] = str(workdir)
+    row["settings"] = json.dumps(meta["settings"])
+    summary_path = workdir / "summary.json"
+    metric = meta["metric"]
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        best = summary.get("best_validation", {})
+        final = summary.get("validation", {})
+        row.update(status="done", test=summary[f"test_{metric}"],
+                   validation=final.get(f"validation_{metric}", ""),
+                   validation_loss=final.get("validation_loss", ""),
+                   best_validation=best.get(f"validation_{metric}", ""),
+                   final_train_loss=_final_train_loss(workdir),
+                   **{k: summary[k] for k in ("trainable", "adapter", "base", "wall_seconds")},
+                   **{k: v for k, v in summary.items() if k.startswith("test_")},
+                   **{f"best_{k}": v for k, v in best.items() if k.startswith("validation_")})
+    elif (workdir / "error.txt").exists():
+        row.update(status="failed", error=last_line((workdir / "error.txt").read_text()))
+    else:
+        row["status"] = "pending"
+    return row
+
+
+def collect(root: str | os.PathLike, records: Mapping[tuple, dict] | None = None) -> list[dict]:
+    """A row per run under ``root`` (its workdirs' run.json) and per run of ``records``
+    (``read_records``) that no finished workdir holds."""
+    root = pathlib.Path(root)
+    rows = [read_run(r) for r in sorted(root.rglob("run.json"))] if root.exists() else []
+    if not rows and not records:
+        raise SweepError(f"no runs under {root} (no run.json in any workdir); run a sweep into "
+                         f"this --root first")
+    done = {run_key(r) for r in rows if r["status"] == "done"}
+    kept = [r for r in rows if r["status"] == "done" or run_key(r) not in (records or {})]
+    return kept + [r for key, r in (records or {}).items() if key not in done]
+
+
+def write_csv(rows: Sequence[dict], path: pathlib.Path) -> None:
+    extra = sorted({k for row in rows for k in row} - set(CSV_HEAD))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_HEAD + extra, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_csv(path: str | os.PathLike) -> list[dict]:
+    """The rows of a results.csv, numbers as numbers."""
+    path = pathlib.Path(path)
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise SweepError(f"--records {path}: {e.strerror or e}") from None
+    missing = [k for k in (*KEY, "status") if rows and k not in rows[0]]
+    if missing:
+        raise SweepError(f"--records {path} is not a sweep results.csv (no columns {missing}); "
+                         f"give a ROOT/results.csv written by surm.sweep")
+    return [_typed(row) for row in rows]
+
+
+def read_records(paths: Iterable[str | os.PathLike]) -> dict[tuple[str, ...], dict]:
+    """The finished runs of earlier results.csv files, by ``run_key`` (later files win)."""
+    return {run_key(row): row for path in paths for row in read_csv(path)
+            if row["status"] == "done"}
+
+
+def _typed(row: Mapping[str, str]) -> dict:
+    """A CSV row with its numbers as numbers again ('' stays '': a value that was not there)."""
+    out = {}
+    for key, text in row.items():
+        value: Any = text
+        if key not in TEXT_COLUMNS and text != "":
+            for cast in (int, float):
+                try:
+                    value = cast(text)
+                    break
+                except ValueError:
+                    pass
+        out[key] = value
+    return out

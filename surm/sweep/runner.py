@@ -1,0 +1,326 @@
+"""Resolving a grid into runs, and running them one after another, resumably.
+
+Each run is exactly ``python -m surm.train --config FILE:ARGS --workdir DIR --config.K=V ...``
+in ROOT/<dataset>/<family>[_<hparam>-<value>...][_<mode>]_lr<lr>[_hlr<head_lr>]_seed<seed>
+with its log (train.log) and the sweep's record of it (run.json). A run whose summary.json
+exists is skipped, and an interrupted one resumes from its last checkpoint, so resuming a sweep
+is running the same command again. A failed run leaves its error tail in error.txt and the sweep
+goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+from typing import Callable, Mapping, Sequence
+
+from surm.sweep import selection
+from surm.sweep.grid import (TUNED, Grid, Method, SweepError, describe, format_hparams,
+                             grid_methods, last_line, load_config, train_config_flags)
+from surm.sweep.records import check_workdir, run_key, write_record
+
+ERROR_TAIL_LINES = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    settings: tuple[str, ...]  # the --config flags of ``python -m surm.train``
+    workdir: pathlib.Path
+    meta: dict  # dataset, family, mode, hparams, lr, head_lr, seed, metric
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return (f"--workdir={self.workdir}", *self.settings)
+
+    @property
+    def finished(self) -> bool:
+        return (self.workdir / "summary.json").exists()
+
+    @property
+    def label(self) -> str:
+        m = self.meta
+        tuned = f"lr={m['lr']:g}" + (f",head_lr={m['head_lr']:g}" if m["head_lr"] != m["lr"]
+                                     else "")
+        return " ".join(filter(None, [m["dataset"], m["family"], m["hparams"],
+                                      m["mode"] if m["mode"] != "-" else "", tuned,
+                                      f"seed={m['seed']}"]))
+
+    def command(self, python: str = "python") -> str:
+        return shlex.join([python, "-m", "surm.train", *self.argv])
+
+
+def _config_args(grid: Grid, method: Method, dataset: str | None, seed: int | None) -> str:
+    args = dict(grid.base)
+    args.update(method.config_args())
+    if dataset is not None:
+        args[grid.dataset_arg] = dataset
+    if seed is not None:
+        args["seed"] = str(seed)
+    return ",".join(f"{k}={v}" for k, v in args.items())
+
+
+def workdir_for(root: pathlib.Path, meta: Mapping) -> pathlib.Path:
+    hp = "".join(f"_{item.replace('=', '-')}" for item in meta["hparams"].split(",") if item)
+    mode = f"_{meta['mode']}" if meta["mode"] != "-" else ""
+    tuned = f"_lr{meta['lr']:g}" + (f"_hlr{meta['head_lr']:g}"
+                                    if meta["head_lr"] != meta["lr"] else "")
+    return root / dataset_folder(meta["dataset"]) / f"{meta['family']}{hp}{mode}{tuned}" \
+        f"_seed{meta['seed']}"
+
+
+def dataset_folder(dataset: str) -> str:
+    """A folder name for a dataset: tfds names as they are ('glue/sst2' -> 'glue-sst2'); a
+    local spec ('csv:/data/a.csv?label=y') by its file stem and a hash of the whole spec."""
+    if ":" not in dataset:
+        return dataset.replace("/", "-")
+    prefix, _, rest = dataset.partition(":")
+    stem = pathlib.Path(rest.split("?")[0]).stem or "data"
+    safe = "".join(c if c.isalnum() or c in "_.-" else "_" for c in stem)
+    digest = hashlib.sha1(dataset.encode()).hexdigest()[:8]
+    return f"{prefix}-{safe}-{digest}"
+
+
+def resolve(grid: Grid, root: pathlib.Path, method: Method, dataset: str | None,
+            seed: int | None) -> Run:
+    """One run, its config resolved through the config file (so a typo fails here)."""
+    args = _config_args(grid, method, dataset, seed)
+    try:
+        meta = describe(load_config(grid.config, args, grid.sets))
+    except (ValueError, FileNotFoundError) as e:
+        why = last_line(str(e)).rstrip(".")
+        if f"unknown config argument {grid.dataset_arg!r}" in why:
+            why += " (--dataset_arg names the config argument that --datasets sets)"
+        raise SweepError(f"the run {grid.config}:{args} is invalid: {why}; fix the grid "
+                         f"(--families, --base, --set) before sweeping") from None
+    return Run(tuple(train_config_flags(grid.config, args, grid.sets)),
+               workdir_for(root, meta), meta)
+
+
+def _unique(runs: Sequence[Run]) -> list[Run]:
+    out: dict[pathlib.Path, Run] = {}
+    for run in runs:
+        out.setdefault(run.workdir, run)
+    if len(out) < len(runs):
+        print(f"{len(runs) - len(out)} grid points resolve to the same run as an earlier one "
+              f"and are dropped", file=sys.stderr)
+    return list(out.values())
+
+
+def plan(grid: Grid, root: str | os.PathLike,
+         methods: Sequence[Method] | None = None) -> list[Run]:
+    """Every distinct run of the grid (or of ``methods`` x datasets x seeds), in grid order:
+    with ``grid.tune_seed``, only that seed's runs (the others follow its choice:
+    ``plan_followups``)."""
+    seeds = [grid.tune_seed] if grid.tune_seed is not None else (grid.seeds or [None])
+    return _unique([resolve(grid, pathlib.Path(root), m, d, s) for m, d, s in
+                    itertools.product(methods or grid_methods(grid), grid.datasets or [None],
+                                      seeds)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Where the tuning of one method (on one dataset and seed) stands."""
+
+    method: Method  # the method with its grid's listed tuned values left out
+    dataset: str | None
+    seed: int | None
+    choice: selection.Choice | None  # None while runs are missing or unfinished
+    extra: tuple[Method, ...] = ()  # the runs that widen the grid, when the choice is at an edge
+
+
+def _one_step_out(values: Sequence[float], listed: Sequence[float], side: str,
+                  limit: int) -> float | None:
+    """The next value beyond the smallest (``side='min'``) or largest tried, on the listed
+    values' geometric lattice (one step further out), rounded to one significant digit; None when
+    ``limit`` values beyond the listed ones were tried already on that side."""
+    if len(listed) < 2:
+        return None
+    beyond = [v for v in values if (v < min(listed) if side == "min" else v > max(listed))]
+    if len(beyond) >= limit:
+        return None
+    ratio = (max(listed) / min(listed)) ** (1 / (len(listed) - 1))
+    steps = len(beyond) + 1  # on the listed values' lattice
+    value = min(listed) / ratio ** steps if side == "min" else max(listed) * ratio ** steps
+    return float(f"{value:.0e}")
+
+
+def tuning_states(grid: Grid, root: str | os.PathLike, rows: Sequence[dict],
+                  methods: Sequence[Method] | None = None, widen: int = 0) -> list[Tuning]:
+    """The tuning of every method of the grid on every dataset and tuning seed (``tune_seed``,
+    else every seed), from ``rows`` (the results so far). A choice is made once every planned
+    run and every run that widened the grid has finished; with ``widen`` > 0, a choice at the
+    smallest or largest value tried of an axis asks for one more run a grid step further out
+    (at most ``widen`` values beyond the listed ones on each side), and is not final until
+    that run has finished."""
+    root = pathlib.Path(root)
+    by_key = {run_key(r): r for r in rows}
+    seeds = [grid.tune_seed] if grid.tune_seed is not None else (grid.seeds or [None])
+    groups: dict[tuple, list[tuple[Method, Run]]] = {}
+    for method in methods or grid_methods(grid):
+        for dataset, seed in itertools.product(grid.datasets or [None], seeds):
+            key = (method.family, method.mode, format_hparams(method.hparams), dataset, seed)
+            groups.setdefault(key, []).append((method, resolve(grid, root, method, dataset,
+                                                                seed)))
+    out = []
+    for (*_, dataset, seed), members in groups.items():
+        method = dataclasses.replace(members[0][0], tuned={})
+        meta = members[0][1].meta
+        same = lambda r: all(str(r[k]) == str(meta[k]) for k in  # noqa: E731
+                             ("dataset", "family", "mode", "hparams", "seed"))
+        found = [by_key.get(run_key(r.meta)) for _, r in members]
+        tried = list({run_key(r): r for r in [*filter(None, found), *filter(same, rows)]}
+                     .values())
+        choice = None if None in found else selection.choose(tried)
+        if choice is None:
+            out.append(Tuning(method, dataset, seed, None))
+            continue
+        listed = {axis: sorted({float(m.tuned[axis]) for m, _ in members if axis in m.tuned})
+                  for axis in TUNED}
+        extra = []
+        for edge in choice.edges if widen else ():
+            axis, _, side = edge.split()
+            value = _one_step_out(sorted({float(r[axis]) for r in tried}), listed[axis], side,
+                                  widen)
+            if value is None:
+                continue
+            tuned = {k: float(choice.row[k]) for k in TUNED if listed[k]}
+            tuned[axis] = value
+            if axis == "lr" and all(float(r["lr"]) == float(r["head_lr"]) for r in tried):
+                tuned["head_lr"] = value  # the head tied to the lr
+            extra.append(dataclasses.replace(method, tuned=tuned))
+        out.append(Tuning(method, dataset, seed, None if extra else choice, tuple(extra)))
+    return out
+
+
+def plan_widening(grid: Grid, root: str | os.PathLike, rows: Sequence[dict],
+                  methods: Sequence[Method] | None = None, widen: int = 1) -> list[Run]:
+    """The runs that widen the grid where a choice sits at its edge (``tuning_states``)."""
+    root = pathlib.Path(root)
+    return _unique([resolve(grid, root, m, t.dataset, t.seed)
+                    for t in tuning_states(grid, root, rows, methods, widen) for m in t.extra])
+
+
+def plan_followups(grid: Grid, root: str | os.PathLike, rows: Sequence[dict],
+                   methods: Sequence[Method] | None = None,
+                   widen: int = 0) -> tuple[list[Run], int]:
+    """With ``grid.tune_seed``: the other seeds' runs at the values chosen on the tuning seed,
+    for the methods whose tuning has finished (``rows``: the results so far); and how many
+    methods still wait for their tuning runs (or for runs that widen their grid)."""
+    if grid.tune_seed is None:
+        return [], 0
+    root = pathlib.Path(root)
+    runs, waiting = [], 0
+    for t in tuning_states(grid, root, rows, methods, widen):
+        if t.choice is None:
+            waiting += 1
+            continue
+        chosen = dataclasses.replace(t.method, tuned={
+            k: float(t.choice.row[k]) for k in TUNED
+            if k in grid_item_axes(grid, t.method)})
+        runs += [resolve(grid, root, chosen, t.dataset, seed) for seed in grid.seeds
+                 if seed != grid.tune_seed]
+    return _unique(runs), waiting
+
+
+def grid_item_axes(grid: Grid, method: Method) -> set[str]:
+    """The tuned axes the grid lists for a method (the others take the config's value)."""
+    return {axis for fam in grid.families if fam.name == method.family
+            for axis in fam.tuned_values}
+
+
+def check_records(runs: Sequence[Run]) -> None:
+    """Refuse to reuse a workdir whose run.json records different settings."""
+    for run in runs:
+        check_workdir(run.workdir, run.settings)
+
+
+def recorded_runs(runs: Sequence[Run], records: Mapping[tuple, dict]) -> dict[pathlib.Path, dict]:
+    """{workdir: record} of the runs without a finished workdir that ``records`` holds as done;
+    a record of the same run with other settings is an error."""
+    out = {}
+    for run in runs:
+        record = records.get(run_key(run.meta))
+        if record is None or run.finished:
+            continue
+        if record.get("settings") and json.loads(record["settings"]) != list(run.settings):
+            raise SweepError(f"the records hold {run.label} with different settings "
+                             f"({record['settings']}); sweep into a new --root without "
+                             f"--records, or drop that row to redo it")
+        out[run.workdir] = record
+    return out
+
+
+def record_planned(runs: Sequence[Run],
+                   recorded: Mapping[pathlib.Path, dict] | None = None) -> None:
+    """Write the run.json of every run not started yet, so that results made before they all
+    finish see them as pending (and never choose an lr among the finished ones alone)."""
+    for run in runs:
+        if run.workdir not in (recorded or {}) and not (run.workdir / "run.json").exists():
+            write_record(run.workdir, run.meta, run.settings)
+
+
+def _tail(log: pathlib.Path, lines: int = ERROR_TAIL_LINES) -> str:
+    """The last lines of a log, progress-bar carriage returns split into lines."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    kept = [line.rstrip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    return "\n".join(kept[-lines:])
+
+
+def execute(run: Run, compile_cache: pathlib.Path | None) -> bool:
+    """Run one training subprocess; True if it finished. A failure leaves error.txt."""
+    write_record(run.workdir, run.meta, run.settings)
+    error = run.workdir / "error.txt"
+    error.unlink(missing_ok=True)
+    env = dict(os.environ)
+    if compile_cache is not None:  # runs differing only in seed or lr reuse compiled programs
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", str(compile_cache))
+        env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    log = run.workdir / "train.log"
+    with log.open("w") as out:
+        rc = subprocess.run([sys.executable, "-m", "surm.train", *run.argv], stdout=out,
+                            stderr=subprocess.STDOUT, env=env).returncode
+    if rc == 0 and run.finished:
+        return True
+    error.write_text(f"exit status {rc}\n{_tail(log)}\n")
+    return False
+
+
+def run_all(runs: Sequence[Run], compile_cache: pathlib.Path | None = None,
+            recorded: Mapping[pathlib.Path, dict] | None = None,
+            on_finish: Callable[[Run], None] | None = None) -> list[Run]:
+    """Run the unfinished runs one after another (not those in ``recorded``, see
+    ``recorded_runs``), calling ``on_finish(run)`` after each that ran (e.g. to write a
+    record as it grows); returns the failed ones."""
+    failed = []
+    for i, run in enumerate(runs, 1):
+        prefix = f"[{i}/{len(runs)}] {run.label}:"
+        if run.finished:
+            print(f"{prefix} finished before, skipped", flush=True)
+            continue
+        if run.workdir in (recorded or {}):
+            print(f"{prefix} recorded as done, skipped", flush=True)
+            continue
+        start = time.time()
+        if execute(run, compile_cache):
+            summary = json.loads((run.workdir / "summary.json").read_text())
+            metric = run.meta["metric"]
+            val = summary.get("validation", {}).get(f"validation_{metric}")
+            print(f"{prefix} done in {time.time() - start:.0f}s, test_{metric}="
+                  f"{summary[f'test_{metric}']:.4f}"
+                  + (f", validation_{metric}={val:.4f}" if val is not None else ""), flush=True)
+        else:
+            failed.append(run)
+            tail = (run.workdir / "error.txt").read_text().strip().splitlines()[-1]
+            print(f"{prefix} FAILED ({run.workdir / 'error.txt'}): {tail}", flush=True)
+        if on_finish is not None:
+            on_finish(run)
+    return failed
+
+
