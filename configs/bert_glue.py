@@ -10,7 +10,7 @@ GELU; metrics MCC (CoLA), F1 (MRPC, QQP), Spearman/Pearson (STS-B), accuracy els
 checkpoint: a Hugging Face folder (config.json, model.safetensors, tokenizer.json), "minilm_l6"
 (offline), or "random" (a tiny random BERT for smoke tests, with the MiniLM tokenizer).
 Arguments: task, checkpoint, family, mode, targets, rank, block_size, form, factors (kronecker
-AxB), seed, steps, batch, lr, epochs-free step budget via steps, max_length, shots.
+AxB), alpha, scale (see configs/default.py), seed, steps, batch, lr, epochs-free step budget via steps, max_length, shots.
 """
 from surm import config_args
 
@@ -18,7 +18,7 @@ from surm import config_args
 def get_config(arg=None):
     a = config_args.parse(arg, task="sst2", checkpoint="minilm_l6", family="circulant",
                           mode="adapter", targets="", rank=None, block_size=None, factors="",
-                          form=None, seed=0, steps=5000, batch=64, lr=2e-3, head_lr=2e-3,
+                          form=None, alpha=None, scale=None, seed=0, steps=5000, batch=64, lr=2e-3, head_lr=2e-3,
                           max_length=128, shots=0, pooling="pooler")
     c = config_args.ml_collections.ConfigDict()
     c.seed = a.seed
@@ -32,7 +32,8 @@ def get_config(arg=None):
                    bert=dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
                    if a.checkpoint == "random" else {})
     c.input = dict(dataset=f"glue/{a.task}", data_dir="", batch_size=a.batch,
-                   eval_batch_size=128, max_length=a.max_length, shots=a.shots, num_workers=0)
+                   eval_batch_size=128, max_length=a.max_length, shots=a.shots,
+                   validation_examples=0, num_workers=0)
     c.peft = config_args.peft_block(a, dropout=0.15)
     c.optimizer = dict(name="adamw", lr=a.lr, head_lr=a.head_lr, weight_decay=0.25, b1=0.9,
                        b2=0.999, momentum=0.9, grad_clip=1.0, schedule="linear",

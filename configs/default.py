@@ -8,10 +8,14 @@ Everything it needs installs from PyPI; it runs offline on 2 CPU cores.
     python -m surm.inspect --config configs/default.py:mode=adapter --json
 
 Arguments (``:k=v,...``): family (a structured family, or houlsby/bitfit/linear_probe/full),
-mode (lora/adapter), targets (preset or rules, ';'-separated), rank, block_size, form,
-factors (kronecker: AxB, the first factor's shape), dataset, seed, steps, batch, lr, head_lr,
-shots (k examples per class; 0 = all), max_length, checkpoint (minilm_l6, a Hugging Face BERT
-folder, or random: a tiny random BERT).
+mode (lora/adapter), targets (preset or rules, ';'-separated), rank, block_size, form
+(circulant/skew_circulant: hadamard, the authors' C(a * b); symmetric_toeplitz: product, the
+authors' T(a) T(b)), factors (kronecker: AxB, the first factor's shape; the authors' Kronecker
+LoRA kron(B, A), A (r, d/r), is factors=<r>x<d/r> with scale=<alpha/r>), alpha (lowrank,
+kronecker, ldr: scale = alpha / rank, LoRA's convention), scale (the update's multiplier),
+dataset, seed, steps, batch, lr, head_lr, shots (k examples per class drawn with the seed;
+0 = all), max_length, checkpoint (minilm_l6, a Hugging Face BERT folder, or random: a tiny
+random BERT).
 dataset: a text dataset name, or your own file (surm.data.local), e.g.
 ``:dataset=csv:/data/train.csv?text=sentence&label=y`` (options joined with '&', not ',').
 """
@@ -20,7 +24,8 @@ from surm import config_args
 
 def get_config(arg=None):
     a = config_args.parse(arg, family="circulant", mode="lora", targets="", rank=None,
-                          block_size=None, factors="", form=None, dataset="tweet_sentiment",
+                          block_size=None, factors="", form=None, alpha=None, scale=None,
+                          dataset="tweet_sentiment",
                           seed=0, steps=600, batch=32, lr=None, head_lr=1e-3, shots=0,
                           max_length=64, checkpoint="minilm_l6")
     c = config_args.ml_collections.ConfigDict()
@@ -37,7 +42,8 @@ def get_config(arg=None):
                    if a.checkpoint == "random" else {})
 
     c.input = dict(dataset=a.dataset, data_dir="", batch_size=a.batch, eval_batch_size=128,
-                   max_length=a.max_length, shots=a.shots, num_workers=0)
+                   max_length=a.max_length, shots=a.shots, validation_examples=0,
+                   num_workers=0)
 
     c.peft = config_args.peft_block(a)
 

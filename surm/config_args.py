@@ -52,12 +52,14 @@ def parse(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 def peft_block(a: ml_collections.ConfigDict, *, dropout: float = 0.0) -> dict[str, Any]:
     """The ``peft`` block of a config from its parsed arguments (family, mode, targets with ';'
-    between rules, rank, block_size, form, factors), every other knob at its default."""
+    between rules, rank, block_size, form, factors, alpha, scale), every other knob at its
+    default."""
     return dict(family=a.family, mode=a.mode, targets=a.targets.replace(";", ","),
                 hparams=peft_hparams(a.family, a.rank, a.block_size, a.form,
-                                     a.get("factors") or None), scale=1.0,
-                learn_scale=False, dropout=dropout, activation="gelu", train_bias=False,
-                train_layernorm=False, train_extra=[], lora_path="auto")
+                                     a.get("factors") or None),
+                scale=float(a.get("scale") or 1.0), alpha=a.get("alpha"), learn_scale=False,
+                dropout=dropout, activation="gelu", train_bias=False, train_layernorm=False,
+                train_extra=[], lora_path="auto")
 
 
 def peft_hparams(family: str, rank: int | None, block_size: int | None = None,

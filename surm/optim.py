@@ -35,37 +35,65 @@ def decays(path) -> bool:
                                                        for n in names))
 
 
-def schedule(lr: float, total_steps: int, warmup_frac: float, kind: str) -> optax.Schedule:
+def unit_schedule(total_steps: int, warmup_frac: float, kind: str) -> optax.Schedule:
+    """The schedule's shape, peaking at 1: linear warm-up, then linear or cosine decay to 0
+    (or constant)."""
     warmup = int(round(warmup_frac * total_steps))
-    if kind == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)),
-                                     optax.constant_schedule(lr)], [warmup])
-    decay = {"linear": lambda: optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1)),
-             "cosine": lambda: optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1))}
-    if kind not in decay:
+    ramp = optax.linear_schedule(0.0, 1.0, max(warmup, 1))
+    rest = {"constant": lambda: optax.constant_schedule(1.0),
+            "linear": lambda: optax.linear_schedule(1.0, 0.0, max(total_steps - warmup, 1)),
+            "cosine": lambda: optax.cosine_decay_schedule(1.0, max(total_steps - warmup, 1))}
+    if kind not in rest:
         raise ValueError(f"optimizer.schedule must be linear, cosine or constant, got {kind!r}")
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), decay[kind]()],
-                                [warmup])
+    return optax.join_schedules([ramp, rest[kind]()], [warmup])
+
+
+def schedule(lr: float, total_steps: int, warmup_frac: float, kind: str) -> optax.Schedule:
+    """The learning rate at each step: ``lr`` times ``unit_schedule``."""
+    unit = unit_schedule(total_steps, warmup_frac, kind)
+    return lambda step: lr * unit(step)
+
+
+def _descend(unit: optax.Schedule, lr: float) -> optax.GradientTransformation:
+    """Scale updates by ``-lr * unit(step)``, with ``lr`` held in the optimizer state (not
+    compiled in as a constant): runs that differ only in their learning rates compile to the
+    same program, which the persistent compilation cache then shares."""
+    return optax.chain(optax.scale_by_schedule(unit),
+                       optax.inject_hyperparams(optax.scale)(step_size=-lr))
+
+
+def _holds_lr(node) -> bool:
+    return hasattr(node, "hyperparams") and hasattr(node, "inner_state")
+
+
+def with_lrs_of(restored, fresh):
+    """``restored`` (an optimizer state from a checkpoint) with the learning rates of ``fresh``
+    (``tx.init`` under the current config): a resumed run trains at the lrs its config gives
+    now, e.g. a lower one after a divergence."""
+    return jax.tree.map(lambda r, f: r._replace(hyperparams=f.hyperparams) if _holds_lr(r) else r,
+                        restored, fresh, is_leaf=_holds_lr)
 
 
 def make(cfg: Mapping[str, Any], total_steps: int, trainable) -> tuple[
         optax.GradientTransformation, dict[str, optax.Schedule]]:
     """(optimizer, {group: schedule}) for the ``optimizer`` block of a config."""
     lrs = {"adapters": cfg["lr"], "head": cfg.get("head_lr") or cfg["lr"], "base": cfg["lr"]}
-    schedules = {g: schedule(lrs[g], total_steps, cfg.get("warmup_frac", 0.0),
-                             cfg.get("schedule", "linear")) for g in GROUPS}
+    unit = unit_schedule(total_steps, cfg.get("warmup_frac", 0.0), cfg.get("schedule", "linear"))
+    schedules = {g: (lambda step, lr=lrs[g]: lr * unit(step)) for g in GROUPS}
     mask = jax.tree_util.tree_map_with_path(lambda p, _: decays(p), trainable)
+    weight_decay = cfg.get("weight_decay", 0.0)
     name = cfg.get("name", "adamw")
     if name == "adamw":
-        make_one = lambda s: optax.adamw(s, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
-                                         weight_decay=cfg.get("weight_decay", 0.0), mask=mask)
+        make_one = lambda lr: optax.chain(  # optax.adamw, its lr a state value
+            optax.scale_by_adam(b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999)),
+            optax.add_decayed_weights(weight_decay, mask), _descend(unit, lr))
     elif name == "sgd":
-        make_one = lambda s: optax.chain(
-            optax.add_decayed_weights(cfg.get("weight_decay", 0.0), mask=mask),
-            optax.sgd(s, momentum=cfg.get("momentum", 0.9)))
+        make_one = lambda lr: optax.chain(
+            optax.add_decayed_weights(weight_decay, mask),
+            optax.trace(decay=cfg.get("momentum", 0.9)), _descend(unit, lr))
     else:
         raise ValueError(f"optimizer.name must be adamw or sgd, got {name!r}")
     labels = jax.tree_util.tree_map_with_path(lambda p, _: group_of(p), trainable)
-    tx = optax.multi_transform({g: make_one(schedules[g]) for g in GROUPS}, labels)
+    tx = optax.multi_transform({g: make_one(lrs[g]) for g in GROUPS}, labels)
     clip = cfg.get("grad_clip") or 0.0
     return (optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx), schedules

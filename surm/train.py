@@ -129,7 +129,9 @@ def _loss(outputs, labels, regression: bool):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, labels))
 
 
-def _preprocessors(config, dataset):
+def preprocessors(config, dataset):
+    """(training, evaluation) preprocessing of a config's dataset: tokenizer or image size,
+    normalisation and augmentation."""
     spec = dataset.spec
     inp = config.input
     if spec.modality == "text":
@@ -191,9 +193,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Data.
     dataset = data.get_dataset(config.input.dataset, config.input.get("data_dir") or None)
     dataset.record_run(workdir, write=main)  # Local files: label map etc. in dataset.json.
-    train_prep, eval_prep = _preprocessors(config, dataset)
+    train_prep, eval_prep = preprocessors(config, dataset)
     shots = config.input.get("shots", 0)
-    train_source = dataset.source("train", k_per_class=shots) if shots else dataset.source("train")
+    train_source = (dataset.source("train", k_per_class=shots, seed=config.seed) if shots
+                    else dataset.source("train"))
+    # Validation on the first N examples of the split (stored in a shuffled order), if asked.
+    eval_sources = {"validation": dataset.source(
+        "validation", first=config.input.get("validation_examples", 0) or None),
+        "test": dataset.source("test")}
     train_iter = data.make_train_loader(train_source, train_prep,
                                         global_batch_size=config.input.batch_size,
                                         seed=config.seed,
@@ -237,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     def evaluate(role: str) -> dict[str, float]:
         outs, labels = [], []
-        for local in data.make_eval_batches(dataset.source(role), eval_prep,
+        for local in data.make_eval_batches(eval_sources[role], eval_prep,
                                             global_batch_size=config.input.eval_batch_size):
             batch = sharding.global_batch({k: local[k] for k in batch_keys + ("mask",)}, mesh)
             out = p_eval_step(state["trainable"], frozen, {k: batch[k] for k in batch_keys[:-1]})
@@ -256,13 +263,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = 0
     if ckpts.latest_step() is not None:
         start = ckpts.latest_step()
+        fresh = state["opt_state"]
         state = ckpts.restore(start, state, train_iter)
+        state["opt_state"] = optim.with_lrs_of(state["opt_state"], fresh)
         print(f"Resumed from {ckpts.directory} at step {start}", file=sys.stderr, flush=True)
     log = RunLog(workdir, enabled=main, resume_step=start, total_steps=config.total_steps)
 
     # Loop.
     headline = f"validation_{data_spec.metrics[0]}"
-    best = {}
+    best, last_validation = {}, {}
     window_loss, window_start, window_steps = [], time.time(), 0
     step = start
     try:
@@ -294,11 +303,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if config.eval_every and (step % config.eval_every == 0
                                       or step == config.total_steps):
                 result = evaluate("validation")
+                last_validation = {**result, "step": step}
                 if not best or result[headline] > best[headline]:
                     best = {**result, "step": step}
                 log.write({"step": step, **result})
             if step % config.ckpt_every == 0 or step == config.total_steps:
                 ckpts.save(step, state, train_iter)
+        if config.eval_every and not last_validation:  # resumed after the last step
+            last_validation = {**evaluate("validation"), "step": step}
+            best = best or last_validation
+            log.write(last_validation)
         test = evaluate("test")
         log.write({"step": step, **test})
         ckpts.wait()
@@ -306,7 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpts.close()
         log.close()
 
-    summary = {"step": step, **test, "best_validation": best, "trainable": counts["trainable"],
+    summary = {"step": step, **test, "validation": last_validation, "best_validation": best,
+               "trainable": counts["trainable"],
                "adapter": counts["adapter"], "base": counts["base"],
                "wall_seconds": time.time() - wall_start}
     if main:

@@ -125,10 +125,20 @@ def test_default_sharding_is_jax_process():
 
 
 def test_low_resource_subsets():
-    few = subsets.first_k_per_class(SOURCE, 2, "label", num_classes=3)
-    assert [e["id"] for e in (few[i] for i in range(len(few)))] == [0, 1, 2, 3, 4, 5]
-    short = subsets.first_k_per_class(SOURCE[:4], 2, "label", num_classes=3)
+    draws = {}
+    for seed in range(4):
+        few = subsets.k_per_class(SOURCE, 2, "label", num_classes=3, seed=seed)
+        ids = [few[i]["id"] for i in range(len(few))]
+        assert sorted(SOURCE[i]["label"] for i in ids) == [0, 0, 1, 1, 2, 2]
+        assert ids == sorted(ids)  # the split's order
+        again = subsets.k_per_class(SOURCE, 2, "label", num_classes=3, seed=seed)
+        assert [again[i]["id"] for i in range(len(again))] == ids  # reproducible
+        draws[seed] = tuple(ids)
+    assert len(set(draws.values())) > 1  # each seed draws its own subset
+    short = subsets.k_per_class(SOURCE[:4], 2, "label", num_classes=3, seed=0)
     assert len(short) == 4  # Class 2 has only one example there.
+    assert [subsets.first(SOURCE, 3)[i]["id"] for i in range(3)] == [0, 1, 2]
+    assert len(subsets.first(SOURCE, 10**6)) == len(SOURCE)
     part = subsets.first_fraction(SOURCE, 0.25)
     assert [part[i]["id"] for i in range(len(part))] == list(range(8))
     with pytest.raises(ValueError):
@@ -137,11 +147,14 @@ def test_low_resource_subsets():
 
 def test_k_shot_on_a_real_split(tmp_path_factory):
     ds = data.get_dataset("bbc_news", prepared_dir("bbc_news", tmp_path_factory))
-    few = ds.source("train", k_per_class=4)
+    few = ds.source("train", k_per_class=4, seed=1)
     labels = [int(few[i]["label"]) for i in range(len(few))]
     assert sorted(labels) == sorted(list(range(5)) * 4)
-    again = ds.source("train", k_per_class=4)
+    again = ds.source("train", k_per_class=4, seed=1)
     assert [few[i]["id"] for i in range(len(few))] == [again[i]["id"] for i in range(len(few))]
+    other = ds.source("train", k_per_class=4, seed=2)
+    assert {few[i]["id"] for i in range(len(few))} != {other[i]["id"] for i in range(len(few))}
+    assert len(ds.source("validation", first=50)) == 50
     assert len(ds.source("train", fraction=0.1)) == 178
 
 

@@ -7,7 +7,7 @@
                      #   splits (role -> tfds split), metrics
     ds.info          # tfds DatasetInfo: features, split sizes
     train = ds.source("train")                     # roles: train / validation / test, or any
-    few = ds.source("train", k_per_class=16)       #   tfds split string; low-resource views
+    few = ds.source("train", k_per_class=16, seed=0)  # tfds split string; k-shot drawn per seed
     prep = ds.preprocessor(size=224, normalization="minus_one_to_one",
                            crop_scale=(0.08, 1.0), hflip=True)        # image datasets
     prep = ds.preprocessor(tokenizer=tok, max_length=128)              # text datasets

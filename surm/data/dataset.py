@@ -39,28 +39,32 @@ class Dataset:
         """tfds metadata: features, splits and their sizes, description."""
         return self._builder.info
 
-    def source(self, split: str = "train", *, k_per_class: int | None = None,
-               fraction: float | None = None) -> Sequence[Any]:
+    def source(self, split: str = "train", *, k_per_class: int | None = None, seed: int = 0,
+               fraction: float | None = None, first: int | None = None) -> Sequence[Any]:
         """Random-access examples of one split: dicts of numpy arrays, numbers and bytes.
 
         Args:
           split: a role (``"train"``, ``"validation"``, ``"test"``, mapped through
             ``spec.splits``) or any tfds split string (``"validation_mismatched"``,
             ``"train[:10%]"``).
-          k_per_class: keep only the first k examples of every class (k-shot).
+          k_per_class: keep only k examples of every class (k-shot), drawn with ``seed``.
+          seed: which k examples (``subsets.k_per_class``); each seed draws its own subset.
           fraction: keep only the first ``fraction`` of the examples.
+          first: keep only the first ``first`` examples.
         """
-        if k_per_class is not None and fraction is not None:
-            raise ValueError("Pass k_per_class or fraction, not both")
+        if sum(x is not None for x in (k_per_class, fraction, first)) > 1:
+            raise ValueError("Pass one of k_per_class, fraction and first")
         source = self._builder.as_data_source(split=self.spec.splits.get(split, split))
         if k_per_class is not None:
             if self.spec.regression:
                 raise ValueError(f"{self.spec.name} is a regression task: no classes for "
                                  "k_per_class; use fraction")
-            return subsets.first_k_per_class(source, k_per_class, self.spec.label_key,
-                                             self.spec.num_classes)
+            return subsets.k_per_class(source, k_per_class, self.spec.label_key,
+                                       self.spec.num_classes, seed)
         if fraction is not None:
             return subsets.first_fraction(source, fraction)
+        if first is not None:
+            return subsets.first(source, first)
         return source
 
     def split_sizes(self) -> dict[str, int]:

@@ -1,13 +1,17 @@
-"""Low-resource views of a split: the first k examples of every class, or a leading fraction.
+"""Low-resource views of a split: k random examples of every class, or its first examples.
 
-"First" is in the split's stored order. tfds writes examples in a fixed hash-shuffled order,
-so the first examples are a reproducible, unbiased choice, identical on every run and host.
+k-shot subsets are drawn at random with a seed (a different subset for each seed of a study,
+the same one for a given seed and k on every run and host). "First" is in the split's stored
+order: tfds writes examples in a fixed hash-shuffled order, so the first examples are a
+reproducible, unbiased choice (used for a smaller validation set).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 
 class Subset:
@@ -27,9 +31,11 @@ class Subset:
         return f"Subset({len(self)} of {len(self.source)} examples)"
 
 
-def first_k_per_class(source: Sequence[Any], k: int, label_key: str,
-                      num_classes: int) -> Subset:
-    """The first ``k`` examples of every class (all of a class that has fewer).
+def k_per_class(source: Sequence[Any], k: int, label_key: str, num_classes: int,
+                seed: int) -> Subset:
+    """``k`` examples of every class (all of a class that has fewer), drawn at random: the
+    first ``k`` of each class in an order of the split shuffled by ``seed``. The subset keeps
+    the split's order.
 
     The scan stops as soon as every one of the ``num_classes`` classes has ``k`` examples.
     """
@@ -37,14 +43,21 @@ def first_k_per_class(source: Sequence[Any], k: int, label_key: str,
         raise ValueError(f"k must be at least 1, got {k}")
     counts = [0] * num_classes
     chosen = []
-    for index in range(len(source)):
-        label = int(source[index][label_key])
+    for index in np.random.default_rng(seed).permutation(len(source)):
+        label = int(source[int(index)][label_key])
         if counts[label] < k:
             counts[label] += 1
-            chosen.append(index)
+            chosen.append(int(index))
             if len(chosen) == k * num_classes:
                 break
-    return Subset(source, chosen)
+    return Subset(source, sorted(chosen))
+
+
+def first(source: Sequence[Any], n: int) -> Subset:
+    """The first ``n`` examples (all of them when the split is shorter)."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    return Subset(source, range(min(n, len(source))))
 
 
 def first_fraction(source: Sequence[Any], fraction: float) -> Subset:

@@ -9,6 +9,9 @@ A spec names a *method*, the modules it targets and what else trains:
                   ``adapter``: after a sublayer's output projection h <- h + act(S(h)) + b
     hparams       the family's hyper-parameters, e.g. {"rank": 4} or {"block_size": 96}
     targets       rules selecting linear modules by path (see ``match_targets``)
+    scale         the lora update's multiplier s in y = x W0 + s S(x) (default 1)
+    alpha         instead of scale, LoRA's convention: s = alpha / rank (families with a rank:
+                  lowrank, kronecker, ldr), as LoRA and the SURM authors' Kronecker LoRA use it
 
 Target rules, tried against every linear module path (a module owning a ``kernel``):
     a preset name ("qv", "qkv", "qkvo", "mlp", "all-linear", "houlsby"), an exact path, a suffix
@@ -25,6 +28,7 @@ from typing import Any, Iterable, Mapping
 from surm import structured
 
 BASELINES = ("houlsby", "bitfit", "linear_probe", "full")
+RANKED = ("lowrank", "kronecker", "ldr")  # the families whose update alpha / rank can scale
 MODES = ("lora", "adapter")
 ACTIVATIONS = ("gelu", "relu", "tanh", "identity")
 
@@ -55,6 +59,7 @@ class PeftSpec:
     hparams: tuple[tuple[str, Any], ...] = ()
     targets: tuple[str, ...] = ("qv",)
     scale: float = 1.0
+    alpha: float | None = None
     learn_scale: bool = False
     dropout: float = 0.0
     activation: str = "gelu"
@@ -79,6 +84,16 @@ class PeftSpec:
             raise ValueError("houlsby needs hparams rank=<bottleneck size>, e.g. rank=8")
         if self.family == "houlsby" and self.mode != "adapter":
             raise ValueError("houlsby is an adapter: use mode='adapter'")
+        if self.alpha is not None:
+            if self.family not in RANKED or "rank" not in dict(self.hparams):
+                raise ValueError(f"peft alpha (scale = alpha / rank) needs a family with an "
+                                 f"explicit rank ({', '.join(RANKED)}), not {self.family!r} "
+                                 f"with hparams {dict(self.hparams)}; set scale instead")
+            if self.scale != 1.0:
+                raise ValueError(f"give peft alpha or scale, not both (alpha={self.alpha}, "
+                                 f"scale={self.scale})")
+            if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+                raise ValueError(f"peft alpha must be a positive number, got {self.alpha!r}")
         for rule in self.targets:
             if rule.startswith("re:"):
                 try:
@@ -110,6 +125,24 @@ class PeftSpec:
         if unknown:
             raise ValueError(f"unknown peft option(s) {unknown}; known: {sorted(known)}")
         return cls(**kw)
+
+    @property
+    def update_scale(self) -> float:
+        """The multiplier of the update: ``alpha / rank`` when alpha is set, else ``scale``."""
+        if self.alpha is not None:
+            return float(self.alpha) / dict(self.hparams)["rank"]
+        return float(self.scale)
+
+    @property
+    def method_hparams(self) -> dict[str, Any]:
+        """The family's hyper-parameters and the update's scale knobs, where set: what tells
+        two runs of one family apart as methods."""
+        out = dict(self.hparams)
+        if self.alpha is not None:
+            out["alpha"] = self.alpha
+        if self.scale != 1.0:
+            out["scale"] = self.scale
+        return out
 
     @property
     def is_structured(self) -> bool:

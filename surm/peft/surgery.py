@@ -72,7 +72,7 @@ def _init_target(key, spec: PeftSpec, d_in: int, d_out: int) -> dict:
     if spec.mode == "adapter":
         node["bias"] = jnp.zeros((d_out,))
     if spec.learn_scale:
-        node["scale"] = jnp.asarray(spec.scale, jnp.float32)
+        node["scale"] = jnp.asarray(spec.update_scale, jnp.float32)
     return node
 
 
@@ -164,10 +164,10 @@ class _Interceptor:
         x = args[0]
         batch = x.shape[:x.ndim - n_in]
         if folded is not None:
-            scale = jnp.asarray(folded.get("scale", self.spec.scale), jnp.float32)
+            scale = jnp.asarray(folded.get("scale", self.spec.update_scale), jnp.float32)
             zero = _update_gradient(folded["S"], scale, x.reshape(*batch, -1))
             return y + zero.reshape(y.shape).astype(y.dtype)
-        scale = node.get("scale", self.spec.scale)
+        scale = node.get("scale", self.spec.update_scale)
         if self.spec.mode == "lora":
             S = node["S"]
             delta = structured.get(S.family).apply(S, self._dropout(path, x.reshape(*batch, -1)))
@@ -324,7 +324,7 @@ def _fold(base_params: Mapping, adapters: Mapping, spec: PeftSpec, sign: float,
     for path, node in tree.flatten(adapters, stop=_is_target).items():
         kernel = flat[f"{path}/kernel"]
         S = node["S"]
-        delta = structured.get(S.family).to_dense(S) * node.get("scale", spec.scale)
+        delta = structured.get(S.family).to_dense(S) * node.get("scale", spec.update_scale)
         if detach:  # its gradient comes another way (lora_path "mixed")
             delta = jax.lax.stop_gradient(delta)
         flat[f"{path}/kernel"] = (kernel + sign * delta.reshape(kernel.shape)).astype(kernel.dtype)
