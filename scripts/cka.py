@@ -1,107 +1,24 @@
-"""CKA between the weight updates of a fully fine-tuned run and of LoRA / SURM runs.
+"""CKA between a full fine-tuning run and LoRA / SURM / adapter runs (``surm.cka``).
 
-    python scripts/cka.py --full sweeps/study/full/tweet_sentiment/full_seed0 \\
-        --runs sweeps/study/full/tweet_sentiment/circulant_lora_seed0 \\
-               sweeps/study/full/tweet_sentiment/lowrank_rank-8_lora_seed0 [--json]
+    python scripts/cka.py --full sweeps/study/text_full/tweet_sentiment/full_lr0.0001_hlr0.01_seed0 \\
+        --full_other .../full_lr0.0001_hlr0.01_seed1 \\
+        --runs .../circulant_lora_lr0.01_seed0 .../lowrank_rank-8_lora_lr0.003_seed0 [--json]
 
-Each argument is a ``surm.train`` workdir (its config.json and adapters/). The pretrained
-weights W0 are rebuilt from the run's model config; the full run's update of a matrix is
-``W_full - W0``, a PEFT run's is its merged weight minus W0 (``scale * to_dense(S)`` for
-structured families, ``scale * A @ B`` for LoRA), so only lora-mode runs (whose update is a
-matrix) can be compared. For every matrix the PEFT run adapts, linear CKA (centred kernel
-alignment, Kornblith et al. 2019) between the two updates, rows as examples:
-
-    CKA(X, Y) = ||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F),   Xc = X - column means
-
-1 means the same update up to rotation and scale; as a floor, the same statistic against a
-Gaussian matrix of the update's shape and norm is printed (``random``). The paper's Table 8
-reports this per run; here the mean, minimum and maximum over the adapted matrices.
+Each argument is a finished ``surm.train`` workdir. Weights (lora-mode runs): linear CKA between
+the full run's update and the run's update of every adapted matrix, the family's ceiling (the
+CKA of its best approximation of the full update) and achieved / ceiling, and a random floor.
+Representations (every run): per-layer CKA of the layer outputs on the first ``--examples``
+validation examples. ``--full_other`` (full fine-tuning at another seed) is the reference.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-
-
-def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """Linear CKA of two matrices with the same number of rows (float64)."""
-    x = np.asarray(x, np.float64).reshape(len(x), -1)
-    y = np.asarray(y, np.float64).reshape(len(y), -1)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"CKA compares matrices with the same rows: {x.shape} vs {y.shape}")
-    x = x - x.mean(0)
-    y = y - y.mean(0)
-    cross = np.linalg.norm(x.T @ y) ** 2
-    norms = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
-    if norms == 0:
-        raise ValueError("CKA of a zero update is undefined (did the run train?)")
-    return float(cross / norms)
-
-
-def _load_run(workdir: pathlib.Path):
-    """(base params, trained full params, trainable tree, spec) of a surm.train workdir."""
-    import ml_collections
-
-    from surm import data
-    from surm.models import factory
-    from surm.peft import io as peft_io
-
-    config_file = workdir / "config.json"
-    if not config_file.is_file() or not (workdir / "adapters").is_dir():
-        raise FileNotFoundError(f"{workdir} is not a finished surm.train workdir (it needs "
-                                f"config.json and adapters/); run the training first")
-    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    num_classes = data.get_spec(config.input.dataset).num_classes
-    _, base, _ = factory.build(config.model, num_classes)
-    trainable, spec = peft_io.load(workdir / "adapters", base)
-    return base, trainable, spec, config
-
-
-def weight_updates(workdir: pathlib.Path) -> tuple[dict[str, np.ndarray], str]:
-    """{module path: update of its kernel} and a short name of the method."""
-    from surm import peft
-    from surm.peft import tree
-
-    base, trainable, spec, _ = _load_run(workdir)
-    flat_base = tree.flatten(base)
-    if spec.family == "full":
-        tuned = tree.flatten(peft.full_params(peft.split(base, spec)[1], trainable))
-        paths = [p[:-len("/kernel")] for p in flat_base if p.endswith("/kernel")]
-    elif spec.has_adapters and spec.mergeable:
-        merged = peft.merge(peft.full_params(peft.split(base, spec)[1], trainable),
-                            trainable["adapters"], spec)
-        tuned = tree.flatten(merged)
-        paths = list(peft.targets(base, spec))
-    else:
-        raise ValueError(f"{workdir}: a {spec.family}/{spec.mode} run has no weight update "
-                         f"matrix to compare (CKA needs full fine-tuning or a lora-mode run)")
-    name = spec.family + "".join(f" {k}={v}" for k, v in spec.hparams)
-    return ({p: np.asarray(tuned[f"{p}/kernel"], np.float64)
-             - np.asarray(flat_base[f"{p}/kernel"], np.float64) for p in paths}, name)
-
-
-def compare(full: dict[str, np.ndarray], other: dict[str, np.ndarray], seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    per, floor = {}, {}
-    for path, delta in other.items():
-        if path not in full:
-            raise ValueError(f"the full run has no matrix {path}")
-        reshaped = full[path].reshape(len(full[path]), -1)
-        per[path] = linear_cka(reshaped, delta.reshape(len(delta), -1))
-        noise = rng.standard_normal(reshaped.shape)
-        floor[path] = linear_cka(reshaped, noise)
-    values = list(per.values())
-    return {"mean": float(np.mean(values)), "min": float(np.min(values)),
-            "max": float(np.max(values)), "random_mean": float(np.mean(list(floor.values()))),
-            "matrices": len(values), "per_matrix": per}
+def _fmt(value, digits=4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def main(argv=None) -> int:
@@ -109,25 +26,32 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--full", required=True, help="workdir of a full fine-tuning run")
-    p.add_argument("--runs", nargs="+", required=True, help="workdirs of lora-mode runs")
+    p.add_argument("--full_other", help="workdir of full fine-tuning at another seed")
+    p.add_argument("--runs", nargs="+", required=True, help="workdirs of the runs to compare")
+    p.add_argument("--examples", type=int, default=512,
+                   help="validation examples for the representations")
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     args = p.parse_args(argv)
-    full, full_name = weight_updates(pathlib.Path(args.full))
-    if full_name.split()[0] != "full":
-        p.error(f"--full {args.full} is a {full_name} run, not full fine-tuning")
-    results = {}
-    print(f"{'run':60s} {'method':22s} {'CKA mean':>9s} {'min':>7s} {'max':>7s} {'random':>7s}")
-    for run in args.runs:
-        updates, name = weight_updates(pathlib.Path(run))
-        r = compare(full, updates)
-        r["method"] = name
-        results[run] = r
-        print(f"{run:60s} {name:22s} {r['mean']:9.4f} {r['min']:7.4f} {r['max']:7.4f} "
-              f"{r['random_mean']:7.4f}")
+
+    from surm import cka
+    from surm.runs import load_run
+
+    full = load_run(args.full)
+    if full.spec.family != "full":
+        p.error(f"--full {args.full} is a {cka.method_name(full.spec)} run, not full "
+                f"fine-tuning")
+    result = cka.report(full, {run: load_run(run) for run in args.runs},
+                        load_run(args.full_other) if args.full_other else None, args.examples)
+    print(f"{'run':58s} {'method':34s} {'weights':>8s} {'ceiling':>8s} {'of ceil':>8s} "
+          f"{'random':>7s} {'repr':>7s} {'last':>7s}")
+    for name, r in result["runs"].items():
+        w = r.get("weights", {})
+        print(f"{name[-58:]:58s} {r['method'][:34]:34s} {_fmt(w.get('mean')):>8s} "
+              f"{_fmt(w.get('ceiling_mean')):>8s} {_fmt(w.get('of_ceiling'), 3):>8s} "
+              f"{_fmt(w.get('random_mean')):>7s} {_fmt(r['representations']['mean']):>7s} "
+              f"{_fmt(r['representations']['last']):>7s}")
     if args.json:
-        print(json.dumps({"full": args.full, "runs": {k: {kk: vv for kk, vv in v.items()
-                                                          if kk != "per_matrix"}
-                                                      for k, v in results.items()}}))
+        print(json.dumps(result))
     return 0
 
 

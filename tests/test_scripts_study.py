@@ -1,4 +1,5 @@
-"""scripts/cka.py, scripts/bench_train.py and scripts/study.py."""
+"""surm.cka with scripts/cka.py, scripts/bench_train.py, scripts/bench_lora_path.py and
+scripts/study.py."""
 import importlib.util
 import json
 import pathlib
@@ -6,6 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+
+from surm import cka, sweep
+from surm.sweep import runner
+from surm.sweep.__main__ import main as sweep_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -17,11 +22,10 @@ def _script(name):
     return module
 
 
-cka = _script("cka")
+cka_script = _script("cka")
 bench_train = _script("bench_train")
 bench_lora_path = _script("bench_lora_path")
 study = _script("study")
-sweep = _script("sweep")
 
 
 def _gram_cka(x, y):
@@ -48,24 +52,50 @@ def test_linear_cka_matches_the_gram_form_and_its_invariances():
         cka.linear_cka(np.zeros((5, 3)), x[:5])
 
 
-def test_cka_end_to_end_on_tiny_runs(tmp_path, capsys):
+def test_cka_ceilings_and_representations_on_tiny_runs(tmp_path, capsys):
     from test_sweep import grid_argv  # its tiny runs: circulant and LoRA r=1 compile once
+    from surm.runs import load_run
     root = tmp_path / "sweep"
-    assert sweep.main(grid_argv(root, tmp_path / "data", seeds="0",
+    assert sweep_main(grid_argv(root, tmp_path / "data", seeds="0,1",
                                 families="full,circulant,lowrank:rank=1,houlsby:rank=2")) == 0
-    runs = root / "bbc_news"
-    assert cka.main(["--full", str(runs / "full_seed0"), "--json", "--runs",
-                     str(runs / "circulant_lora_seed0"),
-                     str(runs / "lowrank_rank-1_lora_seed0")]) == 0
+    runs = {p.name.split("_lr")[0] + p.name[-6:]: p for p in (root / "bbc_news").iterdir()}
+    assert cka_script.main(["--full", str(runs["full_seed0"]), "--full_other",
+                            str(runs["full_seed1"]), "--examples", "40", "--json", "--runs",
+                            str(runs["circulant_lora_seed0"]),
+                            str(runs["lowrank_rank-1_lora_seed0"]),
+                            str(runs["houlsby_rank-2_adapter_seed0"])]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for run in out["runs"].values():
-        assert run["matrices"] == 4  # q and v of 2 layers
-        assert 0.0 <= run["min"] <= run["mean"] <= run["max"] <= 1.0 + 1e-9
-    # an adapter-mode run has no weight update matrix: a clear error
-    with pytest.raises(ValueError, match="no weight update"):
-        cka.weight_updates(runs / "houlsby_rank-2_adapter_seed0")
+    by_method = {r["method"]: r for r in out["runs"].values()}
+    for r in out["runs"].values():
+        layers = r["representations"]["per_layer"]
+        assert len(layers) == 2 and all(0.0 <= v <= 1.0 + 1e-9 for v in layers)  # 2 blocks
+    assert "weights" not in by_method["houlsby (rank=2) [adapter]"]  # adapters: no matrix
+    lora = by_method["lowrank (rank=1) [lora]"]["weights"]
+    assert lora["matrices"] == 4 and 0.0 <= lora["mean"] <= 1.0 + 1e-9
+    assert by_method["full"]["weights"]["matrices"] == 4  # full vs full on the same q, v
+    assert "ceiling_mean" not in by_method["full"]["weights"]
+
+    # The ceiling of a rank-1 update is the CKA of the full update's best rank-1 approximation
+    # (numpy's SVD, Eckart-Young), whatever the run learned.
+    full = load_run(runs["full_seed0"])
+    delta = cka.weight_updates(full)
+    like = load_run(runs["lowrank_rank-1_lora_seed0"])
+    path = "encoder/layer/0/attention/self/query"
+    S = like.trainable["adapters"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["S"]
+    u, s, vt = np.linalg.svd(delta[path])
+    best = s[0] * np.outer(u[:, 0], vt[0])
+    assert cka.ceiling(delta[path], S) == pytest.approx(cka.linear_cka(delta[path], best),
+                                                         abs=1e-4)
+    # the circulant ceiling: the mean of each wrapped diagonal (scipy's circulant as oracle)
+    import scipy.linalg
+    circ = load_run(runs["circulant_lora_seed0"])
+    C = circ.trainable["adapters"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["S"]
+    n = delta[path].shape[0]
+    col = [np.mean([delta[path][(i + k) % n, i] for i in range(n)]) for k in range(n)]
+    assert cka.ceiling(delta[path], C) == pytest.approx(
+        cka.linear_cka(delta[path], scipy.linalg.circulant(col)), abs=1e-4)
     with pytest.raises(FileNotFoundError, match="finished surm.train workdir"):
-        cka.weight_updates(tmp_path)
+        load_run(tmp_path)
 
 
 def test_bench_train_prints_the_ratios_last(capsys):
@@ -107,48 +137,49 @@ def test_bench_lora_path_checks_the_paths_agree_and_reports_the_crossover(capsys
     assert fam["dense_max_width"] in (0, 32, 64)
 
 
-def test_study_commands_are_valid_grids(tmp_path):
-    commands = study.sweep_commands(seeds=(0,))
-    assert len(commands) == len(study.REGIMES) * len(study.PARTS)
-    counts = []
-    for cmd in commands:
-        assert cmd[1] == "scripts/sweep.py"
-        root_at = cmd.index("--root")
-        args = sweep.build_parser().parse_args(cmd[2:root_at] + ["--root", str(tmp_path)])
-        grid, root = sweep.load_grid(args)
-        counts.append(len(sweep.plan(grid, root)))  # resolves every run's config
-    # per regime: 7 baselines x 2 datasets, then 8 structured settings x 2 modes x 2 datasets
-    assert counts == [14, 32] * len(study.REGIMES)
+def test_study_parts_are_valid_grids(tmp_path, monkeypatch):
+    """Every run the study plans resolves through its config (a typo fails here, not hours in),
+    and the text parts plan every method at each of its lrs."""
+    monkeypatch.setattr(study, "ROOT", tmp_path)
+    counts = {part.name: len(study._planned(part, [])) for part in study.PARTS}
+    # per dataset: 8 structured (5 lora, 3 adapter) + 5 LoRA/Houlsby/BitFit at 3 lrs, probe at 3
+    # head lrs, full at 3 x 2
+    assert counts["text_full"] == counts["text_k64"] == 2 * (13 * 3 + 3 + 6)
+    assert counts["text_matched_k5"] == 2 * 4 * 3
+    assert counts["vit_mnist"] == 4 * 3 + 2 * 3 + 3 + 6
+    assert all(count > 0 for count in counts.values())
 
 
 def test_study_report_rebuilds_from_its_record(tmp_path, monkeypatch):
-    """A fresh clone has the record (docs/results/*.csv) and no workdirs: the report takes the
-    planned runs from the record, leaves out rows no longer planned, and the sweeps resume
-    from it."""
+    """A fresh clone has the record (docs/results/*.csv) and no workdirs: the report chooses
+    each method's lr from the record alone, and leaves out methods still tuning."""
     monkeypatch.setattr(study, "ROOT", tmp_path / "sweeps")
     monkeypatch.setattr(study, "RECORDS", tmp_path / "records")
+    monkeypatch.setattr(study, "DOC", tmp_path / "RESULTS.md")
     study.RECORDS.mkdir()
-    root = str(study.ROOT / "full")
-    commands = [c for c in study.sweep_commands((0,)) if c[c.index("--root") + 1] == root]
-    assert not any("--records" in c for c in commands)
-    keys = sorted(study.planned_keys(commands))
-    assert len(keys) == 14 + 32
+    part = study.BY_NAME["text_matched_k5"]
+    planned = study._planned(part, [])
+    score = {1e-3: 0.6, 3e-3: 0.7, 1e-2: 0.5}  # inside every grid: nothing widens
 
-    def row(key, test):
-        dataset, family, mode, hparams, seed = key
-        return dict(dataset=dataset, family=family, mode=mode, hparams=hparams, seed=seed,
-                    status="done", metric="accuracy", test=test, trainable=100, adapter=10,
-                    base=1000, wall_seconds=5.0, workdir="sweeps/gone", test_accuracy=test)
+    def row(run, seed=0, test=None):
+        m = run.meta
+        return dict(m, seed=seed, status="done", validation=score[m["lr"]], validation_loss=1.0,
+                    test=test if test is not None else score[m["lr"]] - 0.1, trainable=100,
+                    adapter=10, base=1000, wall_seconds=5.0, workdir="sweeps/gone",
+                    settings=json.dumps(list(run.settings)))
 
-    unplanned = ("bbc_news", "circulant", "lora", "block_size=7", "0")
-    sweep.write_csv([row(keys[0], 0.5), row(keys[1], 0.75), row(unplanned, 0.9)],
-                    study.records_file("full"))
-    rows = study._collect("full", commands)
-    done = [r for r in rows if r["status"] == "done"]
-    assert sorted(sweep.run_key(r) for r in done) == keys[:2]
-    assert sorted(r["test"] for r in done) == [0.5, 0.75]  # numbers again, not text
-    assert sum(r["status"] == "not run" for r in rows) == len(keys) - 2
-    assert len(sweep.read_records([study.records_file("full")])) == 2  # the record, rewritten
-    assert (study.RECORDS / "pareto_full.png").exists()
-    resumed = [c for c in study.sweep_commands((0,)) if c[c.index("--root") + 1] == root]
-    assert all(c[-2:] == ["--records", str(study.records_file("full"))] for c in resumed)
+    rows = [row(r) for r in planned if r.meta["family"] != "ldr"]  # ldr: still tuning
+    rows += [row(runner.Run(r.settings, r.workdir, {**r.meta, "seed": seed}), seed, 0.55)
+             for r in planned if r.meta["family"] != "ldr" and r.meta["lr"] == 3e-3
+             for seed in (1, 2)]
+    sweep.write_csv(rows, part.record)
+    study.report([part])
+    doc = study.DOC.read_text()
+    assert "## Equal budgets with few examples" in doc
+    table = doc.split("## Equal budgets with few examples")[1]
+    lora = next(line for line in table.splitlines() if line.startswith("| lowrank (rank=1)"))
+    # seed 0 at its best validation (lr 3e-3: test 0.6), seeds 1 and 2 there (0.55)
+    assert "0.5667 ± 0.0289 (lr 0.003)" in lora
+    assert not any(line.startswith("| ldr") for line in table.splitlines())  # still tuning
+    # the record is the study's: rewritten with the same finished runs
+    assert len(sweep.read_records([part.record])) == len(rows)
