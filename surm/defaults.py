@@ -1,0 +1,111 @@
+"""Default learning rates per method, taken from the study's runs tuned on validation.
+
+Every config's lr and head lr, when not given, come from ``surm/tuned_lrs.json``, which
+``derive`` writes from the study's record (``docs/results/<part>.csv``; ``python
+scripts/study.py defaults``). For each kind of model (``text``: the BERT configs; ``image``: the
+ViT config) and each method (``family/mode``, or the baseline's name), the default is the
+median, on a log scale, of the learning rates the method's tuning chose across the datasets and
+regimes of that kind (the lower of the two middle ones), so it is always one of them. Each entry
+says where it came from. A method the study did not tune takes the value of its nearest tuned
+relative, and says so: the same product with other signs (skew_circulant <- circulant), the
+general form of a symmetric one (symmetric_toeplitz <- toeplitz), the same family in the other
+mode, and lastly (structured families only) circulant in lora mode; then the other kind's. A
+baseline (Houlsby, BitFit, probe, full) is never given another method's lr.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Iterable, Mapping, Sequence
+
+FILE = pathlib.Path(__file__).with_name("tuned_lrs.json")
+KINDS = ("text", "image")
+NO_MODE = ("bitfit", "linear_probe", "full")
+BASELINES = ("houlsby", *NO_MODE)
+RELATIVES = {"skew_circulant": "circulant", "symmetric_toeplitz": "toeplitz",
+             "dense": "lowrank"}
+
+
+def method_key(family: str, mode: str) -> str:
+    if family in NO_MODE:
+        return family
+    return f"{family}/{'adapter' if family == 'houlsby' else mode}"
+
+
+def load(path: pathlib.Path = FILE) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FileNotFoundError(f"{path}: the tuned learning rates cannot be read ({e}); "
+                                f"rebuild it with `python scripts/study.py defaults`") from None
+
+
+def lookup(kind: str, family: str, mode: str, table: Mapping | None = None) -> dict:
+    """{"lr", "head_lr", "from"} of a method: tuned, or a relative's (see the module doc); a
+    kind with nothing tuned yet takes the other kind's, and says so."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    table = table or load()
+    key = method_key(family, mode)
+    other_mode = "adapter" if mode == "lora" else "lora"
+    candidates = ((key, ""), (method_key(RELATIVES.get(family, family), mode), "a relative"),
+                  (method_key(family, other_mode), "the other mode"))
+    if family not in BASELINES:  # a baseline's lr scale is its own (full: ~100x smaller)
+        candidates += (("circulant/lora", "the fallback"),)
+    for source_kind in (kind, *(k for k in KINDS if k != kind)):
+        methods = table.get(source_kind, {}).get("methods", {})
+        for candidate, why in candidates:
+            if candidate in methods:
+                entry = dict(methods[candidate])
+                notes = []
+                if candidate != key:
+                    notes.append(f"{key} not tuned, {why}'s")
+                if source_kind != kind:
+                    notes.append(f"not tuned on {kind}, {source_kind}'s")
+                if notes:
+                    entry["from"] = f"{candidate} ({'; '.join(notes)}): {entry['from']}"
+                return entry
+    raise KeyError(f"no tuned learning rate for {key} in {FILE}: give lr= (and head_lr=), or run "
+                   f"the study's tuning of it and `python scripts/study.py defaults`")
+
+
+def _lower_log_median(values: Sequence[float]) -> float:
+    ordered = sorted(values, key=math.log)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _where(pick: Mapping) -> str:
+    hparams = f" ({pick['hparams']})" if pick["hparams"] else ""
+    return (f"{pick['part']}/{pick['dataset']}{hparams}: lr {pick['lr']:g}, "
+            f"head {pick['head_lr']:g}")
+
+
+def derive(parts: Mapping[str, Iterable[tuple[str, Sequence[dict], int]]]) -> dict:
+    """The table from the study's results: {kind: [(part name, its rows, its tune seed)]}.
+    Rows of planned runs that have not finished must be there (status other than done), so that
+    a method still tuning is left out rather than chosen among the lrs that ran."""
+    from surm import sweep
+
+    table = {}
+    for kind, kind_parts in parts.items():
+        chosen: dict[str, list[dict]] = {}
+        names = []
+        for name, rows, tune_seed in kind_parts:
+            picked = sweep.choices(rows, tune_seed)
+            if picked:
+                names.append(name)
+            for (dataset, family, mode, hparams, _), choice in picked.items():
+                key = method_key(family, mode if mode != "-" else "lora")
+                chosen.setdefault(key, []).append(
+                    {"part": name, "dataset": dataset, "hparams": hparams, **choice.values})
+        methods = {}
+        for key, picks in sorted(chosen.items()):
+            lr = _lower_log_median([p["lr"] for p in picks])
+            head = _lower_log_median([p["head_lr"] for p in picks])
+            if all(p["lr"] == p["head_lr"] for p in picks):
+                head = lr  # the head was tied to the lr in every tuning
+            methods[key] = {"lr": lr, "head_lr": head, "picks": picks,
+                            "from": "chosen on validation in " + "; ".join(map(_where, picks))}
+        table[kind] = {"parts": names, "methods": methods}
+    return table
