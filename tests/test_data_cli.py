@@ -25,7 +25,8 @@ def test_info_prints_splits_and_counts(tmp_path_factory):
 
 def test_info_on_a_missing_standard_dataset_fails_fast(tmp_path):
     result, seconds = _run("info", "cifar10", "--data_dir", str(tmp_path))
-    assert result.returncode == 1 and seconds < 10
+    # fast: no download attempt (tfds retries one for about 205 s); loose for a loaded machine
+    assert result.returncode == 1 and seconds < 120
     assert "prepared: no" in result.stdout
     assert "cifar10" in result.stderr and str(tmp_path) in result.stderr
     assert "tfds build cifar10" in result.stderr
