@@ -232,6 +232,7 @@ def write_defaults() -> int:
 # ---- report -------------------------------------------------------------------------------------
 
 DOC = pathlib.Path("docs/RESULTS.md")
+HEADLINE = "text_full"  # README's headline table, a copy of this part's table (headline.md)
 STRUCTURED = ("circulant", "skew_circulant", "toeplitz", "symmetric_toeplitz", "kronecker", "ldr",
               "block_circulant")
 REFERENCES = (("lowrank", "rank=1", "LoRA r=1"), ("lowrank", "rank=8", "LoRA r=8"),
@@ -270,7 +271,7 @@ def _chosen(rows: Sequence[dict], tune_seed: int) -> dict[tuple, list[dict]]:
 
 def _cell(runs: list[dict] | None) -> str:
     if not runs:
-        return "-"
+        return "- | -"
     lr = results.format_chosen([r["lr"] for r in runs])
     if any(float(r["head_lr"]) != float(r["lr"]) for r in runs):
         lr += f" / head {results.format_chosen([r['head_lr'] for r in runs])}"
@@ -298,15 +299,19 @@ def comparison_table(part: Part, rows: Sequence[dict]) -> tuple[list[str], list[
                      + " | ".join(_cell(chosen.get((d, m))) for d in datasets) + " |")
     notes = []
     for d in datasets:
-        ours = {k[1]: [r["test"] for r in v] for k, v in chosen.items()
-                if k[0] == d and v[0]["family"] in STRUCTURED}
+        # judged once every seed has run: a single value has no noise to compare against
+        complete = {k: v for k, v in chosen.items() if k[0] == d and len(v) == len(SEEDS)}
+        ours = {k[1]: [r["test"] for r in v] for k, v in complete.items()
+                if v[0]["family"] in STRUCTURED}
         if not ours:
             continue
-        best = max(ours, key=lambda m: statistics.mean(ours[m]))
-        parts = [f"best SURM: {best} {statistics.mean(ours[best]):.4f} "
-                 f"({chosen[(d, best)][0]['trainable']:,} params)"]
+        # the best SURM method by validation, as a user would pick it (not by test)
+        best = max(ours, key=lambda m: statistics.mean(r["validation"]
+                                                        for r in complete[(d, m)]))
+        parts = [f"best SURM on validation: {best}, test {statistics.mean(ours[best]):.4f} "
+                 f"({complete[(d, best)][0]['trainable']:,} params)"]
         for family, hparams, name in REFERENCES:
-            ref = next((v for k, v in chosen.items() if k[0] == d and v[0]["family"] == family
+            ref = next((v for k, v in complete.items() if v[0]["family"] == family
                         and v[0]["hparams"] == hparams), None)
             if ref is None:
                 continue
@@ -345,11 +350,12 @@ def matched_table(parts: Sequence[Part], rows_by_part: dict) -> tuple[list[str],
     notes = []
     lora = next((m for m in methods if m.startswith("lowrank")), None)
     for d, k in cols:
-        if lora is None or (lora, d, k) not in cells:
+        full = lambda m: len(cells.get((m, d, k), [])) == len(SEEDS)  # noqa: E731
+        if lora is None or not full(lora):
             continue
         theirs = [r["test"] for r in cells[(lora, d, k)]]
         said = [f"{m.split(' [')[0]} {results.verdict([r['test'] for r in cells[(m, d, k)]], theirs)}"
-                for m in methods if m != lora and (m, d, k) in cells]
+                for m in methods if m != lora and full(m)]
         notes.append(f"- {SHORT.get(d, d)} k={k}, against LoRA r=1 "
                      f"({statistics.mean(theirs):.4f}): " + ", ".join(said) + ".")
     return lines, notes
@@ -430,6 +436,11 @@ def report(parts: Sequence[Part] = PARTS) -> None:
     lines += _curves_section() + _cka_section() + _benchmark_sections()
     DOC.write_text("\n".join(lines) + "\n")
     print(f"wrote {DOC}")
+    headline = BY_NAME[HEADLINE]
+    if headline in parts and any(r["status"] == "done" for r in rows_by_part[HEADLINE]):
+        table, _ = comparison_table(headline, rows_by_part[HEADLINE])
+        (RECORDS / "headline.md").write_text("\n".join(table) + "\n")
+        print(f"wrote {RECORDS / 'headline.md'} (README's headline table: paste it there)")
 
 
 # ---- validation curves and CKA -------------------------------------------------------------------
