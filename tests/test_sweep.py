@@ -339,3 +339,6 @@ def test_widening_a_grid_whose_choice_sits_at_its_edge(tmp_path):
     assert follow.meta["lr"] == 1e-4 and follow.meta["seed"] == 1
     (picked,) = selection.select(rows, tune_seed=0)
     assert picked["lr"] == 1e-4 and picked["edge"] == "lr at min" and picked["tried"] == 5
+    # a grid on the 1-3-10 lattice widens onto it (1e-5 below 3e-5, not 9e-6)
+    assert runner._one_step_out([3e-5, 1e-4, 3e-4], [3e-5, 1e-4, 3e-4], "min", 2) == 1e-5
+    assert runner._one_step_out([3e-5, 1e-4, 3e-4], [3e-5, 1e-4, 3e-4], "max", 2) == 1e-3

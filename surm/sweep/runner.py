@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 import pathlib
 import shlex
@@ -138,7 +139,7 @@ class Tuning:
 def _one_step_out(values: Sequence[float], listed: Sequence[float], side: str,
                   limit: int) -> float | None:
     """The next value beyond the smallest (``side='min'``) or largest tried, on the listed
-    values' geometric lattice (one step further out), rounded to one significant digit; None when
+    values' geometric lattice (one step further out), rounded to a 1-2-3-5 value; None when
     ``limit`` values beyond the listed ones were tried already on that side."""
     if len(listed) < 2:
         return None
@@ -148,7 +149,14 @@ def _one_step_out(values: Sequence[float], listed: Sequence[float], side: str,
     ratio = (max(listed) / min(listed)) ** (1 / (len(listed) - 1))
     steps = len(beyond) + 1  # on the listed values' lattice
     value = min(listed) / ratio ** steps if side == "min" else max(listed) * ratio ** steps
-    return float(f"{value:.0e}")
+    return _round_nicely(value)
+
+
+def _round_nicely(value: float) -> float:
+    """The nearest (on a log scale) of 1, 2, 3 or 5 times a power of ten: 9.5e-6 -> 1e-5."""
+    exponent = math.floor(math.log10(value))
+    nice = [m * 10.0 ** e for e in (exponent, exponent + 1) for m in (1, 2, 3, 5)]
+    return float(f"{min(nice, key=lambda v: abs(math.log(v / value))):.0e}")
 
 
 def tuning_states(grid: Grid, root: str | os.PathLike, rows: Sequence[dict],
