@@ -342,3 +342,16 @@ def test_widening_a_grid_whose_choice_sits_at_its_edge(tmp_path):
     # a grid on the 1-3-10 lattice widens onto it (1e-5 below 3e-5, not 9e-6)
     assert runner._one_step_out([3e-5, 1e-4, 3e-4], [3e-5, 1e-4, 3e-4], "min", 2) == 1e-5
     assert runner._one_step_out([3e-5, 1e-4, 3e-4], [3e-5, 1e-4, 3e-4], "max", 2) == 1e-3
+
+
+def test_a_widening_run_stopped_before_it_finished_runs_again(tmp_path):
+    grid = sweep.Grid(config=CONFIG, base=(("checkpoint", "random"), ("dataset", "bbc_news")),
+                      families=tuple(sweep.parse_families(["circulant:lr=1e-3;1e-2:head_lr=lr"])),
+                      modes=("lora",), seeds=(0, 1), tune_seed=0)
+    rows = [dict(r.meta, status="done", validation=0.9 if r.meta["lr"] == 1e-3 else 0.5,
+                 validation_loss=1.0, test=0.5) for r in sweep.plan(grid, tmp_path)]
+    (wider,) = runner.plan_widening(grid, tmp_path, rows, widen=1)
+    rows.append(dict(wider.meta, status="pending"))  # killed while it ran
+    assert [r.workdir for r in runner.plan_widening(grid, tmp_path, rows, widen=1)] == [
+        wider.workdir]
+    assert sweep.plan_followups(grid, tmp_path, rows, widen=1) == ([], 1)

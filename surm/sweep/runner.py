@@ -185,12 +185,21 @@ def tuning_states(grid: Grid, root: str | os.PathLike, rows: Sequence[dict],
         found = [by_key.get(run_key(r.meta)) for _, r in members]
         tried = list({run_key(r): r for r in [*filter(None, found), *filter(same, rows)]}
                      .values())
+        listed = {axis: sorted({float(m.tuned[axis]) for m, _ in members if axis in m.tuned})
+                  for axis in TUNED}
+        # a widening run that was stopped before it finished is planned again (it resumes)
+        planned = {run_key(r.meta) for _, r in members}
+        stopped = [r for r in tried if r["status"] not in selection.FINISHED
+                   and run_key(r) not in planned]
+        if stopped:
+            again = tuple(dataclasses.replace(method, tuned={k: float(r[k]) for k in TUNED
+                                                             if listed[k]}) for r in stopped)
+            out.append(Tuning(method, dataset, seed, None, again))
+            continue
         choice = None if None in found else selection.choose(tried)
         if choice is None:
             out.append(Tuning(method, dataset, seed, None))
             continue
-        listed = {axis: sorted({float(m.tuned[axis]) for m, _ in members if axis in m.tuned})
-                  for axis in TUNED}
         extra = []
         for edge in choice.edges if widen else ():
             axis, _, side = edge.split()
