@@ -24,6 +24,8 @@ may be relative to the working directory)::
     test=F|PATH          out of it (default 0.1 each), or another file/folder
                          of the same format
     drop_bad=true      leave out bad rows or images, counted and reported      all
+    cache_beside=true  cache in .surm_cache/ beside the data instead of        all
+                         under $SURM_DATA_DIR/local
 
 Splits: ``train`` is the main file (less what the fractions carve out of it). Carving is
 stratified by class (by value for regression) and deterministic: it depends on the content
@@ -37,10 +39,13 @@ written by the trainer to ``WORKDIR/dataset.json`` with the counts per split and
 File formats and what counts as a bad row or image: ``text_files`` and ``images``. A bad row
 is an error naming each file and line; ``drop_bad=true`` leaves them out and reports how many.
 A missing column, an empty class folder, an unknown prefix or option, or a missing file is
-always an error.
+always an error. Errors name files, lines and columns; they do not print the files'
+contents (a value that is itself the problem is cut to 20 characters: ``problems``).
 
-Conversion: once, into the tfds array_record form the other datasets use, cached beside the
-data in ``.surm_cache/`` and converted again when a file or an option changes (``cache``).
+Conversion: once, into the tfds array_record form the other datasets use, cached under the
+user's cache folder, ``$SURM_DATA_DIR/local`` (default ``~/.cache/surm/datasets/local``; never
+beside the data unless ``cache_beside=true``), and converted again when a file or an option
+changes (``cache``).
 Reading, sharding, shuffling, k-shot views and exact resume then work as for any dataset. A
 run refuses to resume in a workdir whose ``dataset.json`` records other content.
 """

@@ -4,11 +4,24 @@ Rows (or images) that cannot become examples are collected with their file and l
 run reports all of them. By default they are an error; with ``drop_bad=true`` they are left
 out, counted, listed in the dataset's metadata (``python -m surm.data info``) and noted on
 stderr when the dataset is converted.
+
+Messages name files, line numbers, columns and counts, not the files' contents: a value from a
+file is shown only where it is the problem (a column name, a label), cut to ``EXCERPT``
+characters, so that pointing a spec at a file that is not data does not print that file.
 """
 from __future__ import annotations
 
 import os
 import sys
+
+EXCERPT = 20  # Characters of a value from a file that a message shows.
+
+
+def excerpt(value, quote: bool = True) -> str:
+    """``value`` as text for a message, cut to ``EXCERPT`` characters (quoted with repr)."""
+    text = str(value)
+    text = text if len(text) <= EXCERPT else text[:EXCERPT - 1] + "…"
+    return repr(text) if quote else text
 
 
 class LocalDataError(ValueError):

@@ -23,11 +23,12 @@ DEFAULT_FRACTION = 0.1  # Of every class of the main file, for a held-out role n
 DEFAULT_TEXT_COLUMN = "text"
 DEFAULT_LABEL_COLUMN = "label"
 
-_SPLITS = ("validation", "test", "drop_bad")
+_COMMON = ("validation", "test", "drop_bad", "cache_beside")
+_TEXT = ("text", "label", "regression", "encoding")
 OPTIONS = {
-    **{fmt: ("text", "label", "regression", "encoding") + _SPLITS for fmt in TEXT_FORMATS},
-    "folder": _SPLITS,
-    "npz": ("image", "label") + _SPLITS,
+    **{fmt: _TEXT + _COMMON for fmt in TEXT_FORMATS},
+    "folder": _COMMON,
+    "npz": ("image", "label") + _COMMON,
 }
 EXAMPLE = "csv:/data/train.csv?text=sentence&label=y"
 
@@ -54,6 +55,8 @@ class LocalSpec:
       regression: the label is a number to regress (text formats).
       drop_bad: leave out bad rows or images (counted and reported) instead of failing.
       encoding: of text files.
+      cache_beside: cache the conversion beside the data instead of under the user's cache
+        folder (``cache``). Where the cache lives does not change the dataset.
     """
 
     name: str
@@ -66,6 +69,7 @@ class LocalSpec:
     regression: bool = False
     drop_bad: bool = False
     encoding: str = "utf-8"
+    cache_beside: bool = False
 
     @property
     def modality(self) -> str:
@@ -162,7 +166,8 @@ def parse(name: str) -> LocalSpec:
         raise SpecError(f"{name!r}: the held-out fractions add up to {total:g}; they must "
                         "leave examples for train")
     common = dict(name=name, format=fmt, path=main, held_out=held_out,
-                  drop_bad=_bool(name, "drop_bad", first.get("drop_bad", "false")))
+                  drop_bad=_bool(name, "drop_bad", first.get("drop_bad", "false")),
+                  cache_beside=_bool(name, "cache_beside", first.get("cache_beside", "false")))
     if fmt == "folder":
         return LocalSpec(**common)
     if fmt == "npz":

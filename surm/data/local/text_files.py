@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 
 from surm.data.local import labels
 from surm.data.local.cache import Conversion
-from surm.data.local.problems import LocalDataError, MissingColumnError, Problems
+from surm.data.local.problems import LocalDataError, MissingColumnError, Problems, excerpt
 from surm.data.local.spec import LocalSpec
 
 _DELIMITERS = {"csv": ",", "tsv": "\t"}
@@ -65,11 +65,19 @@ def _missing_columns(spec: LocalSpec, path: pathlib.Path, present: list[str], ki
     wanted = [*spec.text_columns, spec.label_column]
     missing = [c for c in wanted if c not in present]
     if missing:
+        shown = ", ".join(map(excerpt, present[:Problems.SHOWN])) + (
+            f", ... ({len(present) - Problems.SHOWN} more)" if len(present) > Problems.SHOWN
+            else "")
+        hint = ""
+        if kind == "column" and len(present) == 1:
+            separator = "tab" if spec.format == "tsv" else repr(_DELIMITERS[spec.format])
+            hint = (f"; its first line holds no {separator}: is it a {spec.format.upper()} "
+                    "file?")
         raise MissingColumnError(
-            f"{path} has no {kind} {', '.join(map(repr, missing))} ({kind}s: "
-            f"{', '.join(map(repr, present)) or 'none'}). Name the text and label {kind}s in "
-            f"the spec: {spec.format}:{spec.path}?text=COLUMN&label=COLUMN (text=A&text=B for a "
-            "sentence pair)")
+            f"{path} has no {kind} {', '.join(map(repr, missing))} ({len(present)} {kind}"
+            f"{'s' if len(present) != 1 else ''}: {shown or 'none'}{hint}). Name the text and "
+            f"label {kind}s in the spec: {spec.format}:{spec.path}?text=COLUMN&label=COLUMN "
+            "(text=A&text=B for a sentence pair)")
 
 
 def _csv_records(spec: LocalSpec, path: pathlib.Path, problems: Problems):
@@ -129,7 +137,8 @@ def _value(record: dict, column: str, kind: str) -> tuple[str | None, str | None
         return None, f"no {kind} {column!r}"
     value = record[column]
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        return None, f"{kind} {column!r} is {json.dumps(value)}, not a string or number"
+        shown = excerpt(json.dumps(value), quote=False)
+        return None, f"{kind} {column!r} is {shown}, not a string or number"
     if isinstance(value, str) and not value.strip():
         return None, f"empty {kind} {column!r}"
     return str(value), None
@@ -160,10 +169,10 @@ def _read_file(spec: LocalSpec, path: pathlib.Path, problems: Problems) -> list[
                 except ValueError:
                     label = math.nan
                 if not math.isfinite(label):
-                    why = (f"label {record[spec.label_column]!r} is not a finite number "
-                           "(regression=true)")
+                    why = (f"label {excerpt(record[spec.label_column])} is not a finite "
+                           "number (regression=true)")
             elif "\n" in label or "\r" in label:
-                why = f"label {label!r} holds a line break"
+                why = f"label {excerpt(label)} holds a line break"
         if why:
             problems.add(path, line, why)
             continue
