@@ -1,11 +1,11 @@
-"""Local data that must never be written where it does not belong: the cache's location and
-what errors echo of a file."""
+"""Local data that must never be lost or written where it does not belong: a runaway quote in
+a CSV, the cache's location and what errors echo of a file."""
 import pytest
 
 from surm import data
 from surm.data import local
 from surm.data.__main__ import main as data_main
-from surm.data.local import cache
+from surm.data.local import cache, spec as local_spec
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +31,42 @@ def rows_file(path, count, *, unclosed_after=None, quoted_at=None, encoding="utf
 
 def total(ds):
     return sum(ds.split_sizes().values())
+
+
+# ---- a quote that is never closed ------------------------------------------------------------
+
+def test_an_unclosed_quote_drops_exactly_the_lines_it_swallows(tmp_path):
+    path = tmp_path / "short.csv"
+    lines = rows_file(path, 60, unclosed_after=20, quoted_at=35)
+    bad_line = 2 + 20  # The header is line 1, row 0 line 2; the bad line comes after row 19.
+    quote_line = bad_line + 1 + 35 - 20
+    with pytest.raises(local.BadRowsError) as e:
+        data.get_dataset(f"csv:{path}")
+    swallowed = quote_line - bad_line + 1
+    assert f"{swallowed} bad rows" in str(e.value)
+    assert f"{path}:{bad_line}-{quote_line}:" in str(e.value)
+    ds = data.get_dataset(f"csv:{path}?drop_bad=true")
+    dropped = ds.metadata["dropped"]
+    assert dropped["count"] == swallowed
+    assert total(ds) + dropped["count"] == len(lines)  # Every line is kept or counted.
+    kept = {e["id"].decode() for split in data.ROLES for e in ds.source(split)}
+    assert f"short.csv:{bad_line - 1}" in kept and f"short.csv:{quote_line + 1}" in kept
+
+
+@pytest.mark.parametrize("drop_bad", ["", "?drop_bad=true"])
+def test_a_runaway_quote_is_its_own_error_naming_its_line(tmp_path, drop_bad):
+    path = tmp_path / "issue.csv"
+    rows_file(path, 401, unclosed_after=101, quoted_at=300)  # 198 lines apart.
+    with pytest.raises(local.LocalDataError) as e:
+        data.get_dataset(f"csv:{path}{drop_bad}")
+    assert not isinstance(e.value, local.BadRowsError)  # Not a bad row drop_bad could drop.
+    message = str(e.value)
+    assert f"{path}:103:" in message and "quote" in message
+    assert f"max_row_lines={local_spec.DEFAULT_MAX_ROW_LINES}" in message
+    assert "oops" not in message  # The line is named, not echoed.
+    # Raising the limit reads the runaway as one malformed 199-line row, counted as such.
+    ds = data.get_dataset(f"csv:{path}?drop_bad=true&max_row_lines=1000")
+    assert total(ds) + ds.metadata["dropped"]["count"] == 402
 
 
 # ---- where the cache goes, and what errors show of a file -------------------------------------

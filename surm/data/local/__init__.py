@@ -24,6 +24,9 @@ may be relative to the working directory)::
     test=F|PATH          out of it (default 0.1 each), or another file/folder
                          of the same format
     drop_bad=true      leave out bad rows or images, counted and reported      all
+    max_row_lines=N    the most lines one row may span (a quoted field with    csv tsv
+                         line breaks; default 100); a quote still open
+                         after N lines is an error naming its line
     cache_beside=true  cache in .surm_cache/ beside the data instead of        all
                          under $SURM_DATA_DIR/local
 
@@ -37,9 +40,10 @@ ids by sorting the distinct values of all splits' files (numerically when all ar
 written by the trainer to ``WORKDIR/dataset.json`` with the counts per split and class.
 
 File formats and what counts as a bad row or image: ``text_files`` and ``images``. A bad row
-is an error naming each file and line; ``drop_bad=true`` leaves them out and reports how many.
-A missing column, an empty class folder, an unknown prefix or option, or a missing file is
-always an error. Errors name files, lines and columns; they do not print the files'
+is an error naming each file and line; ``drop_bad=true`` leaves them out and reports how many
+(the count is of everything left out: a malformed row that swallowed several lines counts
+each). A missing column, an empty class folder, an unknown prefix or option, a missing file,
+or a quote left open past ``max_row_lines`` lines is always an error. Errors name files, lines and columns; they do not print the files'
 contents (a value that is itself the problem is cut to 20 characters: ``problems``).
 
 Conversion: once, into the tfds array_record form the other datasets use, cached under the

@@ -22,11 +22,16 @@ HELD_OUT_ROLES = ("validation", "test")
 DEFAULT_FRACTION = 0.1  # Of every class of the main file, for a held-out role not given.
 DEFAULT_TEXT_COLUMN = "text"
 DEFAULT_LABEL_COLUMN = "label"
+# The most lines one CSV/TSV row may span (a quoted field with line breaks): a quote left open
+# is found within this many lines instead of swallowing the rest of the file.
+DEFAULT_MAX_ROW_LINES = 100
 
 _COMMON = ("validation", "test", "drop_bad", "cache_beside")
 _TEXT = ("text", "label", "regression", "encoding")
 OPTIONS = {
-    **{fmt: _TEXT + _COMMON for fmt in TEXT_FORMATS},
+    "csv": _TEXT + ("max_row_lines",) + _COMMON,
+    "tsv": _TEXT + ("max_row_lines",) + _COMMON,
+    "jsonl": _TEXT + _COMMON,
     "folder": _COMMON,
     "npz": ("image", "label") + _COMMON,
 }
@@ -55,6 +60,7 @@ class LocalSpec:
       regression: the label is a number to regress (text formats).
       drop_bad: leave out bad rows or images (counted and reported) instead of failing.
       encoding: of text files.
+      max_row_lines: the most lines a CSV/TSV row may span.
       cache_beside: cache the conversion beside the data instead of under the user's cache
         folder (``cache``). Where the cache lives does not change the dataset.
     """
@@ -69,6 +75,7 @@ class LocalSpec:
     regression: bool = False
     drop_bad: bool = False
     encoding: str = "utf-8"
+    max_row_lines: int = DEFAULT_MAX_ROW_LINES
     cache_beside: bool = False
 
     @property
@@ -91,7 +98,8 @@ class LocalSpec:
                              for role, v in self.held_out},
                 "text_columns": list(self.text_columns), "label_column": self.label_column,
                 "image_key": self.image_key, "regression": self.regression,
-                "drop_bad": self.drop_bad, "encoding": self.encoding}
+                "drop_bad": self.drop_bad, "encoding": self.encoding,
+                "max_row_lines": self.max_row_lines}
 
 
 def _path(name: str, text: str, fmt: str) -> pathlib.Path:
@@ -188,6 +196,12 @@ def parse(name: str) -> LocalSpec:
     if codec.startswith(("utf-16", "utf-32")):
         raise SpecError(f"{name!r}: files are read line by line, which {encoding} does not "
                         "allow; convert the file to utf-8")
+    max_row_lines = DEFAULT_MAX_ROW_LINES
+    if "max_row_lines" in first:
+        text = first["max_row_lines"]
+        if not text.isdigit() or int(text) < 1:
+            raise SpecError(f"{name!r}: max_row_lines={text!r}, expected a whole number >= 1")
+        max_row_lines = int(text)
     return LocalSpec(**common, text_columns=text_columns, label_column=label_column,
                      regression=_bool(name, "regression", first.get("regression", "false")),
-                     encoding=encoding)
+                     encoding=encoding, max_row_lines=max_row_lines)
