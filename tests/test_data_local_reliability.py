@@ -1,5 +1,5 @@
-"""Local data that must never be lost or written where it does not belong: a runaway quote in
-a CSV, the cache's location and what errors echo of a file."""
+"""Local data that must never be lost, written where it does not belong, or misread: a runaway
+quote in a CSV, the cache's location and what errors echo of a file, and text encodings."""
 import pytest
 
 from surm import data
@@ -98,3 +98,53 @@ def test_a_system_file_read_as_csv_writes_nothing_beside_it_and_is_not_echoed(tm
     assert "no column 'text', 'label'" in err and "1 column" in err
     assert "s3cr3t" not in err and "/bin/bash" not in err
     assert sorted(p.name for p in system.iterdir()) == ["passwd"]
+
+
+# ---- encodings --------------------------------------------------------------------------------
+
+def _texts(ds):
+    return sorted(e["text"].decode() for split in data.ROLES for e in ds.source(split))
+
+
+MARKS = {"utf-8": b"\xef\xbb\xbf", "utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff",
+         "utf-32-le": b"\xff\xfe\x00\x00", "utf-32-be": b"\x00\x00\xfe\xff"}
+
+
+@pytest.mark.parametrize("encoding", sorted(MARKS))
+def test_a_file_with_a_byte_order_mark_is_read_as_it_says(tmp_path, encoding):
+    rows_file(tmp_path / "plain.csv", 30)
+    reference = data.get_dataset(f"csv:{tmp_path / 'plain.csv'}")
+    path = tmp_path / "marked.csv"
+    rows_file(path, 30, encoding=encoding)
+    path.write_bytes(MARKS[encoding] + path.read_bytes())
+    ds = data.get_dataset(f"csv:{path}")
+    assert _texts(ds) == _texts(reference)
+    assert ds.metadata["label_map"] == reference.metadata["label_map"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le"])
+def test_utf16_or_utf32_without_a_mark_is_named_with_the_fix(tmp_path, encoding):
+    path = tmp_path / "bare.csv"
+    rows_file(path, 30, encoding=encoding)
+    with pytest.raises(local.LocalDataError) as e:
+        data.get_dataset(f"csv:{path}")
+    message = str(e.value)
+    assert "\n" not in message and "\\x00" not in message
+    assert encoding.upper() in message and f"encoding={encoding}" in message
+    ds = data.get_dataset(f"csv:{path}?encoding={encoding}")
+    assert total(ds) == 30
+
+
+def test_an_encoding_that_contradicts_the_byte_order_mark_is_refused(tmp_path):
+    path = tmp_path / "marked.csv"
+    rows_file(path, 30, encoding="utf-16-le")
+    path.write_bytes(MARKS["utf-16-le"] + path.read_bytes())
+    with pytest.raises(local.LocalDataError, match="UTF-16-LE byte-order mark.*encoding="):
+        data.get_dataset(f"csv:{path}?encoding=latin-1")
+    plain = tmp_path / "plain.csv"
+    rows_file(plain, 30)
+    with pytest.raises(local.LocalDataError, match="no byte-order mark .* nor the NUL bytes"):
+        data.get_dataset(f"csv:{plain}?encoding=utf-16")
+    bare = tmp_path / "bare.csv"
+    rows_file(bare, 30, encoding="utf-16-be")  # utf-16 takes the byte order the NULs show.
+    assert total(data.get_dataset(f"csv:{bare}?encoding=utf-16")) == 30

@@ -18,7 +18,9 @@ may be relative to the working directory)::
     text=COLUMN        text column (default text); twice for a sentence pair   csv tsv jsonl
     label=COLUMN       label column (default label); an npz's labels array     all but folder
     regression=true    the label is a number to regress (pearson, spearman)    csv tsv jsonl
-    encoding=NAME      of the text files (default utf-8)                       csv tsv jsonl
+    encoding=NAME      of the text files (default: utf-8, or what a file's     csv tsv jsonl
+                         byte-order mark says; utf-16-le etc. for UTF-16/32
+                         without one; ``text_encoding``)
     image=NAME         an npz's images array                                   npz
     validation=F|PATH  a fraction F of every class of the main file, carved    all
     test=F|PATH          out of it (default 0.1 each), or another file/folder
@@ -43,7 +45,8 @@ File formats and what counts as a bad row or image: ``text_files`` and ``images`
 is an error naming each file and line; ``drop_bad=true`` leaves them out and reports how many
 (the count is of everything left out: a malformed row that swallowed several lines counts
 each). A missing column, an empty class folder, an unknown prefix or option, a missing file,
-or a quote left open past ``max_row_lines`` lines is always an error. Errors name files, lines and columns; they do not print the files'
+a quote left open past ``max_row_lines`` lines, or a UTF-16/32 file that ``encoding=`` does not
+name is always an error. Errors name files, lines and columns; they do not print the files'
 contents (a value that is itself the problem is cut to 20 characters: ``problems``).
 
 Conversion: once, into the tfds array_record form the other datasets use, cached under the

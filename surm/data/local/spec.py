@@ -59,7 +59,8 @@ class LocalSpec:
       image_key: the images array of an npz (None: look for the usual names).
       regression: the label is a number to regress (text formats).
       drop_bad: leave out bad rows or images (counted and reported) instead of failing.
-      encoding: of text files.
+      encoding: of text files, as given (None: UTF-8, or what a file's byte-order mark says;
+        see ``text_encoding``).
       max_row_lines: the most lines a CSV/TSV row may span.
       cache_beside: cache the conversion beside the data instead of under the user's cache
         folder (``cache``). Where the cache lives does not change the dataset.
@@ -74,7 +75,7 @@ class LocalSpec:
     image_key: str | None = None
     regression: bool = False
     drop_bad: bool = False
-    encoding: str = "utf-8"
+    encoding: str | None = None
     max_row_lines: int = DEFAULT_MAX_ROW_LINES
     cache_beside: bool = False
 
@@ -187,15 +188,13 @@ def parse(name: str) -> LocalSpec:
     label_column = first.get("label", DEFAULT_LABEL_COLUMN)
     if label_column in text_columns:
         raise SpecError(f"{name!r}: column {label_column!r} is both text and label")
-    encoding = first.get("encoding", "utf-8")
-    try:
-        codec = codecs.lookup(encoding).name
-    except LookupError:
-        raise SpecError(f"{name!r}: unknown encoding {encoding!r} (e.g. utf-8, latin-1, "
-                        "cp1252)") from None
-    if codec.startswith(("utf-16", "utf-32")):
-        raise SpecError(f"{name!r}: files are read line by line, which {encoding} does not "
-                        "allow; convert the file to utf-8")
+    encoding = first.get("encoding")
+    if encoding is not None:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise SpecError(f"{name!r}: unknown encoding {encoding!r} (e.g. utf-8, latin-1, "
+                            "cp1252, utf-16-le)") from None
     max_row_lines = DEFAULT_MAX_ROW_LINES
     if "max_row_lines" in first:
         text = first["max_row_lines"]

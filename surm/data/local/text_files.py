@@ -3,7 +3,7 @@
 CSV and TSV: the first line is the header; fields are quoted the usual way (RFC 4180, a quoted
 field may span lines, at most ``max_row_lines`` of them: 100 unless the spec says otherwise).
 JSONL: one JSON object per line; a label may be a string or a number. ``id`` is ``FILE:LINE``
-(the line where the row starts).
+(the line where the row starts). Encodings, byte-order marks and UTF-16/32: ``text_encoding``.
 
 A row is bad, and reported with its file and line, when: a line is not valid in the encoding;
 a CSV/TSV row is malformed or has a different number of fields from the header; a JSONL line
@@ -28,7 +28,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from surm.data.local import labels
+from surm.data.local import labels, text_encoding
 from surm.data.local.cache import Conversion
 from surm.data.local.problems import LocalDataError, MissingColumnError, Problems, excerpt
 from surm.data.local.spec import LocalSpec
@@ -42,22 +42,37 @@ def text_keys(count: int) -> tuple[str, ...]:
     return ("text",) if count == 1 else ("text1", "text2")
 
 
+def _raw_lines(path: pathlib.Path, codec: str, skip: int):
+    """The file's lines as bytes (each with its line break), past ``skip`` bytes of
+    byte-order mark. In UTF-16 and UTF-32 a line break is a whole code unit of its width."""
+    newline = "\n".encode(codec)
+    if len(newline) == 1:
+        with open(path, "rb") as f:
+            f.seek(skip)
+            yield from f
+        return
+    raw, width, start = path.read_bytes(), len(newline), skip
+    while start < len(raw):
+        end = raw.find(newline, start)
+        while end != -1 and (end - start) % width:
+            end = raw.find(newline, end + 1)
+        stop = len(raw) if end == -1 else end + width
+        yield raw[start:stop]
+        start = stop
+
+
 def _decoded_lines(spec: LocalSpec, path: pathlib.Path, problems: Problems):
     """(line number, text) of every line that decodes; one that does not is reported."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode(spec.encoding)
-            except UnicodeDecodeError as e:
-                problems.add(
-                    path, number,
-                    f"not valid {spec.encoding} (byte {raw[e.start]:#04x} at column "
-                    f"{e.start + 1}); re-save the file as {spec.encoding} or name its "
-                    "encoding with encoding=..., e.g. encoding=latin-1")
-                continue
-            if number == 1:
-                line = line.removeprefix("\ufeff")  # A UTF-8 byte-order mark.
-            yield number, line
+    codec, skip = text_encoding.resolve(path, spec.encoding)
+    for number, raw in enumerate(_raw_lines(path, codec, skip), 1):
+        try:
+            yield number, raw.decode(codec)
+        except UnicodeDecodeError as e:
+            problems.add(
+                path, number,
+                f"not valid {codec} (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                f"re-save the file as {codec} or name its encoding with encoding=..., e.g. "
+                "encoding=latin-1")
 
 
 class _RowFeed:
