@@ -43,6 +43,14 @@ def write_jsonl(path, records):
     return path
 
 
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch):
+    """Every test's local caches go to its own $SURM_DATA_DIR (the subprocesses inherit it)."""
+    store = tmp_path / "user-cache"
+    monkeypatch.setenv("SURM_DATA_DIR", str(store))
+    return store / "local"
+
+
 def _text(value):
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
@@ -182,17 +190,21 @@ def test_clear_errors_for_specs_columns_and_files(tmp_path):
         (f"xls:{path}", data.UnknownDatasetError, "csv:PATH, tsv:PATH, jsonl:PATH"),
         (f"csv:{tmp_path}/missing.csv", FileNotFoundError, "no such file .*missing.csv"),
         (f"csv:{path}", local.MissingColumnError,
-         r"no column 'text', 'label' \(columns: 'sentence', 'y'\).*\?text=COLUMN&label=COLUMN"),
+         r"no column 'text', 'label' \(2 columns: 'sentence', 'y'\).*\?text=COLUMN&label=COLUMN"),
         (f"csv:{path}?text=sentence&label=stars", local.MissingColumnError, "no column 'stars'"),
         (f"csv:{path}?txt=sentence", local.SpecError, "unknown option 'txt'.*known: text, label"),
         (f"csv:{path}?text=sentence&label=y&test=1.5", local.SpecError, "fraction in"),
         (f"csv:{path}?text=sentence&label=y&validation=0.5&test=0.5", local.SpecError,
          "add up to 1"),
         (f"csv:{path}?label", local.SpecError, "not key=value"),
+        (f"csv:{path}?text=sentence&label=y&max_row_lines=0", local.SpecError,
+         "max_row_lines='0', expected a whole number >= 1"),
+        (f"jsonl:{path}?max_row_lines=5", local.SpecError, "unknown option 'max_row_lines'"),
+        (f"csv:{path}?cache_beside=maybe", local.SpecError, "cache_beside='maybe', expected"),
         (f"csv:{tmp_path}", local.SpecError, "is a folder"),
         (f"folder:{path}", local.SpecError, "is a file"),
         (f"jsonl:{write_jsonl(tmp_path / 'a.jsonl', [{'sentence': 's', 'y': 1}] * 3)}",
-         local.MissingColumnError, r"no key 'text', 'label' \(keys: 'sentence', 'y'\)"),
+         local.MissingColumnError, r"no key 'text', 'label' \(2 keys: 'sentence', 'y'\)"),
         (f"csv:{write_table(tmp_path / 'one.csv', [('a', 'x'), ('b', 'x')])}",
          local.LocalDataError, "at least 2"),
         (f"csv:{write_table(tmp_path / 'few.csv', [('a', 'x'), ('b', 'y')])}",
@@ -207,8 +219,8 @@ def test_clear_errors_for_specs_columns_and_files(tmp_path):
 
 # ---- the cache --------------------------------------------------------------------------------
 
-def _cache_folders(folder):
-    return sorted(p.name for p in (folder / cache.CACHE_FOLDER).iterdir())
+def _cache_folders(root):
+    return sorted(p.name for p in root.iterdir())
 
 
 def _refuse_to_convert(monkeypatch):
@@ -218,10 +230,11 @@ def _refuse_to_convert(monkeypatch):
         monkeypatch.setitem(local._CONVERTERS, fmt, refuse)
 
 
-def test_cache_is_reused_and_rebuilt_when_files_or_options_change(tmp_path, monkeypatch):
+def test_cache_is_reused_and_rebuilt_when_files_or_options_change(tmp_path, monkeypatch,
+                                                                  user_cache):
     path = write_table(tmp_path / "a.csv", sentiment_rows())
     first = data.get_dataset(f"csv:{path}")
-    assert first.data_dir.parent == tmp_path / cache.CACHE_FOLDER
+    assert first.data_dir.parent == user_cache
     with monkeypatch.context() as m:
         _refuse_to_convert(m)
         assert data.get_dataset(f"csv:{path}").data_dir == first.data_dir
@@ -240,7 +253,7 @@ def test_cache_is_reused_and_rebuilt_when_files_or_options_change(tmp_path, monk
     assert touched.metadata["content_sha256"] == changed.metadata["content_sha256"]
 
 
-def test_an_interrupted_conversion_is_never_used(tmp_path, monkeypatch):
+def test_an_interrupted_conversion_is_never_used(tmp_path, monkeypatch, user_cache):
     path = write_table(tmp_path / "a.csv", sentiment_rows())
     real = local._CONVERTERS["csv"]
 
@@ -257,26 +270,26 @@ def test_an_interrupted_conversion_is_never_used(tmp_path, monkeypatch):
         m.setitem(local._CONVERTERS, "csv", crash_midway)
         with pytest.raises(RuntimeError, match="simulated crash"):
             data.get_dataset(f"csv:{path}")
-    assert _cache_folders(tmp_path) == []
+    assert _cache_folders(user_cache) == []
     # A hard kill leaves an .incomplete-* folder: never read, the next open converts afresh.
     name = cache.folder_name(local.parse(f"csv:{path}"))
-    (tmp_path / cache.CACHE_FOLDER / f".incomplete-{name}-x1").mkdir()
+    (user_cache / f".incomplete-{name}-x1").mkdir()
     ds = data.get_dataset(f"csv:{path}")
     assert ds.data_dir.name == name and sum(ds.split_sizes().values()) == 30
 
 
-def test_cache_falls_back_when_the_data_folder_cannot_be_written(tmp_path, monkeypatch,
-                                                                 capsys):
+def test_a_cache_folder_that_cannot_be_written_is_an_error_not_a_fallback(tmp_path,
+                                                                          monkeypatch):
     path = write_table(tmp_path / "data" / "a.csv", sentiment_rows())
     (tmp_path / "data" / cache.CACHE_FOLDER).write_text("not a folder")  # mkdir fails.
-    monkeypatch.setenv("SURM_DATA_DIR", str(tmp_path / "store"))
-    ds = data.get_dataset(f"csv:{path}")
-    assert ds.data_dir.parent == tmp_path / "store" / "local"
-    err = capsys.readouterr().err
-    assert "cannot write the cache" in err and str(tmp_path / "store" / "local") in err
-    with monkeypatch.context() as m:
-        _refuse_to_convert(m)
-        assert data.get_dataset(f"csv:{path}").data_dir == ds.data_dir
+    with pytest.raises(local.LocalDataError, match=f"cannot write the cache of .* in "
+                       f"{tmp_path / 'data' / cache.CACHE_FOLDER}.*drop cache_beside=true"):
+        data.get_dataset(f"csv:{path}?cache_beside=true")
+    monkeypatch.setenv("SURM_DATA_DIR", str(tmp_path / "data" / "a.csv"))  # A file.
+    with pytest.raises(local.LocalDataError, match="set SURM_DATA_DIR to a folder you can"):
+        data.get_dataset(f"csv:{path}")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [cache.CACHE_FOLDER,
+                                                                     "a.csv"]
 
 
 # ---- images -----------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ Datasets (``data.names()``; ``python -m surm.data info NAME`` shows splits and c
   ``csv:PATH``, ``tsv:PATH``, ``jsonl:PATH`` (one example per row; options after ``?``, e.g.
   ``csv:/d/train.csv?text=sentence&label=y&test=/d/test.csv``), ``folder:PATH`` (one
   subfolder per class) and ``npz:PATH`` (images and labels arrays). Converted once into the
-  same array_record form, cached beside the data; ``ds.metadata`` holds the label map.
+  same array_record form, cached under ``$SURM_DATA_DIR/local``; ``ds.metadata`` holds the
+  label map.
 
 Modules: ``registry`` (names and per-dataset facts), ``standard``, ``embedded`` and ``local``
 (where the data comes from), ``subsets`` (k-shot and fractions), ``image`` and ``text``

@@ -108,8 +108,9 @@ def get_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Dataset
 
     Embedded datasets are prepared into ``data_dir`` on first use. A standard dataset that is
     not prepared raises ``DatasetNotPreparedError`` at once (see ``surm.data.standard``). A
-    local spec (``csv:PATH``, ``folder:PATH``, ...) is converted into its own cache beside
-    the data on first use, whatever ``data_dir`` is (see ``surm.data.local``).
+    local spec (``csv:PATH``, ``folder:PATH``, ...) is converted on first use into its cache
+    under ``$SURM_DATA_DIR/local``, whatever ``data_dir`` is, never beside the data unless the
+    spec says ``cache_beside=true`` (see ``surm.data.local``).
     """
     if local.is_local(name):
         opened = local.open_dataset(name)

@@ -18,12 +18,19 @@ may be relative to the working directory)::
     text=COLUMN        text column (default text); twice for a sentence pair   csv tsv jsonl
     label=COLUMN       label column (default label); an npz's labels array     all but folder
     regression=true    the label is a number to regress (pearson, spearman)    csv tsv jsonl
-    encoding=NAME      of the text files (default utf-8)                       csv tsv jsonl
+    encoding=NAME      of the text files (default: utf-8, or what a file's     csv tsv jsonl
+                         byte-order mark says; utf-16-le etc. for UTF-16/32
+                         without one; ``text_encoding``)
     image=NAME         an npz's images array                                   npz
     validation=F|PATH  a fraction F of every class of the main file, carved    all
     test=F|PATH          out of it (default 0.1 each), or another file/folder
                          of the same format
     drop_bad=true      leave out bad rows or images, counted and reported      all
+    max_row_lines=N    the most lines one row may span (a quoted field with    csv tsv
+                         line breaks; default 100); a quote still open
+                         after N lines is an error naming its line
+    cache_beside=true  cache in .surm_cache/ beside the data instead of        all
+                         under $SURM_DATA_DIR/local
 
 Splits: ``train`` is the main file (less what the fractions carve out of it). Carving is
 stratified by class (by value for regression) and deterministic: it depends on the content
@@ -35,12 +42,17 @@ ids by sorting the distinct values of all splits' files (numerically when all ar
 written by the trainer to ``WORKDIR/dataset.json`` with the counts per split and class.
 
 File formats and what counts as a bad row or image: ``text_files`` and ``images``. A bad row
-is an error naming each file and line; ``drop_bad=true`` leaves them out and reports how many.
-A missing column, an empty class folder, an unknown prefix or option, or a missing file is
-always an error.
+is an error naming each file and line; ``drop_bad=true`` leaves them out and reports how many
+(the count is of everything left out: a malformed row that swallowed several lines counts
+each). A missing column, an empty class folder, an unknown prefix or option, a missing file,
+a quote left open past ``max_row_lines`` lines, or a UTF-16/32 file that ``encoding=`` does not
+name is always an error. Errors name files, lines and columns; they do not print the files'
+contents (a value that is itself the problem is cut to 20 characters: ``problems``).
 
-Conversion: once, into the tfds array_record form the other datasets use, cached beside the
-data in ``.surm_cache/`` and converted again when a file or an option changes (``cache``).
+Conversion: once, into the tfds array_record form the other datasets use, cached under the
+user's cache folder, ``$SURM_DATA_DIR/local`` (default ``~/.cache/surm/datasets/local``; never
+beside the data unless ``cache_beside=true``), and converted again when a file or an option
+changes (``cache``).
 Reading, sharding, shuffling, k-shot views and exact resume then work as for any dataset. A
 run refuses to resume in a workdir whose ``dataset.json`` records other content.
 """

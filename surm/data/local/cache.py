@@ -1,8 +1,13 @@
 """The converted form of a local dataset: a tfds array_record dataset in a cache folder.
 
-Layout, beside the data (the folder that holds the main file or image folder)::
+Where: under the user's cache folder, ``$SURM_DATA_DIR/local`` (default
+``~/.cache/surm/datasets/local``), whatever ``data_dir`` a caller passes, so that reading a
+file never writes next to it, be it in a shared or a system folder. With ``cache_beside=true``
+in the spec (asked for, never a fallback), in ``.surm_cache/`` beside the data (in the folder
+that holds the main file or image folder) instead. A cache folder that cannot be written is an
+error naming it and the fix. Layout::
 
-    .surm_cache/<format>-<stem>-<key>/
+    ROOT/<format>-<stem>-<key>/
         surm_local.json                       what info and the trainer show: label map,
                                               counts, dropped rows, content digest
         local_files/1.0.0/                    tfds: dataset_info.json, features.json,
@@ -11,12 +16,10 @@ Layout, beside the data (the folder that holds the main file or image folder)::
 ``key`` is a SHA-256 of the spec's options and, for every input file (every file and folder
 under an image folder, hidden ones aside), its path, size and modification time, so a changed,
 added or removed file, or other options, give a new folder and a fresh conversion; an unchanged
-one is reused. Old folders are never read again and may be deleted at any time.
+one is reused. Old folders are never read again and may be deleted at any time (nothing
+else is ever deleted or moved).
 ``content_sha256`` in the metadata is a digest of the converted examples themselves: a file
 saved again with the same content gets a new folder but the same digest.
-
-When the folder beside the data cannot be written, the cache goes to
-``$SURM_DATA_DIR/local`` (default ``~/.cache/surm/datasets/local``) with a note on stderr.
 
 A conversion writes into ``.incomplete-*`` in the same cache folder and renames it into place
 only when every split and the metadata are written, so a crash or a kill never leaves a folder
@@ -40,12 +43,13 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 import tensorflow_datasets as tfds
 
+from surm.data.local.problems import LocalDataError
 from surm.data.local.spec import LocalSpec
 
 CACHE_FOLDER = ".surm_cache"
 METADATA = "surm_local.json"
 # Bump when the conversion changes what it writes, so that old caches are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _LOCAL_ONLY = tfds.download.DownloadConfig(try_download_gcs=False)
 
@@ -126,35 +130,31 @@ def folder_name(spec: LocalSpec) -> str:
     return f"{spec.format}-{stem}-{key}"
 
 
-def _fallback_root() -> pathlib.Path:
+def root(spec: LocalSpec) -> pathlib.Path:
+    """The folder that holds the cache folders of ``spec`` (see the module docstring)."""
+    if spec.cache_beside:
+        return spec.path.parent / CACHE_FOLDER
     from surm.data.dataset import default_data_dir  # Not at import: dataset imports us.
     return default_data_dir() / "local"
 
 
-def _roots(spec: LocalSpec) -> tuple[pathlib.Path, pathlib.Path]:
-    """(beside the data, the fallback)."""
-    return spec.path.parent / CACHE_FOLDER, _fallback_root()
-
-
 def find(spec: LocalSpec, name: str) -> pathlib.Path | None:
-    """The complete cache folder ``name``, beside the data or in the fallback."""
-    for root in _roots(spec):
-        if (root / name / METADATA).is_file():
-            return root / name
-    return None
+    """The complete cache folder ``name``, if there is one."""
+    folder = root(spec) / name
+    return folder if (folder / METADATA).is_file() else None
 
 
 def _incomplete_folder(spec: LocalSpec, name: str) -> pathlib.Path:
-    """A new private folder to convert into, beside the data if that can be written."""
-    beside, fallback = _roots(spec)
+    """A new private folder to convert into, in ``root(spec)``."""
+    where = root(spec)
     try:
-        beside.mkdir(exist_ok=True)
-        return pathlib.Path(tempfile.mkdtemp(prefix=f".incomplete-{name}-", dir=beside))
+        where.mkdir(parents=True, exist_ok=True)
+        return pathlib.Path(tempfile.mkdtemp(prefix=f".incomplete-{name}-", dir=where))
     except OSError as e:
-        print(f"note: cannot write the cache of {spec.name} beside the data ({beside}: "
-              f"{e.strerror or e}); caching it in {fallback} instead", file=sys.stderr)
-    fallback.mkdir(parents=True, exist_ok=True)
-    return pathlib.Path(tempfile.mkdtemp(prefix=f".incomplete-{name}-", dir=fallback))
+        fix = ("drop cache_beside=true to cache it under $SURM_DATA_DIR/local" if
+               spec.cache_beside else "set SURM_DATA_DIR to a folder you can write")
+        raise LocalDataError(f"cannot write the cache of {spec.name} in {where} "
+                             f"({e.strerror or e}); {fix}") from None
 
 
 def _digested(examples, digest):

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from surm.data.embedded import stratify
-from surm.data.local.problems import LocalDataError
+from surm.data.local.problems import LocalDataError, excerpt
 
 SALT = "surm.local"
 MAX_STRATA = 10
@@ -37,7 +37,7 @@ def label_map(values: Iterable[str], name: str) -> dict[str, int]:
     if len(names) < 2:
         raise LocalDataError(
             f"{name}: the labels hold {len(names)} class{'es' if len(names) != 1 else ''} "
-            f"({', '.join(map(repr, names))}); classification needs at least 2 (for a numeric "
+            f"({', '.join(map(excerpt, names))}); classification needs at least 2 (for a numeric "
             "target add regression=true)")
     return {value: index for index, value in enumerate(names)}
 

@@ -22,12 +22,18 @@ HELD_OUT_ROLES = ("validation", "test")
 DEFAULT_FRACTION = 0.1  # Of every class of the main file, for a held-out role not given.
 DEFAULT_TEXT_COLUMN = "text"
 DEFAULT_LABEL_COLUMN = "label"
+# The most lines one CSV/TSV row may span (a quoted field with line breaks): a quote left open
+# is found within this many lines instead of swallowing the rest of the file.
+DEFAULT_MAX_ROW_LINES = 100
 
-_SPLITS = ("validation", "test", "drop_bad")
+_COMMON = ("validation", "test", "drop_bad", "cache_beside")
+_TEXT = ("text", "label", "regression", "encoding")
 OPTIONS = {
-    **{fmt: ("text", "label", "regression", "encoding") + _SPLITS for fmt in TEXT_FORMATS},
-    "folder": _SPLITS,
-    "npz": ("image", "label") + _SPLITS,
+    "csv": _TEXT + ("max_row_lines",) + _COMMON,
+    "tsv": _TEXT + ("max_row_lines",) + _COMMON,
+    "jsonl": _TEXT + _COMMON,
+    "folder": _COMMON,
+    "npz": ("image", "label") + _COMMON,
 }
 EXAMPLE = "csv:/data/train.csv?text=sentence&label=y"
 
@@ -53,7 +59,11 @@ class LocalSpec:
       image_key: the images array of an npz (None: look for the usual names).
       regression: the label is a number to regress (text formats).
       drop_bad: leave out bad rows or images (counted and reported) instead of failing.
-      encoding: of text files.
+      encoding: of text files, as given (None: UTF-8, or what a file's byte-order mark says;
+        see ``text_encoding``).
+      max_row_lines: the most lines a CSV/TSV row may span.
+      cache_beside: cache the conversion beside the data instead of under the user's cache
+        folder (``cache``). Where the cache lives does not change the dataset.
     """
 
     name: str
@@ -65,7 +75,9 @@ class LocalSpec:
     image_key: str | None = None
     regression: bool = False
     drop_bad: bool = False
-    encoding: str = "utf-8"
+    encoding: str | None = None
+    max_row_lines: int = DEFAULT_MAX_ROW_LINES
+    cache_beside: bool = False
 
     @property
     def modality(self) -> str:
@@ -87,7 +99,8 @@ class LocalSpec:
                              for role, v in self.held_out},
                 "text_columns": list(self.text_columns), "label_column": self.label_column,
                 "image_key": self.image_key, "regression": self.regression,
-                "drop_bad": self.drop_bad, "encoding": self.encoding}
+                "drop_bad": self.drop_bad, "encoding": self.encoding,
+                "max_row_lines": self.max_row_lines}
 
 
 def _path(name: str, text: str, fmt: str) -> pathlib.Path:
@@ -162,7 +175,8 @@ def parse(name: str) -> LocalSpec:
         raise SpecError(f"{name!r}: the held-out fractions add up to {total:g}; they must "
                         "leave examples for train")
     common = dict(name=name, format=fmt, path=main, held_out=held_out,
-                  drop_bad=_bool(name, "drop_bad", first.get("drop_bad", "false")))
+                  drop_bad=_bool(name, "drop_bad", first.get("drop_bad", "false")),
+                  cache_beside=_bool(name, "cache_beside", first.get("cache_beside", "false")))
     if fmt == "folder":
         return LocalSpec(**common)
     if fmt == "npz":
@@ -174,15 +188,19 @@ def parse(name: str) -> LocalSpec:
     label_column = first.get("label", DEFAULT_LABEL_COLUMN)
     if label_column in text_columns:
         raise SpecError(f"{name!r}: column {label_column!r} is both text and label")
-    encoding = first.get("encoding", "utf-8")
-    try:
-        codec = codecs.lookup(encoding).name
-    except LookupError:
-        raise SpecError(f"{name!r}: unknown encoding {encoding!r} (e.g. utf-8, latin-1, "
-                        "cp1252)") from None
-    if codec.startswith(("utf-16", "utf-32")):
-        raise SpecError(f"{name!r}: files are read line by line, which {encoding} does not "
-                        "allow; convert the file to utf-8")
+    encoding = first.get("encoding")
+    if encoding is not None:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise SpecError(f"{name!r}: unknown encoding {encoding!r} (e.g. utf-8, latin-1, "
+                            "cp1252, utf-16-le)") from None
+    max_row_lines = DEFAULT_MAX_ROW_LINES
+    if "max_row_lines" in first:
+        text = first["max_row_lines"]
+        if not text.isdigit() or int(text) < 1:
+            raise SpecError(f"{name!r}: max_row_lines={text!r}, expected a whole number >= 1")
+        max_row_lines = int(text)
     return LocalSpec(**common, text_columns=text_columns, label_column=label_column,
                      regression=_bool(name, "regression", first.get("regression", "false")),
-                     encoding=encoding)
+                     encoding=encoding, max_row_lines=max_row_lines)
