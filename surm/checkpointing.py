@@ -75,15 +75,19 @@ class Checkpoints:
                 data=grain.checkpoint.CheckpointRestore(data_iterator)))
         except Exception as e:  # orbax raises many types for unreadable/mismatched files
             sys.unraisablehook = _drop_closed_loop_noise
-            earlier = [s for s in self.manager.all_steps() if s < step]
-            hint = (f"resume from an earlier kept step with --config.restore_step=N (kept: "
-                    f"{', '.join(map(str, sorted(earlier)))})" if earlier else
-                    "no earlier step is kept: use a new --workdir to start again")
             raise CorruptCheckpointError(
                 f"checkpoint {self.directory / str(step)} cannot be restored ({type(e).__name__}: "
                 f"{' '.join(str(e).split())[:300]}). It was left untouched. If it is damaged, "
-                f"{hint}; if the config changed, use a new --workdir") from e
+                f"{self.earlier_steps_hint(step)}; if the config changed, use a new --workdir"
+            ) from e
         return restored["state"]
+
+    def earlier_steps_hint(self, step: int) -> str:
+        """How to resume from a kept step before ``step`` (for an error message)."""
+        earlier = sorted(s for s in self.manager.all_steps() if s < step)
+        return (f"resume from an earlier kept step with --config.restore_step=N (kept: "
+                f"{', '.join(map(str, earlier))})" if earlier else
+                "no earlier step is kept: use a new --workdir to start again")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -312,6 +312,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if start:
             fresh = state["opt_state"]
             state = ckpts.restore(start, state, train_iter)
+            if not _all_finite((state["trainable"], state["opt_state"])):  # an older surm's
+                raise CorruptCheckpointError(
+                    f"checkpoint {ckpts.directory / str(start)} holds NaN/Inf values (saved by "
+                    f"an older surm, which did not check them). It was left untouched; "
+                    f"{ckpts.earlier_steps_hint(start)}")
             state["opt_state"] = optim.with_lrs_of(state["opt_state"], fresh)
             dropped = ckpts.drop_after(start)
             print(f"Resumed from {ckpts.directory} at step {start}" +

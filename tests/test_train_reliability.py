@@ -21,7 +21,7 @@ import pytest
 import safetensors.numpy
 
 from surm import train, workdir as workdir_lock
-from surm.checkpointing import kept_steps
+from surm.checkpointing import CorruptCheckpointError, kept_steps
 from data_testing import prepared_dir
 from test_data_local import sentiment_rows, write_table
 from test_train import ROOT, _losses, bbc_overrides, load_config, read_metrics
@@ -84,6 +84,29 @@ def test_a_non_finite_update_is_never_saved(tmp_path, tmp_path_factory, monkeypa
     leaves = jax.tree.leaves(saved_state(tmp_path, 1))
     floats = [x for x in leaves if np.issubdtype(np.asarray(x).dtype, np.floating)]
     assert floats and all(np.isfinite(x).all() for x in floats)
+
+
+def test_a_checkpoint_holding_nan_is_refused_on_resume(tmp_path, tmp_path_factory, monkeypatch):
+    """Checkpoints from before the step checked the new state may hold NaN: resuming from one
+    is refused, naming the earlier kept steps, instead of failing again one step later."""
+    make = train.optim.make
+
+    def poisoned(cfg, total_steps, trainable):
+        tx, schedules = make(cfg, total_steps, trainable)
+        return optax.chain(tx, _poison("params")), schedules
+
+    monkeypatch.setattr(train.optim, "make", poisoned)
+    all_finite = train._all_finite
+    monkeypatch.setattr(train, "_all_finite", lambda tree: True)  # the older step check
+    kw = bbc_overrides(tmp_path_factory, **{"total_steps": 3, "ckpt_every": 1,
+                                           "eval_every": 100})
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        train.train_and_evaluate(load_config("default", "dataset=bbc_news", **kw), str(tmp_path))
+    assert kept_steps(tmp_path) == [1, 2]  # step 2 holds NaN
+    monkeypatch.setattr(train, "_all_finite", all_finite)
+    with pytest.raises(CorruptCheckpointError, match=r"checkpoints/2 holds NaN/Inf values .* "
+                                                     r"--config.restore_step=N \(kept: 1\)"):
+        train.train_and_evaluate(load_config("default", "dataset=bbc_news", **kw), str(tmp_path))
 
 
 def test_bad_optimizer_numbers_are_refused_before_anything_is_built(tmp_path, tmp_path_factory,
