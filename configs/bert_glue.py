@@ -26,6 +26,7 @@ def get_config(arg=None):
     c.eval_every = 1000
     c.ckpt_every = 1000
     c.keep_checkpoints = 2
+    c.restore_step = 0  # resume from this kept step (later ones are deleted); 0: the latest
     c.log_every = 50
 
     c.model = dict(name="bert", checkpoint=a.checkpoint, pooling=a.pooling, dtype="float32",

@@ -34,6 +34,7 @@ def get_config(arg=None):
     c.eval_every = 300
     c.ckpt_every = 300
     c.keep_checkpoints = 2
+    c.restore_step = 0  # resume from this kept step (later ones are deleted); 0: the latest
     c.log_every = 20
 
     # checkpoint=random: a tiny random BERT with the MiniLM tokenizer, for smoke tests.

