@@ -4,7 +4,8 @@ Reads top to bottom: config checks, mesh, data, model and pretrained weights, su
 shardings, restore, loop, evaluation. Resumes from DIR when it holds a checkpoint. Writes
 ``DIR/metrics.jsonl`` (one JSON object per line, each with ``step``), ``DIR/config.json``,
 TensorBoard events in ``DIR/tb``, checkpoints in ``DIR/checkpoints``, the final adapters in
-``DIR/adapters`` and ``DIR/summary.json``.
+``DIR/adapters``, ``DIR/summary.json`` and ``DIR/outputs.json`` (what the model's outputs are:
+the number of classes and their names, read by ``surm.runs`` and ``surm.export``).
 
 Multi-host (TPU pods, multi-node GPU): ``--distributed`` (or SURM_DISTRIBUTED=1) calls
 ``jax.distributed.initialize()``; on CPU give ``--coordinator_address``, ``--num_processes``
@@ -28,7 +29,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from surm import data, metrics, optim, peft, sharding
+from surm import data, metrics, optim, peft, runs, sharding
 from surm.checkpointing import Checkpoints, CorruptCheckpointError
 from surm.models import bert, factory
 from surm.peft import io as peft_io
@@ -193,6 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Data.
     dataset = data.get_dataset(config.input.dataset, config.input.get("data_dir") or None)
     dataset.record_run(workdir, write=main)  # Local files: label map etc. in dataset.json.
+    label_names = dataset.label_names()
     train_prep, eval_prep = preprocessors(config, dataset)
     shots = config.input.get("shots", 0)
     train_source = (dataset.source("train", k_per_class=shots, seed=config.seed) if shots
@@ -325,6 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                "adapter": counts["adapter"], "base": counts["base"],
                "wall_seconds": time.time() - wall_start}
     if main:
+        runs.write_record(workdir, data_spec, label_names)  # What the outputs are, for exports.
         peft_io.save(workdir / "adapters", jax.device_get(state["trainable"]), spec)
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
         head = f"test_{data_spec.metrics[0]}"
