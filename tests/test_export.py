@@ -248,3 +248,21 @@ def test_export_errors_are_one_line(csv_run, tmp_path, capsys):
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
+
+
+def test_cls_pooling_saves_as_a_pipeline_and_loads_back(tmp_path):
+    config = bert.BertConfig(num_labels=2, pooling="cls", vocab_size=1000, **{
+        "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64})
+    ids, mask = token_batch()
+    params = factory._init(bert.BERT(config), jax.random.PRNGKey(0), ids)
+    params["classifier"]["kernel"] = np.asarray(
+        jax.random.normal(jax.random.PRNGKey(1), (32, 2)))
+    bert.save(tmp_path / "cls", config, params, max_length=12)
+    pooling = json.loads((tmp_path / "cls" / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_cls_token"] and not pooling["pooling_mode_mean_tokens"]
+    assert bert.recorded_pooling(tmp_path / "cls") == "cls"
+    loaded, back = bert.load(tmp_path / "cls", num_labels=2)
+    assert loaded.pooling == "cls"
+    np.testing.assert_allclose(bert.BERT(loaded).apply({"params": back}, ids, mask),
+                               bert.BERT(config).apply({"params": params}, ids, mask),
+                               atol=1e-5)
