@@ -1,54 +1,111 @@
 """Export a finished run: ``python -m surm.export --workdir DIR --out PATH``.
 
+Needs only the workdir (and the base checkpoint the run started from), never the data: what the
+outputs are comes from the run's record (``outputs.json``, see `surm.runs`).
+
 lora mode with a structured family: the merged model (``scale * to_dense(S)`` folded into the
-kernels, zero inference overhead) in the base checkpoint's own format, a Hugging Face folder
-(``model.safetensors`` + ``config.json`` + tokenizer) for BERT, a google ``.npz`` for ViT,
-written to PATH/merged; and always the adapter-only files (``adapters.safetensors`` +
-``peft_spec.json``) in PATH/adapters. Adapter mode, Houlsby adapters and BitFit/probe runs have no
-mergeable update: their adapters (and trained base leaves) are exported alone.
+kernels, zero inference overhead) in PATH/merged:
+
+* BERT: a folder that transformers or sentence-transformers run as it is, in the layout the
+  run's pooling calls for (`surm.models.bert.save`): pooling='pooler' is a transformers
+  ``BertForSequenceClassification``; 'mean' and 'cls' are a sentence-transformers pipeline
+  (encoder, a pooling module that names the pooling, the classifier as a linear ``2_Dense``).
+* ViT: a google-format ``model.npz`` recording its architecture (layer scale, GELU form, ...),
+  so ``model.checkpoint=PATH/merged/model.npz`` builds the same model.
+
+and ``labels.json`` beside it (the class names in output order, where the data named them).
+Always: the adapter-only files (``adapters.safetensors`` + ``peft_spec.json``) in
+PATH/adapters, and the run's ``config.json`` and ``outputs.json``. Adapter mode, Houlsby
+adapters and BitFit/probe runs have no mergeable update: their adapters (and trained base
+leaves) are exported alone.
+
+PATH is written whole or not at all: into a temporary folder beside it, renamed at the end.
 """
 from __future__ import annotations
 
 import json
 import pathlib
 import shutil
+import sys
+import tempfile
 
 import jax
-import ml_collections
 from absl import app, flags
 
-from surm import data, peft
+from surm import peft, runs
 from surm.models import bert, factory, vit
-from surm.peft import io as peft_io
+
+
+def _check_out(out: pathlib.Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; export into a new one")
+
 
 def export(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict[str, str]:
+    """Writes the run in `workdir` to `out` (see the module docstring); returns what was
+    written (kind -> path). Raises FileNotFoundError, FileExistsError or ValueError, each with
+    a one-line message, before anything is written."""
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)
-    config_file, adapters = workdir / "config.json", workdir / "adapters"
-    if not config_file.is_file() or not (adapters / peft_io.WEIGHTS).is_file():
-        raise FileNotFoundError(f"{workdir} holds no finished run ({config_file.name} and "
-                                f"adapters/{peft_io.WEIGHTS} are written by surm.train at the end)")
-    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    num_classes = data.get_spec(config.input.dataset).num_classes
-    model, params, _ = factory.build(config.model, num_classes)
-    trainable, spec = peft_io.load(adapters, params)
-    written = {}
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; export into a new folder")
-    shutil.copytree(adapters, out / "adapters")
-    written["adapters"] = str(out / "adapters")
-    if spec.mergeable:
-        _, frozen = peft.split(params, spec)
-        merged = jax.device_get(peft.merge(peft.full_params(frozen, trainable),
-                                           trainable["adapters"], spec))
-        if config.model.name == "bert":
-            bert.save(out / "merged", model.config, merged,
-                      source=factory.tokenizer_folder(config.model))
-            written["merged"] = str(out / "merged")
-        else:
-            (out / "merged").mkdir(parents=True)
-            vit.save(out / "merged" / "model.npz", merged)
-            written["merged"] = str(out / "merged" / "model.npz")
+    _check_out(out)
+    run = runs.load_run(workdir)
+    merged = None
+    if run.spec.mergeable:
+        _, frozen = peft.split(run.base, run.spec)
+        merged = jax.device_get(peft.merge(peft.full_params(frozen, run.trainable),
+                                           run.trainable["adapters"], run.spec))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write(run, merged, staging)
+        _check_out(out)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    written = {"adapters": str(out / "adapters")}
+    if merged is not None:
+        is_vit = run.config.model.name == "vit"
+        written["merged"] = str(out / "merged" / "model.npz" if is_vit else out / "merged")
     return written
+
+
+def _write(run: runs.Run, merged: dict | None, folder: pathlib.Path) -> None:
+    shutil.copytree(run.workdir / "adapters", folder / "adapters")
+    shutil.copyfile(run.workdir / "config.json", folder / "config.json")
+    (folder / runs.RECORD).write_text(json.dumps(run.record, indent=2, ensure_ascii=False))
+    if merged is None:
+        return
+    target = folder / "merged"
+    target.mkdir()
+    if run.config.model.name == "bert":
+        bert.save(target, run.model.config, merged,
+                  source=factory.tokenizer_folder(run.config.model), labels=run.labels,
+                  max_length=run.config.input.get("max_length"))
+    else:
+        source = factory.vit_checkpoint_path(run.config.model)
+        posemb_method = vit.read_arch(source).get("posemb_method") if source else None
+        vit.save(target / "model.npz", merged, arch=vit.arch_of(run.model.config, posemb_method))
+    (target / "labels.json").write_text(json.dumps(
+        {"labels": run.labels, "num_classes": run.num_classes,
+         "regression": run.record["regression"]}, indent=2, ensure_ascii=False))
+
+
+def run_cli(workdir: str, out: str) -> int:
+    """The command: prints what was written, or one ``error:`` line; the exit status."""
+    try:
+        written = export(workdir, out)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        print(f"error: {'; '.join(lines)}", file=sys.stderr)
+        return 1
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    if "merged" not in written:
+        print("no merged model: this run's update is not a fixed matrix (adapter mode, Houlsby, "
+              "BitFit or a linear probe); load the adapters with surm.peft.io.load")
+    return 0
 
 
 def main(argv):
@@ -56,12 +113,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS.workdir or not flags.FLAGS.out:
         raise app.UsageError("--workdir and --out are required")
-    written = export(flags.FLAGS.workdir, flags.FLAGS.out)
-    for kind, path in written.items():
-        print(f"{kind}: {path}")
-    if "merged" not in written:
-        print("no merged model: this run's update is not a fixed matrix (adapter mode, Houlsby, "
-              "BitFit or a linear probe); load the adapters with surm.peft.io.load")
+    sys.exit(run_cli(flags.FLAGS.workdir, flags.FLAGS.out))
 
 
 if __name__ == "__main__":

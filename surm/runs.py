@@ -1,8 +1,15 @@
 """A finished ``surm.train`` run, loaded back from its workdir: config, model, pretrained
-weights, trained adapters and spec.
+weights, trained adapters and spec, and what its outputs mean.
 
     run = runs.load_run("runs/default")
     logits = peft.apply(run.model, run.frozen, run.trainable, run.spec, *inputs)
+
+The trainer records in ``WORKDIR/outputs.json`` what the model's outputs are (`write_record`):
+the dataset, its modality, the number of outputs (``num_classes``, 1 for regression) and the
+class names in output order when the data names them. Loading a run reads that record, never
+the data files, so a run can be loaded and exported on a machine without its data. Workdirs
+written before the record existed are read from what they hold (``dataset.json`` for local
+files, the registry for registered datasets).
 """
 from __future__ import annotations
 
@@ -14,7 +21,62 @@ from typing import Any
 import ml_collections
 
 from surm import data, peft
+from surm.data import local, registry
 from surm.peft import io as peft_io
+
+RECORD = "outputs.json"
+
+
+def write_record(workdir: str | pathlib.Path, data_spec: data.DatasetSpec,
+                 labels: list[str] | None) -> None:
+    """Writes ``workdir/outputs.json``: what the model's outputs are (module docstring)."""
+    record = {"dataset": data_spec.name, "modality": data_spec.modality,
+              "num_classes": data_spec.num_classes, "regression": data_spec.regression,
+              "labels": list(labels) if labels else None}
+    path = pathlib.Path(workdir) / RECORD
+    tmp = path.with_name(f".{RECORD}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False))
+    tmp.replace(path)
+
+
+def read_record(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> dict:
+    """The run's record (`write_record`'s fields), without reading any data file.
+
+    A workdir from before the record: a local dataset's ``dataset.json`` or the registry says
+    the same. Raises FileNotFoundError (one line, saying what to write) when neither does, and
+    ValueError for a damaged record.
+    """
+    workdir = pathlib.Path(workdir)
+    path = workdir / RECORD
+    name = config.input.dataset
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+            num_classes = record["num_classes"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path} is damaged: expected a JSON object with num_classes "
+                             f"(the model's outputs); fix or delete it") from None
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"{path}: num_classes={num_classes!r}; expected an integer >= 1")
+        labels = record.get("labels")
+        if labels is not None and len(labels) != num_classes:
+            raise ValueError(f"{path}: {len(labels)} labels for num_classes={num_classes}")
+        return {"dataset": name, "modality": None, "regression": num_classes == 1,
+                "labels": None, **record}
+    if local.is_local(name):
+        found = local.recorded_run(name, workdir)
+        if found is None:
+            raise FileNotFoundError(
+                f"{workdir} does not record how many classes its model outputs (no {RECORD} "
+                f"or {local.RUN_METADATA}); write {path} as {{\"num_classes\": N}} with N the "
+                f"classes of {name} (1 for regression) and try again")
+        spec, metadata = found
+        ids = metadata.get("label_map") or {}
+        labels = [n for n, _ in sorted(ids.items(), key=lambda item: item[1])] or None
+    else:
+        spec, labels = registry.get_spec(name), None
+    return {"dataset": name, "modality": spec.modality, "num_classes": spec.num_classes,
+            "regression": spec.regression, "labels": None if spec.regression else labels}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +87,24 @@ class Run:
     base: dict  # the pretrained parameters, as loaded
     trainable: dict  # adapters and the base leaves that trained in full
     spec: peft.PeftSpec
-    data_spec: data.DatasetSpec
+    record: dict  # `read_record`: num_classes, labels, ...
+
+    @property
+    def num_classes(self) -> int:
+        return self.record["num_classes"]
+
+    @property
+    def labels(self) -> list[str] | None:
+        """Class names in output order, where the data named them."""
+        return self.record["labels"]
+
+    @property
+    def data_spec(self) -> data.DatasetSpec:
+        """The dataset's spec: for a local dataset from the run's ``dataset.json`` when it has
+        one, else from the dataset itself (which then needs its files)."""
+        name = self.config.input.dataset
+        found = local.recorded_run(name, self.workdir) if local.is_local(name) else None
+        return found[0] if found else data.get_spec(name)
 
     @property
     def frozen(self) -> dict:
@@ -48,7 +127,7 @@ def load_run(workdir: str | pathlib.Path) -> Run:
                                 f"{config_file.name} and adapters/{peft_io.WEIGHTS}, written at "
                                 f"the end of a run); run the training first")
     config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    data_spec = data.get_spec(config.input.dataset)
-    model, base, _ = factory.build(config.model, data_spec.num_classes)
+    record = read_record(workdir, config)
+    model, base, _ = factory.build(config.model, record["num_classes"])
     trainable, spec = peft_io.load(adapters, base)
-    return Run(workdir, config, model, base, trainable, spec, data_spec)
+    return Run(workdir, config, model, base, trainable, spec, record)

@@ -7,7 +7,8 @@ when it holds a checkpoint: the latest, or ``--config.restore_step=N`` (a kept s
 checkpoints after it are deleted and written again by the resumed run). Writes
 ``DIR/metrics.jsonl`` (one JSON object per line, each with ``step``), ``DIR/config.json``,
 TensorBoard events in ``DIR/tb``, checkpoints in ``DIR/checkpoints``, the final adapters in
-``DIR/adapters`` and ``DIR/summary.json``.
+``DIR/adapters``, ``DIR/summary.json`` and ``DIR/outputs.json`` (what the model's outputs are:
+the number of classes and their names, read by ``surm.runs`` and ``surm.export``).
 
 Multi-host (TPU pods, multi-node GPU): ``--distributed`` (or SURM_DISTRIBUTED=1) calls
 ``jax.distributed.initialize()``; on CPU give ``--coordinator_address``, ``--num_processes``
@@ -32,7 +33,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from surm import data, metrics, optim, peft, sharding
+from surm import data, metrics, optim, peft, runs, sharding
 from surm import workdir as workdir_lock
 from surm.checkpointing import Checkpoints, CorruptCheckpointError, kept_steps
 from surm.models import bert, factory
@@ -232,6 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Data.
     dataset = data.get_dataset(config.input.dataset, config.input.get("data_dir") or None)
     check_workdir(config, workdir, dataset)
+    label_names = dataset.label_names()
     train_prep, eval_prep = preprocessors(config, dataset)
     shots = config.input.get("shots", 0)
     train_source = (dataset.source("train", k_per_class=shots, seed=config.seed) if shots
@@ -384,6 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    "adapter": counts["adapter"], "base": counts["base"],
                    "wall_seconds": time.time() - wall_start}
         if main:
+            runs.write_record(workdir, data_spec, label_names)  # the outputs, for exports
             peft_io.save(workdir / "adapters", jax.device_get(state["trainable"]), spec)
             (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
             head = f"test_{data_spec.metrics[0]}"

@@ -218,26 +218,3 @@ def test_corrupt_checkpoint_is_reported_not_overwritten(tmp_path, tmp_path_facto
         train.train_and_evaluate(cfg, str(tmp_path))
     assert all(p.read_bytes() == b"garbage" for p in victims)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
-
-
-def test_export_merged_model_reproduces_the_run(tmp_path, tmp_path_factory):
-    import jax
-    from surm import export, peft
-    from surm.models import bert
-    from surm.peft import io as peft_io
-    kw = bbc_overrides(tmp_path_factory, **{"eval_every": 100, "ckpt_every": 100})
-    cfg = load_config("default", "dataset=bbc_news,family=toeplitz", **{**kw, "total_steps": 3})
-    train.train_and_evaluate(cfg, str(tmp_path / "run"))
-    written = export.export(tmp_path / "run", tmp_path / "out")
-    config, merged = bert.load(written["merged"], num_labels=5, pooling="mean")
-    model = bert.BERT(config)
-    ids = jax.random.randint(jax.random.PRNGKey(0), (2, 12), 0, 30000)
-    from surm.models import factory
-    _, base, _ = factory.build(cfg.model, 5)
-    trainable, spec = peft_io.load(tmp_path / "run" / "adapters", base)
-    _, frozen = peft.split(base, spec)
-    np.testing.assert_allclose(model.apply({"params": merged}, ids),
-                               peft.apply(bert.BERT(config), frozen, trainable, spec, ids),
-                               atol=1e-4)
-    with pytest.raises(FileExistsError):
-        export.export(tmp_path / "run", tmp_path / "out")

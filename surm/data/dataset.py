@@ -82,6 +82,20 @@ class Dataset:
         return TextPreprocess(text_keys=spec.text_keys, label_key=spec.label_key,
                               regression=spec.regression, **options)
 
+    def label_names(self) -> list[str] | None:
+        """The class names in class-id order: a local dataset's label map, a registered one's
+        tfds ``ClassLabel`` names; None for a regression target or classes without names."""
+        spec = self.spec
+        if spec.regression:
+            return None
+        if self.metadata is not None:
+            ids = self.metadata.get("label_map") or {}
+            return [str(name) for name, _ in sorted(ids.items(), key=lambda item: item[1])] or None
+        features = self.info.features
+        names = getattr(features[spec.label_key], "names", None) if (
+            spec.label_key in features) else None
+        return [str(n) for n in names] if names and len(names) == spec.num_classes else None
+
     def record_run(self, workdir: str | os.PathLike, *, write: bool = True) -> None:
         """A local dataset writes its metadata (label map, counts, source) to
         ``workdir/dataset.json``, and refuses a workdir whose run saw other content; a

@@ -14,6 +14,10 @@ transpose of the linear weights::
     pooler/dense/{kernel,bias}                                          only with pooling='pooler'
     classifier/{kernel,bias}                                            (hidden, num_labels)
 
+`save` writes a fine-tuned model in the layout its pooling calls for (a transformers
+BertForSequenceClassification folder for 'pooler', a sentence-transformers folder naming its
+pooling otherwise); `load` reads both back.
+
 Every linear layer is an `nn.Dense` sub-module applied through its ``__call__``, so parameter
 surgery can intercept it (`nn.intercept_methods`).
 
@@ -372,48 +376,182 @@ def _hf_name(path: str, value: np.ndarray) -> tuple[str, np.ndarray]:
     return f"{module.replace('/', '.')}.{leaf}", value
 
 
+# The layouts `save` writes and `load` reads back. transformers' BertForSequenceClassification
+# computes pooling='pooler'; the other poolings are written as a sentence-transformers pipeline
+# (encoder, pooling, dense head), which names its pooling.
+HF_CLASSIFIER = "BertForSequenceClassification"
+ST_POOLING_MODES = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token"}
+_ST_MODULES = "modules.json"
+_ST_IDENTITY = "torch.nn.modules.linear.Identity"
+_ST_POOLING, _ST_HEAD = "1_Pooling", "2_Dense"
+# Fields of a source config.json that describe its own head, not the saved one.
+_HEAD_FIELDS = ("architectures", "id2label", "label2id", "num_labels", "problem_type",
+                "finetuning_task", "_name_or_path")
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                    "special_tokens_map.json")
+
+
+def _write_json(path: pathlib.Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _save_tensors(path: pathlib.Path, tensors: Mapping[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                str(path))
+
+
 def save(folder: str | os.PathLike, config: BertConfig, params: Mapping, *,
-         source: str | os.PathLike | None = None) -> None:
-    """Writes ``params`` as a Hugging Face folder that `load` (and HF BertModel) reads:
-    ``model.safetensors`` (PyTorch layout, names without a prefix) and ``config.json``; the
-    tokenizer files are copied from ``source`` when given."""
+         source: str | os.PathLike | None = None, labels: list[str] | None = None,
+         max_length: int | None = None) -> None:
+    """Writes a BERT classifier as a folder that other libraries run unchanged, in the layout
+    its pooling calls for; `load` reads both back, pooling and head included.
+
+    * ``pooling='pooler'`` (tanh dense on [CLS], what transformers computes): a transformers
+      ``BertForSequenceClassification`` folder: ``config.json`` (``architectures``,
+      ``id2label``/``label2id`` from `labels`, else ``LABEL_<i>``, ``problem_type``) and
+      ``model.safetensors`` (``bert.``-prefixed encoder and pooler, ``classifier.*``).
+    * ``pooling='mean'`` or ``'cls'``, which that class does not compute: a sentence-transformers
+      folder: the encoder as a transformers ``BertModel`` at the top (``config.json``,
+      ``model.safetensors`` without prefix), ``modules.json``, ``sentence_bert_config.json``
+      (``max_seq_length``: `max_length`), ``1_Pooling/config.json`` naming the pooling, and the
+      classifier as ``2_Dense`` (a linear layer with identity activation, ``linear.weight``
+      (out, in) and ``linear.bias``): the pipeline's "sentence embedding" is the logits.
+
+    The tokenizer files are copied from `source`, whose ``config.json`` supplies the fields
+    `config` does not hold.
+    """
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     flat = dict(_hf_name(path, np.asarray(v, np.float32))
                 for path, v in flax.traverse_util.flatten_dict(params, sep="/").items())
-    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in flat.items()},
-                                str(folder / "model.safetensors"))
     hf = {}
     if source is not None and os.path.isfile(os.path.join(source, "config.json")):
         with open(os.path.join(source, "config.json")) as f:
-            hf = json.load(f)
-    hf.update(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+            hf = {k: v for k, v in json.load(f).items() if k not in _HEAD_FIELDS}
+    hf.update(model_type="bert", vocab_size=config.vocab_size, hidden_size=config.hidden_size,
               num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
               intermediate_size=config.intermediate_size,
               max_position_embeddings=config.max_position_embeddings,
               type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps,
-              hidden_act=config.hidden_act, num_labels=config.num_labels)
-    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+              hidden_act=config.hidden_act, position_embedding_type="absolute")
+    if labels is not None and len(labels) != config.num_labels:
+        raise ValueError(f"{len(labels)} labels for num_labels={config.num_labels}")
+    if config.pooling == "pooler":
+        names = list(labels or [f"LABEL_{i}" for i in range(config.num_labels)])
+        hf.update(architectures=[HF_CLASSIFIER],
+                  id2label={str(i): name for i, name in enumerate(names)},
+                  label2id={name: i for i, name in enumerate(names)},
+                  problem_type=("regression" if config.num_labels == 1
+                                else "single_label_classification"))
+        if config.classifier_dropout is not None:
+            hf["classifier_dropout"] = config.classifier_dropout
+        _save_tensors(folder / "model.safetensors",
+                      {k if k.startswith("classifier.") else f"bert.{k}": v
+                       for k, v in flat.items()})
+    else:
+        head = {"linear.weight": flat.pop("classifier.weight"),
+                "linear.bias": flat.pop("classifier.bias")}
+        hf.update(architectures=["BertModel"])
+        _save_tensors(folder / "model.safetensors", flat)
+        _save_tensors(folder / _ST_HEAD / "model.safetensors", head)
+        _write_json(folder / _ST_HEAD / "config.json", {
+            "in_features": config.hidden_size, "out_features": config.num_labels,
+            "bias": True, "activation_function": _ST_IDENTITY})
+        _write_json(folder / _ST_POOLING / "config.json", {
+            "word_embedding_dimension": config.hidden_size,
+            **{mode: pooling == config.pooling for pooling, mode in ST_POOLING_MODES.items()},
+            "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False})
+        _write_json(folder / "sentence_bert_config.json", {
+            "max_seq_length": max_length or config.max_position_embeddings,
+            "do_lower_case": False})
+        _write_json(folder / _ST_MODULES, [
+            {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+            for i, (path, kind) in enumerate(
+                [("", "Transformer"), (_ST_POOLING, "Pooling"), (_ST_HEAD, "Dense")])])
+    _write_json(folder / "config.json", hf)
     if source is not None:
-        for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
-                     "special_tokens_map.json"):
+        for name in _TOKENIZER_FILES:
             if os.path.isfile(os.path.join(source, name)):
                 shutil.copyfile(os.path.join(source, name), folder / name)
 
 
-def load(folder: str | os.PathLike, *, num_labels: int = 2, pooling: str = "pooler",
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def _st_modules(folder: str) -> list[dict]:
+    path = os.path.join(folder, _ST_MODULES)
+    return _read_json(path) if os.path.isfile(path) else []
+
+
+def recorded_pooling(folder: str | os.PathLike) -> str | None:
+    """The pooling a folder's own layout says its head reads: 'pooler' for a transformers
+    ``BertForSequenceClassification``, 'mean' or 'cls' for a sentence-transformers pooling
+    module (other sentence-transformers poolings: None); None when it says nothing."""
+    folder = os.fspath(folder)
+    modules = _st_modules(folder)
+    if modules:
+        pooling = next((m for m in modules if m.get("type", "").endswith(".Pooling")), None)
+        if pooling is None:
+            return None
+        cfg = _read_json(os.path.join(folder, pooling.get("path", ""), "config.json"))
+        on = {mode for mode, value in cfg.items() if mode.startswith("pooling_mode_") and value}
+        return next((name for name, mode in ST_POOLING_MODES.items() if on == {mode}), None)
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    return "pooler" if HF_CLASSIFIER in (_read_json(config_path).get("architectures") or []) \
+        else None
+
+
+def _st_head(folder: str) -> dict[str, tuple[np.ndarray, str]]:
+    """A sentence-transformers head `save` writes: the Dense module right after the pooling,
+    linear (identity activation) with a bias, in safetensors. Model path -> (Flax array, the
+    file's name for it); empty when the folder has none."""
+    modules = _st_modules(folder)
+    index = next((i for i, m in enumerate(modules) if m.get("type", "").endswith(".Pooling")),
+                 None)
+    if index is None or index + 1 >= len(modules) or not modules[index + 1].get(
+            "type", "").endswith(".Dense"):
+        return {}
+    dense = os.path.join(folder, modules[index + 1].get("path", ""))
+    cfg = _read_json(os.path.join(dense, "config.json"))
+    weights = os.path.join(dense, "model.safetensors")
+    if cfg.get("activation_function") != _ST_IDENTITY or not cfg.get("bias", True) or (
+            not os.path.isfile(weights)):
+        log.info("BERT load: %s is not a linear head in safetensors; not used as the "
+                 "classifier", dense)
+        return {}
+    tensors = safetensors.numpy.load_file(weights)
+    if set(tensors) != {"linear.weight", "linear.bias"}:
+        raise ValueError(f"{weights} holds {sorted(tensors)}; expected linear.weight and "
+                         "linear.bias")
+    return {"classifier/kernel": (tensors["linear.weight"].T, f"{weights}:linear.weight"),
+            "classifier/bias": (tensors["linear.bias"], f"{weights}:linear.bias")}
+
+
+def load(folder: str | os.PathLike, *, num_labels: int = 2, pooling: str | None = None,
          **overrides) -> tuple[BertConfig, dict]:
     """Reads a Hugging Face BERT folder (``config.json`` + ``model.safetensors``), no torch.
 
     Tensor names may carry the ``bert.`` prefix (BertFor... checkpoints) or not (BertModel).
     ``embeddings.position_ids`` and pre-training heads (``cls.*``) are skipped; so is the
-    pooler when `pooling` is not 'pooler'. A ``classifier.*`` of the right shape is kept,
+    pooler when `pooling` is not 'pooler'. A ``classifier.*`` of the right shape is kept, as
+    is the linear head of a sentence-transformers folder that `save` wrote (``2_Dense``);
     otherwise the classifier is fresh (zero-initialised). Each of these says so in a log line.
 
     Args:
       folder: the folder.
       num_labels: classifier outputs (1 for regression).
-      pooling: one of `POOLINGS`.
+      pooling: one of `POOLINGS`; None: the one the folder records (`recorded_pooling`), else
+        'pooler'. A kept head that was trained on another pooling than the one asked for gets
+        a warning.
       **overrides: other `BertConfig` fields, e.g. ``dtype="bfloat16"``, ``hidden_dropout=0``.
 
     Returns:
@@ -428,9 +566,10 @@ def load(folder: str | os.PathLike, *, num_labels: int = 2, pooling: str = "pool
     folder = os.fspath(folder)
     config_path = _file_in(folder, "config.json")
     weights_path = _file_in(folder, "model.safetensors")
-    with open(config_path) as f:
-        config = BertConfig.from_hf(json.load(f), num_labels=num_labels, pooling=pooling,
-                                    **overrides)
+    recorded = recorded_pooling(folder)
+    chosen = pooling or recorded or "pooler"
+    config = BertConfig.from_hf(_read_json(config_path), num_labels=num_labels,
+                                pooling=chosen, **overrides)
 
     flat, origin, skipped = {}, {}, []
     for hf_name, value in safetensors.numpy.load_file(weights_path).items():
@@ -442,10 +581,13 @@ def load(folder: str | os.PathLike, *, num_labels: int = 2, pooling: str = "pool
         flat[path], origin[path] = value, hf_name
     if skipped:
         log.info("BERT load: skipping buffers / pre-training heads: %s", ", ".join(skipped))
+    if "classifier/kernel" not in flat:
+        for path, (value, name) in _st_head(folder).items():
+            flat[path], origin[path] = value, name
 
     expected = _loading.expected_shapes(BERT(config), jnp.zeros((1, 1), jnp.int32))
-    if pooling != "pooler" and any(k.startswith("pooler/") for k in flat):
-        log.info("BERT load: pooling=%r, skipping the checkpoint's pooler", pooling)
+    if chosen != "pooler" and any(k.startswith("pooler/") for k in flat):
+        log.info("BERT load: pooling=%r, skipping the checkpoint's pooler", chosen)
         flat = {k: v for k, v in flat.items() if not k.startswith("pooler/")}
     head = ("classifier/kernel", "classifier/bias")
     if any(k not in flat or flat[k].shape != expected[k] for k in head):
@@ -454,6 +596,10 @@ def load(folder: str | os.PathLike, *, num_labels: int = 2, pooling: str = "pool
                  "fresh zero-initialised classifier", found, num_labels,
                  expected["classifier/kernel"])
         flat.update({k: np.zeros(expected[k], np.float32) for k in head})
+    elif recorded and chosen != recorded:
+        log.warning("BERT load: %s holds a classifier trained on pooling=%r; pooling=%r feeds "
+                    "it other features (pass pooling=%r to use it as trained)", folder,
+                    recorded, chosen, recorded)
 
     _loading.check_tree(flat, expected, weights_path,
                         origin=lambda path: f"{origin.get(path, path)} (as {path})")

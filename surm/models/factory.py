@@ -8,8 +8,10 @@
     model.variant     ViT size/patch for random init or to shape an .npz, e.g. "S/16"; ignored
                       for checkpoints that record their architecture (converted ones do)
     model.depth       blocks of a random ViT, when fewer than its variant's (quick checks)
-    model.image_size, model.pooling, model.dtype, and for random BERTs the BertConfig fields
-                      under model.bert (e.g. hidden_size, num_layers)
+    model.pooling     BERT's sentence representation (surm.models.bert.POOLINGS); unset: the one
+                      the checkpoint folder records (a surm export does), else "pooler"
+    model.image_size, model.dtype, and for random BERTs the BertConfig fields under
+                      model.bert (e.g. hidden_size, num_layers)
 """
 from __future__ import annotations
 
@@ -44,10 +46,11 @@ def build(cfg: Mapping[str, Any], num_classes: int, rng=None):
     dtype = _get(cfg, "dtype", "float32")
     rng = jax.random.PRNGKey(0) if rng is None else rng
     if name == "bert":
-        pooling = _get(cfg, "pooling", "pooler")
+        # None: the pooling the checkpoint folder records (a surm export does), else "pooler".
+        pooling = _get(cfg, "pooling")
         if ckpt == "random":
-            config = bert.BertConfig(num_labels=num_classes, pooling=pooling, dtype=dtype,
-                                     **dict(_get(cfg, "bert", {})))
+            config = bert.BertConfig(num_labels=num_classes, pooling=pooling or "pooler",
+                                     dtype=dtype, **dict(_get(cfg, "bert", {})))
             model = bert.BERT(config)
             ids = jnp.zeros((1, 8), jnp.int32)
             return model, _init(model, rng, ids), (ids,)
@@ -58,8 +61,7 @@ def build(cfg: Mapping[str, Any], num_classes: int, rng=None):
     if name == "vit":
         fields = dict(num_classes=num_classes, image_size=_get(cfg, "image_size", 224),
                       classifier=_get(cfg, "classifier", "token"), dtype=dtype)
-        path = None if ckpt == "random" else (
-            convert_onnx_vit.cached_npz() if ckpt == convert_onnx_vit.NAME else os.fspath(ckpt))
+        path = vit_checkpoint_path(cfg)
         config = vit.checkpoint_config(path, **fields) if path else None
         if config is None:  # No architecture recorded: the variant says.
             depth = {"depth": int(cfg["depth"])} if _get(cfg, "depth") else {}
@@ -70,6 +72,14 @@ def build(cfg: Mapping[str, Any], num_classes: int, rng=None):
             return model, _init(model, rng, images), (images,)
         return model, vit.load(path, config), (images,)
     raise ValueError(f"unknown model.name {name!r}; known: bert, vit")
+
+
+def vit_checkpoint_path(cfg: Mapping[str, Any]) -> str | None:
+    """The ``.npz`` a ViT config loads (a named checkpoint converted first); None: random."""
+    ckpt = _get(cfg, "checkpoint", "random")
+    if ckpt == "random":
+        return None
+    return convert_onnx_vit.cached_npz() if ckpt == convert_onnx_vit.NAME else os.fspath(ckpt)
 
 
 def tokenizer_folder(cfg: Mapping[str, Any]) -> str:

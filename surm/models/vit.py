@@ -375,6 +375,13 @@ def read_arch(path: str | os.PathLike) -> dict[str, Any]:
         return _parse_arch(npz[ARCH_KEY], path) if ARCH_KEY in npz.files else {}
 
 
+def arch_of(config: ViTConfig, posemb_method: str | None = None) -> dict[str, Any]:
+    """The architecture record of a model (`ARCH_FIELDS`, and `posemb_method` when given), for
+    `save(..., arch=...)`."""
+    arch = {field: getattr(config, field) for field in ARCH_FIELDS}
+    return {**arch, "posemb_method": posemb_method} if posemb_method else arch
+
+
 def checkpoint_config(path: str | os.PathLike, **overrides) -> ViTConfig | None:
     """The `ViTConfig` a `.npz` records, completed by `overrides` (at least `num_classes`;
     `image_size`, `classifier`, `dtype`, ...); None for a file that records none."""

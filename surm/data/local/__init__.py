@@ -136,3 +136,13 @@ def record_run(metadata: dict, folder: pathlib.Path, workdir: pathlib.Path, *,
     if write:
         path.write_text(json.dumps({**metadata, "cache": str(folder)}, indent=2,
                                    ensure_ascii=False))
+
+
+def recorded_run(name: str, workdir: pathlib.Path) -> tuple[DatasetSpec, dict] | None:
+    """The spec and metadata that a run in ``workdir`` recorded in ``dataset.json`` (see
+    `record_run`), read without the data files; None when it recorded none."""
+    path = workdir / RUN_METADATA
+    if not path.is_file():
+        return None
+    metadata = json.loads(path.read_text())
+    return _dataset_spec(name, metadata), metadata
