@@ -13,7 +13,8 @@ mode (lora/adapter), targets (preset or rules, ';'-separated), rank, block_size,
 authors' T(a) T(b)), factors (kronecker: AxB, the first factor's shape; the authors' Kronecker
 LoRA kron(B, A), A (r, d/r), is factors=<r>x<d/r> with scale=<alpha/r>), alpha (lowrank,
 kronecker, ldr: scale = alpha / rank, LoRA's convention), scale (the update's multiplier),
-dataset, seed, steps, batch, lr, head_lr, shots (k examples per class drawn with the seed;
+dataset, seed, steps, batch, lr and head_lr (default: the method's own, tuned on validation by the
+study: surm/tuned_lrs.json), shots (k examples per class drawn with the seed;
 0 = all), max_length, checkpoint (minilm_l6, a Hugging Face BERT folder, or random: a tiny
 random BERT).
 dataset: a text dataset name, or your own file (surm.data.local), e.g.
@@ -26,7 +27,7 @@ def get_config(arg=None):
     a = config_args.parse(arg, family="circulant", mode="lora", targets="", rank=None,
                           block_size=None, factors="", form=None, alpha=None, scale=None,
                           dataset="tweet_sentiment",
-                          seed=0, steps=600, batch=32, lr=None, head_lr=1e-3, shots=0,
+                          seed=0, steps=600, batch=32, lr=None, head_lr=None, shots=0,
                           max_length=64, checkpoint="minilm_l6")
     c = config_args.ml_collections.ConfigDict()
     c.seed = a.seed
@@ -48,12 +49,11 @@ def get_config(arg=None):
 
     c.peft = config_args.peft_block(a)
 
-    # 5e-3 for the updates (a 150-step probe of the circulant default: 5e-3 reached 0.727
-    # validation accuracy, 3e-2 only 0.549); full fine-tuning wants far less.
-    default_lr = {"full": 5e-5, "linear_probe": a.head_lr}.get(a.family, 5e-3)
-    c.optimizer = dict(name="adamw", lr=a.lr if a.lr is not None else default_lr,
-                       head_lr=a.head_lr, weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.9,
-                       grad_clip=1.0, schedule="linear", warmup_frac=0.06)
+    # lr and head_lr: each method's own, tuned on validation by the study (surm/tuned_lrs.json;
+    # lr_from says which runs chose them), unless given.
+    c.optimizer = dict(name="adamw", **config_args.learning_rates(a, "text"), weight_decay=0.0,
+                       b1=0.9, b2=0.999, momentum=0.9, grad_clip=1.0, schedule="linear",
+                       warmup_frac=0.06)
 
     c.mesh = dict(data=-1, model=1, fsdp=False)
     return c

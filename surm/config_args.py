@@ -50,6 +50,22 @@ def parse(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(values)
 
 
+def learning_rates(a: ml_collections.ConfigDict, kind: str) -> dict[str, Any]:
+    """``lr`` and ``head_lr`` of a config: the arguments where given, else the method's tuned
+    defaults (``surm.defaults``, from the study's runs chosen on validation), with ``lr_from``
+    saying where they came from."""
+    from surm import defaults
+
+    given = {k: a.get(k) for k in ("lr", "head_lr")}
+    if all(v is not None for v in given.values()):
+        return {**given, "lr_from": "config arguments"}
+    tuned = defaults.lookup(kind, a.family, a.mode)
+    out = {k: v if v is not None else tuned[k] for k, v in given.items()}
+    taken = [k for k, v in given.items() if v is None]
+    return {**out, "lr_from": f"{' and '.join(taken)} tuned ({kind}, surm/tuned_lrs.json): "
+                              f"{tuned['from']}"}
+
+
 def peft_block(a: ml_collections.ConfigDict, *, dropout: float = 0.0) -> dict[str, Any]:
     """The ``peft`` block of a config from its parsed arguments (family, mode, targets with ';'
     between rules, rank, block_size, form, factors, alpha, scale), every other knob at its
