@@ -2,8 +2,6 @@
 trained, and says what it computes (the transformers / sentence-transformers layouts are pinned
 here; scripts/check_hf_export.py runs them in those libraries)."""
 import csv
-import dataclasses
-import importlib.util
 import json
 import pathlib
 import shutil
@@ -16,24 +14,9 @@ import safetensors.numpy
 from surm import data, export, peft, runs, train
 from surm.models import bert, factory, vit
 from surm.peft import io as peft_io
+from test_train import TINY_BERT, load_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY_BERT = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 LABELS = ["business", "sport", "tech"]
-
-
-def load_config(name, arg="", **overrides):
-    spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
 
 
 def run_logits(workdir, *inputs):

@@ -181,7 +181,8 @@ def test_followups_run_the_other_seeds_at_the_chosen_values(tmp_path):
 
 
 def test_print_commands_dedupes_baselines_and_matches_grid_file(tmp_path, capsys):
-    families = "circulant,lowrank:rank=1;4,houlsby:rank=8,bitfit,linear_probe,full:lr=1e-5;1e-4"
+    families = ("circulant,lowrank:rank=1;4,houlsby:rank=8,bitfit,linear_probe,"
+                "full:lr=1e-5;1e-4:head_lr=1e-3")
     argv = ["--config", CONFIG, "--base", "checkpoint=random", "--families", families,
             "--modes", "lora,adapter", "--seeds", "0,1", "--datasets", "bbc_news,tweet_sentiment",
             "--set", "total_steps=20", "--root", str(tmp_path / "a"), "--print_commands"]
