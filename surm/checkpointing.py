@@ -10,9 +10,11 @@ writing it).
 """
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import sys
+import warnings
 
 import grain
 import jax
@@ -30,15 +32,38 @@ def kept_steps(workdir: str | os.PathLike) -> list[int]:
 
 
 def _drop_closed_loop_noise(unraisable) -> None:
-    """After a failed restore, tensorstore reads still in flight finish into orbax's closed
-    asyncio loop; each prints a 'RuntimeError: Event loop is closed' traceback (hundreds of
-    lines for a real model) after the one-line error. Those, and only those, are dropped."""
+    """Tensorstore reads still in flight when a restore fails finish into orbax's closed asyncio
+    loop; each prints a 'RuntimeError: Event loop is closed' traceback (hundreds of lines for a
+    real model). Those, and only those, are dropped."""
     if not (isinstance(unraisable.exc_value, RuntimeError)
             and str(unraisable.exc_value) == "Event loop is closed"):
         _previous_unraisablehook(unraisable)
 
 
 _previous_unraisablehook = sys.unraisablehook
+
+
+def _drop_unretrieved_reads(record: logging.LogRecord) -> bool:
+    """The same failure's other reads, collected later as asyncio tasks whose exception nobody
+    retrieved ('Task exception was never retrieved', logged by asyncio): dropped too."""
+    return not record.getMessage().startswith("Task exception was never retrieved")
+
+
+class _RestoreNoise:
+    """While a restore runs, and after it if it failed (its reads finish and are collected
+    later), the two kinds of noise above are dropped; a restore that succeeds puts things back."""
+
+    def __enter__(self):
+        sys.unraisablehook = _drop_closed_loop_noise
+        logging.getLogger("asyncio").addFilter(_drop_unretrieved_reads)
+
+    def __exit__(self, kind, value, traceback):
+        if kind is None:
+            sys.unraisablehook = _previous_unraisablehook
+            logging.getLogger("asyncio").removeFilter(_drop_unretrieved_reads)
+        else:  # and its coroutines that never ran, reported when they are collected
+            warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
+        return False
 
 
 class Checkpoints:
@@ -70,11 +95,11 @@ class Checkpoints:
         """The saved state (shaped and sharded like ``state_like``); moves the iterator."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract),
-                data=grain.checkpoint.CheckpointRestore(data_iterator)))
+            with _RestoreNoise():
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract),
+                    data=grain.checkpoint.CheckpointRestore(data_iterator)))
         except Exception as e:  # orbax raises many types for unreadable/mismatched files
-            sys.unraisablehook = _drop_closed_loop_noise
             raise CorruptCheckpointError(
                 f"checkpoint {self.directory / str(step)} cannot be restored ({type(e).__name__}: "
                 f"{' '.join(str(e).split())[:300]}). It was left untouched. If it is damaged, "

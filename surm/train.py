@@ -428,6 +428,12 @@ def main(argv):
     except (ValueError, FileNotFoundError, FloatingPointError, CorruptCheckpointError,
             workdir_lock.WorkdirBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, CorruptCheckpointError):
+            # The failed restore's reads are still collected at exit, each with its own
+            # traceback or warning: the run is over and its files closed, so leave now.
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(1)
         sys.exit(1)
 
 
