@@ -232,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # Data.
     dataset = data.get_dataset(config.input.dataset, config.input.get("data_dir") or None)
-    check_workdir(config, workdir, dataset)
+    dataset.record_run(workdir, write=False)  # local data: the content this workdir saw
     label_names = dataset.label_names()
     train_prep, eval_prep = preprocessors(config, dataset)
     shots = config.input.get("shots", 0)
