@@ -195,8 +195,10 @@ def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
         step_rng = jax.random.fold_in(state["rng"], state["step"])
 
         def loss_fn(tr):
+            model_rng, adapter_rng = jax.random.split(step_rng)
             out = peft.apply(model, frozen, tr, spec, *model_inputs(batch, modality),
-                             train=True, rng=step_rng, lora_path=lora_path)
+                             train=True, rngs={"dropout": model_rng}, rng=adapter_rng,
+                             lora_path=lora_path)
             return _loss(out, batch["label"], regression)
 
         loss, grads = jax.value_and_grad(loss_fn)(state["trainable"])

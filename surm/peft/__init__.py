@@ -1,18 +1,23 @@
 """Parameter-tree surgery: PEFT specs, adapter injection, forward, merge, reports, adapter files.
 
-    spec = peft.PeftSpec.create(family="circulant", mode="lora", targets="qv")
+    spec = peft.PeftSpec.create(method="lora", structure="circulant", targets="qv")
     trainable, frozen = peft.init(base_params, spec, rng)
     logits = peft.apply(model, frozen, trainable, spec, *inputs, train=False)
     merged = peft.merge(peft.full_params(frozen, trainable), trainable["adapters"], spec)
+
+Any Linen model: ``layers = peft.layers.trace(model, params, *inputs)`` finds its linear layers
+as they run (Dense, DenseGeneral, Einsum, scanned stacks); pass ``layers=layers`` to ``init``.
 """
+from surm.peft import layers, methods
 from surm.peft.report import count, format_report
-from surm.peft.spec import BASELINES, MODES, PRESETS, PeftSpec, config_to_spec, match_targets
+from surm.peft.spec import (BASELINES, METHODS, MODES, PRESETS, PeftSpec, Target, config_to_spec,
+                            match_targets)
 from surm.peft.surgery import (LORA_PATHS, MATMUL_OVER_FFT_RATE, apply, check_lora_path,
                                flops_per_row, full_params, init, inject, linear_modules,
-                               lora_path_for, merge, split, targets, unmerge)
+                               lora_path_for, merge, split, target_layouts, targets, unmerge)
 
-__all__ = ["BASELINES", "LORA_PATHS", "MATMUL_OVER_FFT_RATE", "MODES", "PRESETS", "PeftSpec",
-           "apply", "check_lora_path", "config_to_spec", "count", "flops_per_row", "format_report",
-           "full_params",
-           "init", "inject", "linear_modules", "lora_path_for", "match_targets", "merge", "split",
-           "targets", "unmerge"]
+__all__ = ["BASELINES", "LORA_PATHS", "MATMUL_OVER_FFT_RATE", "METHODS", "MODES", "PRESETS",
+           "PeftSpec", "Target", "apply", "check_lora_path", "config_to_spec", "count",
+           "flops_per_row", "format_report", "full_params", "init", "inject", "layers",
+           "linear_modules", "lora_path_for", "match_targets", "merge", "methods", "split",
+           "target_layouts", "targets", "unmerge"]

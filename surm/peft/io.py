@@ -36,15 +36,17 @@ def save(folder: str | os.PathLike, trainable: Mapping, spec: PeftSpec) -> None:
         os.replace(tmp, folder / name)
 
 
-def load(folder: str | os.PathLike, base_params: Mapping) -> tuple[dict, PeftSpec]:
-    """(trainable, spec) from ``save``'s files, shaped against ``base_params``."""
+def load(folder: str | os.PathLike, base_params: Mapping, layers: Mapping | None = None
+         ) -> tuple[dict, PeftSpec]:
+    """(trainable, spec) from ``save``'s files, shaped against ``base_params`` (and ``layers``,
+    the ``surm.peft.layers.trace`` the adapters were made with, if any)."""
     folder = pathlib.Path(folder)
     for name in (WEIGHTS, SPEC):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} not found: an adapter folder holds "
                                     f"{WEIGHTS} and {SPEC} (written by surm.peft.io.save)")
     spec = PeftSpec.from_json((folder / SPEC).read_text())
-    template, _ = surgery.init(base_params, spec, jax.random.PRNGKey(0))
+    template, _ = surgery.init(base_params, spec, jax.random.PRNGKey(0), layers)
     want = {k: np.shape(v) for k, v in tree.flatten(template).items()}
     got = safetensors.numpy.load_file(str(folder / WEIGHTS))
     problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(got))]

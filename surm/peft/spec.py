@@ -1,17 +1,31 @@
 """What to fine-tune: the PEFT spec and the target rules over '/'-joined parameter paths.
 
-A spec names a *method*, the modules it targets and what else trains:
+A spec names a *method*, the *structure* of its matrices, the modules it targets and what else
+trains:
 
-    family        a structured family (``surm.structured.FAMILIES``; ``lowrank`` is LoRA), or a
-                  baseline: ``houlsby`` (bottleneck adapter), ``bitfit`` (biases), ``linear_probe``
-                  (head only), ``full`` (every weight)
-    mode          ``lora``: y = x W0 + scale * S(x)   (S starts at 0)
-                  ``adapter``: after a sublayer's output projection h <- h + act(S(h)) + b
-    hparams       the family's hyper-parameters, e.g. {"rank": 4} or {"block_size": 96}
+    method        lora      y = x W0 + scale * S(x)   (S starts at 0)           surm.peft.methods
+                  adapter   after a sublayer's output projection h <- h + act(S(h)) + b
+                  houlsby   the bottleneck adapter (dense down/up projections, rank=...)
+                  bitfit    the biases train; probe: the head alone; full: every weight
+    structure     a family of ``surm.structured.FAMILIES`` (``lowrank`` is LoRA) for lora and
+                  adapter; none for the others
+    hparams       the structure's hyper-parameters, e.g. {"rank": 4} or {"block_size": 96}
     targets       rules selecting linear modules by path (see ``match_targets``)
+    patterns      per-target settings, like PEFT's rank_pattern: {rule: {"structure": ...,
+                  <hyper-parameter>: ..., "scale": ..., "alpha": ...}}; the first rule that
+                  matches a target wins and replaces the spec's values it names (a new
+                  structure starts from its own default hyper-parameters)
+    heads         rules naming the modules that train in full as output layers (default: the
+                  top-level ``head`` or ``classifier``). ``()`` says the model has none; with
+                  the default rules, a model with no such module gets a warning naming its
+                  likely output layers
     scale         the lora update's multiplier s in y = x W0 + s S(x) (default 1)
-    alpha         instead of scale, LoRA's convention: s = alpha / rank (families with a rank:
+    alpha         instead of scale, LoRA's convention: s = alpha / rank (structures with a rank:
                   lowrank, kronecker, ldr), as LoRA and the SURM authors' Kronecker LoRA use it
+
+``PeftSpec.create(family=..., mode=...)`` takes the configs' older vocabulary too: ``family`` is
+a structure (its method is ``mode``, lora by default) or one of houlsby, bitfit,
+``linear_probe`` (the probe) and full; ``spec.family`` and ``spec.mode`` read it back.
 
 Target rules, tried against every linear module path (a module owning a ``kernel``):
     a preset name ("qv", "qkv", "qkvo", "mlp", "all-linear", "houlsby"), an exact path, a suffix
@@ -26,6 +40,7 @@ import re
 from typing import Any, Iterable, Mapping
 
 from surm import structured
+from surm.peft import methods
 
 BASELINES = ("houlsby", "bitfit", "linear_probe", "full")
 RANKED = ("lowrank", "kronecker", "ldr")  # the families whose update alpha / rank can scale
@@ -52,12 +67,55 @@ HEAD_NAMES = ("head", "classifier")
 _LAYERNORM = re.compile(r"(.*/)?(LayerNorm(_\d+)?|encoder_norm)/(scale|bias)")
 
 
+METHODS = ("lora", "adapter", "houlsby", "bitfit", "probe", "full")
+STRUCTURED_METHODS = ("lora", "adapter")  # the methods whose matrices have a structure
+# the older ``family`` names of the methods that are not a structure
+_METHOD_OF_FAMILY = {"houlsby": "houlsby", "bitfit": "bitfit", "linear_probe": "probe",
+                     "full": "full"}
+_FAMILY_OF_METHOD = {v: k for k, v in _METHOD_OF_FAMILY.items()}
+# what a per-target pattern may set besides the structure's hyper-parameters
+_PATTERN_KEYS = ("structure", "scale", "alpha")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The settings of one targeted module: the spec's, with the first matching pattern's."""
+
+    structure: str | None
+    hparams: tuple[tuple[str, Any], ...]
+    scale: float = 1.0
+    alpha: float | None = None
+
+    @property
+    def update_scale(self) -> float:
+        """The multiplier of the update: ``alpha / rank`` when alpha is set, else ``scale``."""
+        if self.alpha is not None:
+            return float(self.alpha) / dict(self.hparams)["rank"]
+        return float(self.scale)
+
+
+def _check_scaling(where: str, structure: str | None, hparams: Mapping, scale: float,
+                   alpha: float | None) -> None:
+    if alpha is None:
+        return
+    if structure not in RANKED or "rank" not in hparams:
+        raise ValueError(f"{where}: alpha (scale = alpha / rank) needs a structure with an "
+                         f"explicit rank ({', '.join(RANKED)}), not {structure!r} with hparams "
+                         f"{dict(hparams)}; set scale instead")
+    if scale != 1.0:
+        raise ValueError(f"{where}: give alpha or scale, not both (alpha={alpha}, scale={scale})")
+    if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and alpha > 0):
+        raise ValueError(f"{where}: alpha must be a positive number, got {alpha!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class PeftSpec:
-    family: str = "circulant"
-    mode: str = "lora"
+    method: str = "lora"
+    structure: str | None = "circulant"
     hparams: tuple[tuple[str, Any], ...] = ()
     targets: tuple[str, ...] = ("qv",)
+    patterns: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    heads: tuple[str, ...] | None = None
     scale: float = 1.0
     alpha: float | None = None
     learn_scale: bool = False
@@ -69,69 +127,122 @@ class PeftSpec:
     train_extra: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if self.family not in structured.FAMILIES + BASELINES:
-            raise ValueError(f"unknown peft family {self.family!r}; choose a structured family "
-                             f"({', '.join(structured.FAMILIES)}) or a baseline "
-                             f"({', '.join(BASELINES)})")
-        if self.mode not in MODES:
-            raise ValueError(f"peft mode must be one of {MODES}, got {self.mode!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown peft method {self.method!r}; choose one of "
+                             f"{', '.join(METHODS)}")
+        if self.method in STRUCTURED_METHODS:
+            if self.structure not in structured.FAMILIES:
+                raise ValueError(f"unknown peft family {self.structure!r}; choose a structured "
+                                 f"family ({', '.join(structured.FAMILIES)}) or a baseline "
+                                 f"({', '.join(BASELINES)})")
+        elif self.structure is not None:
+            raise ValueError(f"method {self.method!r} has no structure (got "
+                             f"{self.structure!r}); structures go with lora or adapter")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"peft activation must be one of {ACTIVATIONS}, got "
                              f"{self.activation!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"peft dropout must be in [0, 1), got {self.dropout}")
-        if self.family == "houlsby" and "rank" not in dict(self.hparams):
+        if self.method == "houlsby" and "rank" not in dict(self.hparams):
             raise ValueError("houlsby needs hparams rank=<bottleneck size>, e.g. rank=8")
-        if self.family == "houlsby" and self.mode != "adapter":
-            raise ValueError("houlsby is an adapter: use mode='adapter'")
-        if self.alpha is not None:
-            if self.family not in RANKED or "rank" not in dict(self.hparams):
-                raise ValueError(f"peft alpha (scale = alpha / rank) needs a family with an "
-                                 f"explicit rank ({', '.join(RANKED)}), not {self.family!r} "
-                                 f"with hparams {dict(self.hparams)}; set scale instead")
-            if self.scale != 1.0:
-                raise ValueError(f"give peft alpha or scale, not both (alpha={self.alpha}, "
-                                 f"scale={self.scale})")
-            if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-                raise ValueError(f"peft alpha must be a positive number, got {self.alpha!r}")
-        for rule in self.targets:
+        _check_scaling("peft", self.structure, dict(self.hparams), self.scale, self.alpha)
+        for rule in (*self.targets, *(r for r, _ in self.patterns), *(self.heads or ())):
             if rule.startswith("re:"):
                 try:
                     re.compile(rule[3:])
                 except re.error as e:
                     raise ValueError(f"target rule {rule!r} is not a valid regex: {e}") from None
+        for rule, settings in self.patterns:
+            if self.method not in STRUCTURED_METHODS:
+                raise ValueError(f"peft patterns set per-target structures; method "
+                                 f"{self.method!r} has none")
+            self.target(rule, settings=dict(settings))  # validates it
 
     @classmethod
     def create(cls, **kw: Any) -> "PeftSpec":
-        """From plain values (a config dict): hparams as a dict, targets as a list or a
-        comma-separated string. In adapter mode (and for houlsby) the default targets are the
+        """From plain values (a config dict): hparams and patterns as dicts, targets and heads
+        as lists or comma-separated strings, ``family``/``mode`` (the configs' vocabulary) or
+        ``method``/``structure``. In adapter mode (and for houlsby) the default targets are the
         Houlsby placement."""
         kw = dict(kw)
-        if kw.get("family") == "houlsby":
-            kw.setdefault("mode", "adapter")
+        family, mode = kw.pop("family", None), kw.pop("mode", None)
+        if family is not None:
+            if "method" in kw or "structure" in kw:
+                raise ValueError("give peft family (and mode) or method and structure, not both")
+            if family in _METHOD_OF_FAMILY:
+                if mode == "lora" and family == "houlsby":
+                    raise ValueError("houlsby is an adapter: use mode='adapter'")
+                kw["method"], kw["structure"] = _METHOD_OF_FAMILY[family], None
+            else:
+                if mode is not None and mode not in MODES:
+                    raise ValueError(f"peft mode must be one of {MODES}, got {mode!r}")
+                kw["method"], kw["structure"] = mode or "lora", family
+        elif mode is not None:
+            if mode not in MODES:
+                raise ValueError(f"peft mode must be one of {MODES}, got {mode!r}")
+            kw.setdefault("method", mode)
+        if kw.get("method") not in STRUCTURED_METHODS and "method" in kw:
+            kw.setdefault("structure", None)
         hp = kw.pop("hparams", None) or {}
-        kw["hparams"] = tuple(sorted((k, _hashable(v)) for k, v in dict(hp).items()
-                                     if v is not None))
+        kw["hparams"] = _sorted_items(hp)
+        patterns = kw.pop("patterns", None) or {}
+        if not isinstance(patterns, Mapping):
+            patterns = dict(patterns)
+        kw["patterns"] = tuple((str(rule), _sorted_items(settings))
+                               for rule, settings in patterns.items())
         targets = kw.pop("targets", None)
         if targets is None or targets == "":
-            adapter_like = kw.get("mode") == "adapter" or kw.get("family") == "houlsby"
-            targets = ("houlsby",) if adapter_like else ("qv",)
-        elif isinstance(targets, str):
-            targets = tuple(t.strip() for t in targets.split(",") if t.strip())
-        kw["targets"] = tuple(targets)
+            targets = methods.get(kw.get("method", "lora")).default_targets
+        kw["targets"] = _rules(targets)
+        if kw.get("heads") is not None:
+            kw["heads"] = _rules(kw["heads"])
         kw["train_extra"] = tuple(kw.get("train_extra") or ())
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kw) - known)
         if unknown:
-            raise ValueError(f"unknown peft option(s) {unknown}; known: {sorted(known)}")
+            raise ValueError(f"unknown peft option(s) {unknown}; known: "
+                             f"{sorted(known | {'family', 'mode'})}")
         return cls(**kw)
+
+    # ---- the older vocabulary ------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        """The structure, or the method's name where it has none (``linear_probe`` for probe)."""
+        return self.structure if self.structure else _FAMILY_OF_METHOD[self.method]
+
+    @property
+    def mode(self) -> str:
+        """``adapter`` for the methods placed after a sublayer (adapter, houlsby), else lora."""
+        return "adapter" if self.method in ("adapter", "houlsby") else "lora"
+
+    # ---- per target ----------------------------------------------------------------------------
+    def target(self, path: str, settings: Mapping[str, Any] | None = None) -> Target:
+        """The settings of the targeted module at ``path``: the first pattern whose rule
+        matches it, over the spec's (``settings`` instead of the patterns: check one)."""
+        if settings is None:
+            settings = next((dict(s) for rule, s in self.patterns
+                             if any(rule_matches(p, path) for _, p in expand_rules([rule]))), {})
+        if not settings:
+            return Target(self.structure, self.hparams, self.scale, self.alpha)
+        settings = dict(settings)
+        structure = settings.pop("structure", self.structure)
+        if structure not in structured.FAMILIES:
+            raise ValueError(f"peft pattern for {path!r}: unknown structure {structure!r}; "
+                             f"known: {', '.join(structured.FAMILIES)}")
+        hp = {} if structure != self.structure else dict(self.hparams)
+        given_scale, given_alpha = "scale" in settings, "alpha" in settings
+        scale = float(settings.pop("scale", 1.0 if given_alpha else self.scale))
+        alpha = settings.pop("alpha", None)
+        hp.update(settings)
+        if not (given_scale or given_alpha) and "rank" in hp:
+            alpha = self.alpha  # the spec's alpha / rank, at this target's rank
+        _check_scaling(f"peft pattern for {path!r}", structure, hp, scale, alpha)
+        return Target(structure, _sorted_items(hp), scale, alpha)
 
     @property
     def update_scale(self) -> float:
-        """The multiplier of the update: ``alpha / rank`` when alpha is set, else ``scale``."""
-        if self.alpha is not None:
-            return float(self.alpha) / dict(self.hparams)["rank"]
-        return float(self.scale)
+        """The spec's own update multiplier (patterns may set others: ``target(path)``)."""
+        return Target(self.structure, self.hparams, self.scale, self.alpha).update_scale
 
     @property
     def method_hparams(self) -> dict[str, Any]:
@@ -145,25 +256,42 @@ class PeftSpec:
         return out
 
     @property
+    def head_rules(self) -> tuple[str, ...]:
+        return HEAD_NAMES if self.heads is None else self.heads
+
+    @property
     def is_structured(self) -> bool:
-        return self.family in structured.FAMILIES
+        return self.method in STRUCTURED_METHODS
 
     @property
     def has_adapters(self) -> bool:
-        return self.is_structured or self.family == "houlsby"
+        return methods.get(self.method).adapters
 
     @property
     def mergeable(self) -> bool:
-        return self.is_structured and self.mode == "lora"
+        return methods.get(self.method).mergeable
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "PeftSpec":
+        """A spec from ``to_json``'s text, or from the older files (family and mode)."""
         d = json.loads(text)
         d["hparams"] = {k: v for k, v in d["hparams"]}
+        d["patterns"] = {rule: {k: v for k, v in s} for rule, s in d.get("patterns") or ()}
         return cls.create(**d)
+
+
+def _sorted_items(d: Mapping[str, Any] | Iterable) -> tuple[tuple[str, Any], ...]:
+    d = dict(d) if not isinstance(d, Mapping) else d
+    return tuple(sorted((k, _hashable(v)) for k, v in d.items() if v is not None))
+
+
+def _rules(rules: str | Iterable[str]) -> tuple[str, ...]:
+    if isinstance(rules, str):
+        return tuple(t.strip() for t in rules.split(",") if t.strip())
+    return tuple(rules)
 
 
 def _hashable(v: Any) -> Any:
@@ -187,7 +315,15 @@ def rule_matches(pattern: str, path: str) -> bool:
     return path == pattern or path.endswith("/" + pattern)
 
 
-def match_targets(rules: Iterable[str], linear_paths: Iterable[str]) -> list[str]:
+def _under(rules: Iterable[str], path: str) -> bool:
+    """Whether a rule matches ``path`` or one of its ancestors (a module owning it)."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(len(parts), 0, -1)]
+    return any(rule_matches(pattern, p) for _, pattern in expand_rules(rules) for p in prefixes)
+
+
+def match_targets(rules: Iterable[str], linear_paths: Iterable[str],
+                  heads: Iterable[str] = HEAD_NAMES) -> list[str]:
     """The linear module paths selected by the rules, in tree order.
 
     ValueError if a rule matches nothing (listing the available paths) or if a head is
@@ -202,18 +338,25 @@ def match_targets(rules: Iterable[str], linear_paths: Iterable[str]) -> list[str
             raise ValueError(f"target rule {rule!r} matches no linear module. Available "
                              f"paths ({len(paths)}):\n  {shown}")
         selected |= hits
-    heads = sorted(p for p in selected if p.split("/")[0] in HEAD_NAMES)
-    if heads:
-        raise ValueError(f"target rules select the classification head {heads}; the head "
-                         f"always trains in full, target other modules")
+    heads = tuple(heads)
+    targeted_heads = sorted(p for p in selected if _under(heads, p))
+    if targeted_heads:
+        raise ValueError(f"target rules select the head(s) {targeted_heads} (peft heads "
+                         f"{list(heads)}); a head trains in full: target other modules, or "
+                         f"set peft heads to the modules that are the model's output layers")
     return [p for p in paths if p in selected]
+
+
+def is_head(spec: PeftSpec, path: str) -> bool:
+    """Whether the base parameter at ``path`` belongs to a module of the spec's heads."""
+    return _under(spec.head_rules, path)
 
 
 def trains_in_full(spec: PeftSpec, path: str) -> bool:
     """Whether the base parameter at ``path`` (e.g. 'head/kernel') is trainable."""
-    if spec.family == "full" or path.split("/")[0] in HEAD_NAMES:
+    if methods.get(spec.method).trains(spec, path) or is_head(spec, path):
         return True
-    if (spec.train_bias or spec.family == "bitfit") and path.rsplit("/", 1)[-1] == "bias":
+    if spec.train_bias and path.rsplit("/", 1)[-1] == "bias":
         return True
     if spec.train_layernorm and _LAYERNORM.fullmatch(path):
         return True

@@ -3,104 +3,155 @@
 The pretrained tree is never edited. The trainable state is its own pytree::
 
     trainable = {"adapters": {<module path mirrored>: {"S": structured.Params, ...}},
-                 "base":     {<the base leaves that train in full: head, biases, ...>}}
+                 "base":     {<the base leaves that train in full: heads, biases, ...>}}
 
 and ``frozen`` is the base tree without those leaves, so gradients and optimizer state exist only
-for ``trainable``. The model code knows nothing of this: ``apply`` intercepts the ``__call__`` of
-the targeted ``nn.Dense``/``nn.DenseGeneral`` modules (Flax method interception) and adds the
-update to their output.
+for ``trainable``. The model code knows nothing of this: ``apply`` puts each adapter node beside
+its layer's kernel (under the reserved name ``__surm__``) and intercepts the calls of the
+targeted Linen layers (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``: Flax method
+interception), which read their node from their own scope and add the method's update to their
+output. Reading it from the scope is what makes scanned and vmapped layers work: ``nn.scan``
+slices a stacked layer's adapters with its kernels.
 
-A kernel's 2-D view: its leading axes (as many as the kernel has beyond its bias) are the inputs,
-the rest the outputs, so ViT's (D, heads, D/heads) attention kernels are (D, D) matrices.
+The layers and the 2-D view of their kernels come from ``surm.peft.layers``: from the parameter
+tree alone by default, or from ``layers.trace(model, params, *inputs)`` (pass it as
+``layers=``) for DenseGeneral axes, Einsum equations and scanned stacks. The methods themselves
+(what a node holds, what it does to an output) live in ``surm.peft.methods``.
 """
 from __future__ import annotations
 
 import functools
+import warnings
 import zlib
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from surm import structured
-from surm.peft import tree
-from surm.peft.spec import PeftSpec, match_targets, trains_in_full
+from surm.peft import layers as layers_lib
+from surm.peft import methods, tree
+from surm.peft.layers import Layout
+from surm.peft.spec import PeftSpec, is_head, match_targets, trains_in_full
 
-_ACT = {"gelu": nn.gelu, "relu": nn.relu, "tanh": jnp.tanh, "identity": lambda x: x}
+SCOPE_KEY = "__surm__"  # an adapter node's name beside its layer's kernel, inside ``apply``
+GRADIENT_KEY = "__surm_gradient__"  # lora_path "mixed": a node whose update is in the kernel
 
 
 def _is_target(node: Any) -> bool:
     return isinstance(node, Mapping) and ("S" in node or "down" in node)
 
 
-def linear_modules(base_params: Mapping) -> dict[str, tuple[int, int]]:
-    """{module path: (d_in, d_out)} for every module with a 2-D or 3-D ``kernel``.
-
-    Convolutions (4-D kernels) and embedding tables are not linear modules here."""
-    out = {}
-    flat = tree.flatten(base_params)
-    for path, leaf in flat.items():
-        module, _, name = path.rpartition("/")
-        shape = tuple(leaf.shape)  # arrays or jax.ShapeDtypeStruct alike
-        if name != "kernel" or len(shape) not in (2, 3):
-            continue
-        bias = flat.get(f"{module}/bias")
-        n_out = len(bias.shape) if bias is not None else 1
-        out[module] = (int(np.prod(shape[:len(shape) - n_out])), int(np.prod(shape[-n_out:])))
-    return out
+def _layouts(base_params: Mapping, layers: Mapping | None) -> dict[str, Any]:
+    return layers_lib.from_params(base_params) if layers is None else dict(layers)
 
 
-def targets(base_params: Mapping, spec: PeftSpec) -> dict[str, tuple[int, int]]:
-    """{path: (d_in, d_out)} of the modules that get an adapter (empty for bitfit/probe/full)."""
+def linear_modules(base_params: Mapping, layers: Mapping | None = None
+                   ) -> dict[str, tuple[int, int]]:
+    """{module path: (d_in, d_out)} of the linear layers (``surm.peft.layers``); ``layers``: a
+    ``layers.trace`` of the model, else the parameter tree's own."""
+    return {p: (lay.d_in, lay.d_out) for p, lay in _layouts(base_params, layers).items()
+            if isinstance(lay, Layout)}
+
+
+def target_layouts(base_params: Mapping, spec: PeftSpec, layers: Mapping | None = None
+                   ) -> dict[str, Layout]:
+    """{path: Layout} of the layers that get an adapter (empty for bitfit, probe and full).
+    ValueError for a rule that matches nothing, a targeted head, a targeted layer that cannot
+    be adapted, or a pattern that matches no target."""
     if not spec.has_adapters:
         return {}
-    modules = linear_modules(base_params)
-    return {p: modules[p] for p in match_targets(spec.targets, modules)}
+    found = _layouts(base_params, layers)
+    chosen = match_targets(spec.targets, found, spec.head_rules)
+    bad = [found[p] for p in chosen if not isinstance(found[p], Layout)]
+    if bad:
+        raise ValueError("target rules select layers that cannot be adapted:\n  "
+                         + "\n  ".join(bad))
+    for rule, _ in spec.patterns:
+        if not any(_pattern_hits(rule, p) for p in chosen):
+            raise ValueError(f"peft pattern {rule!r} matches none of the targeted layers "
+                             f"({len(chosen)}: {', '.join(chosen[:8])}"
+                             f"{', ...' if len(chosen) > 8 else ''})")
+    return {p: found[p] for p in chosen}
 
 
-def _init_target(key, spec: PeftSpec, d_in: int, d_out: int) -> dict:
-    if spec.family == "houlsby":
-        r = dict(spec.hparams)["rank"]
-        return {"down": {"kernel": 0.02 * jax.random.normal(key, (d_out, r)),
-                         "bias": jnp.zeros((r,))},
-                "up": {"kernel": jnp.zeros((r, d_out)), "bias": jnp.zeros((d_out,))}}
-    fam = structured.get(spec.family)
-    shape = (d_in, d_out) if spec.mode == "lora" else (d_out, d_out)
-    node = {"S": fam.init(key, *shape, init=spec.init, **dict(spec.hparams))}
-    if spec.mode == "adapter":
-        node["bias"] = jnp.zeros((d_out,))
-    if spec.learn_scale:
-        node["scale"] = jnp.asarray(spec.update_scale, jnp.float32)
-    return node
+def _pattern_hits(rule: str, path: str) -> bool:
+    from surm.peft.spec import expand_rules, rule_matches
+    return any(rule_matches(pattern, path) for _, pattern in expand_rules([rule]))
+
+
+def targets(base_params: Mapping, spec: PeftSpec, layers: Mapping | None = None
+            ) -> dict[str, tuple[int, int]]:
+    """{path: (d_in, d_out)} of the layers that get an adapter (empty for bitfit/probe/full)."""
+    return {p: (lay.d_in, lay.d_out)
+            for p, lay in target_layouts(base_params, spec, layers).items()}
 
 
 def _key_for(rng, path: str):
     return jax.random.fold_in(rng, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def inject(base_params: Mapping, spec: PeftSpec, rng) -> dict:
-    """The adapter tree for ``base_params``: one node per targeted module, mirroring its path."""
-    return tree.unflatten({path: _init_target(_key_for(rng, path), spec, d_in, d_out)
-                           for path, (d_in, d_out) in targets(base_params, spec).items()})
+def _init_node(key, spec: PeftSpec, path: str, layout: Layout) -> dict:
+    method, target = methods.get(spec.method), spec.target(path)
+
+    def one(k):
+        return method.init(k, spec, target, layout.d_in, layout.d_out)
+    n = 1
+    for size in layout.stack_shape:
+        one, n = jax.vmap(one), n * size
+    keys = jax.random.split(key, n).reshape(*layout.stack_shape, -1) if layout.stack else key
+    node = one(keys)
+    if not layout.is_prefix:
+        node["layout"] = layout  # a Layout has no leaves: jit, optax and orbax do not see it
+    return node
 
 
-def split(base_params: Mapping, spec: PeftSpec) -> tuple[dict, dict]:
-    """(trainable base leaves, frozen rest) of the pretrained tree."""
+def inject(base_params: Mapping, spec: PeftSpec, rng, layers: Mapping | None = None) -> dict:
+    """The adapter tree for ``base_params``: one node per targeted layer, mirroring its path (a
+    stacked layer's node stacks one adapter per kernel)."""
+    return tree.unflatten({path: _init_node(_key_for(rng, path), spec, path, layout)
+                           for path, layout in target_layouts(base_params, spec,
+                                                              layers).items()})
+
+
+def _output_layer_hint(base_params: Mapping, spec: PeftSpec, layers: Mapping | None) -> str:
+    found = linear_modules(base_params, layers)
+    chosen = set(target_layouts(base_params, spec, layers)) if spec.has_adapters else set()
+    last = [p for p in found if p not in chosen][-3:][::-1]
+    shown = ", ".join(f"{p} ({found[p][0]} -> {found[p][1]})" for p in last) or "none"
+    return (f"no module matches the peft heads {list(spec.head_rules)}, so no output layer "
+            f"trains. The model's last untargeted linear layers: {shown}. Name the output "
+            f"layer in peft heads (e.g. heads=({last[0]!r},)) to train it in full, or set "
+            f"heads=() to say the model has none" if last else
+            f"no module matches the peft heads {list(spec.head_rules)}")
+
+
+def split(base_params: Mapping, spec: PeftSpec, layers: Mapping | None = None
+          ) -> tuple[dict, dict]:
+    """(trainable base leaves, frozen rest) of the pretrained tree.
+
+    With the default head rules, a model with no head gets a warning naming its likely output
+    layers; a spec under which nothing trains is an error."""
     flat = tree.flatten(base_params)
     train = {p: v for p, v in flat.items() if trains_in_full(spec, p)}
+    no_head = not any(is_head(spec, p) for p in flat)
     if not train and not spec.has_adapters:
-        raise ValueError("nothing to train: the model has no head named 'head' or "
-                         "'classifier' and the spec adds no adapters")
+        raise ValueError(f"nothing to train under peft method {spec.method!r}: "
+                         + _output_layer_hint(base_params, spec, layers))
+    if no_head and spec.heads is None and spec.method != "full":
+        warnings.warn(_output_layer_hint(base_params, spec, layers), stacklevel=2)
     frozen = {p: v for p, v in flat.items() if p not in train}
     return tree.unflatten(train), tree.unflatten(frozen)
 
 
-def init(base_params: Mapping, spec: PeftSpec, rng) -> tuple[dict, dict]:
-    """(trainable, frozen): everything a train step needs besides the model."""
-    trainable_base, frozen = split(base_params, spec)
-    return {"adapters": inject(base_params, spec, rng), "base": trainable_base}, frozen
+def init(base_params: Mapping, spec: PeftSpec, rng, layers: Mapping | None = None
+         ) -> tuple[dict, dict]:
+    """(trainable, frozen): everything a train step needs besides the model. ``layers``: a
+    ``surm.peft.layers.trace`` of the model, for layers the parameter tree alone does not
+    describe (DenseGeneral axes, Einsum, scanned stacks)."""
+    trainable_base, frozen = split(base_params, spec, layers)
+    return {"adapters": inject(base_params, spec, rng, layers), "base": trainable_base}, frozen
 
 
 def full_params(frozen: Mapping, trainable: Mapping) -> dict:
@@ -135,54 +186,46 @@ _update_gradient.defvjp(_update_gradient_fwd, _update_gradient_bwd)
 
 
 class _Interceptor:
-    def __init__(self, spec: PeftSpec, adapters: Mapping, rng,
-                 gradient_only: Mapping | None = None):
-        self.spec = spec
-        self.nodes = tree.flatten(adapters, stop=_is_target)
-        self.rng = rng
-        # lora_path "mixed": the update is in the kernel; only its gradient is added here
-        self.gradient_only = dict(gradient_only or {})
+    """Adds each targeted layer's update to its output; the nodes come from the layer's scope
+    (``SCOPE_KEY``, ``GRADIENT_KEY``), sliced as the layer's kernel is."""
 
-    def _dropout(self, path: str, x):
-        if self.rng is None or self.spec.dropout == 0.0:
-            return x
-        keep = jax.random.bernoulli(_key_for(self.rng, path), 1.0 - self.spec.dropout, x.shape)
-        return jnp.where(keep, x / (1.0 - self.spec.dropout), 0).astype(x.dtype)
+    def __init__(self, spec: PeftSpec, rng, training: bool):
+        self.spec = spec
+        self.method = methods.get(spec.method)
+        self.rng = rng
+        self.training = training
+
+    def _dropout(self, path: str):
+        if not self.training or self.rng is None or self.spec.dropout == 0.0:
+            return lambda x: x
+        rate = self.spec.dropout
+
+        def drop(x):
+            keep = jax.random.bernoulli(_key_for(self.rng, path), 1.0 - rate, x.shape)
+            return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+        return drop
 
     def __call__(self, next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
-            return next_fun(*args, **kwargs)
-        path = "/".join(module.path)
-        node = self.nodes.get(path)
         y = next_fun(*args, **kwargs)
-        folded = self.gradient_only.get(path)
+        if not layers_lib._is_layer(module, context.method_name):
+            return y
+        node = (module.get_variable("params", SCOPE_KEY)
+                if module.has_variable("params", SCOPE_KEY) else None)
+        folded = (module.get_variable("params", GRADIENT_KEY)
+                  if module.has_variable("params", GRADIENT_KEY) else None)
         if node is None and folded is None:
             return y
-        axis = getattr(module, "axis", -1)
-        n_in = len(axis) if isinstance(axis, (tuple, list)) else 1
-        x = args[0]
-        batch = x.shape[:x.ndim - n_in]
+        path = "/".join(module.path)
+        target = self.spec.target(path)
+        layout = layers_lib.call_layout(module, args, kwargs)
+        x, back, forth = layers_lib.as_rows(module, args, kwargs, layout)
         if folded is not None:
-            scale = jnp.asarray(folded.get("scale", self.spec.update_scale), jnp.float32)
-            zero = _update_gradient(folded["S"], scale, x.reshape(*batch, -1))
-            return y + zero.reshape(y.shape).astype(y.dtype)
-        scale = node.get("scale", self.spec.update_scale)
-        if self.spec.mode == "lora":
-            S = node["S"]
-            delta = structured.get(S.family).apply(S, self._dropout(path, x.reshape(*batch, -1)))
-            return y + (scale * delta).reshape(y.shape).astype(y.dtype)
-        h = y.reshape(*batch, -1)
-        act = _ACT[self.spec.activation]
-        if "down" in node:  # Houlsby bottleneck
-            d, u = node["down"], node["up"]
-            z = act(h @ d["kernel"].astype(h.dtype) + d["bias"].astype(h.dtype))
-            update = z @ u["kernel"].astype(h.dtype) + u["bias"].astype(h.dtype)
-        else:
-            S = node["S"]
-            update = act(structured.get(S.family).apply(S, h)) + node["bias"].astype(h.dtype)
-        update = self._dropout(path, scale * update)
-        return (h + update.astype(h.dtype)).reshape(y.shape)
+            scale = jnp.asarray(methods.base.scale_of(folded, target), jnp.float32)
+            zero = _update_gradient(folded["S"], scale, x)
+            return y + back(zero).astype(y.dtype)
+        rows = forth(y)
+        return back(self.method.apply(node, self.spec, target, x, rows, self._dropout(path)))
 
 
 LORA_PATHS = ("auto", "structured", "dense", "mixed")
@@ -232,8 +275,10 @@ def _flops_per_row(family: str, d_in: int, d_out: int, hp: tuple, arrays: tuple)
 
 def flops_per_row(S: structured.Params) -> float | None:
     """XLA's flop count of ``apply(S, x)`` for one more row of x (the per-token cost, excluding
-    work on the parameters alone, such as a kernel's FFT); None where XLA gives none."""
-    arrays = tuple(sorted((k, tuple(v.shape), jnp.dtype(v.dtype).name)
+    work on the parameters alone, such as a kernel's FFT); None where XLA gives none. For a
+    stack of matrices (a scanned layer's), one matrix's."""
+    specs = structured.get(S.family).arrays(S.d_in, S.d_out, S.hparams)
+    arrays = tuple(sorted((k, tuple(specs[k].shape), jnp.dtype(v.dtype).name)
                           for k, v in S.arrays.items()))
     return _flops_per_row(S.family, S.d_in, S.d_out, S.hp, arrays)
 
@@ -269,7 +314,7 @@ def lora_path_for(spec: PeftSpec, S, path: str = "auto", train: bool = False) ->
         return "structured"
     if not train:
         return "dense"
-    if spec.family == "lowrank" or spec.dropout > 0:
+    if S.family == "lowrank" or spec.dropout > 0:
         return "structured"
     ratio = MATMUL_OVER_FFT_RATE.get(jax.default_backend())
     per_row = flops_per_row(S)
@@ -278,39 +323,47 @@ def lora_path_for(spec: PeftSpec, S, path: str = "auto", train: bool = False) ->
     return "dense" if 2 * S.d_in * S.d_out <= ratio * per_row else "mixed"
 
 
-def apply(model: nn.Module, frozen: Mapping, trainable: Mapping, spec: PeftSpec, *args,
-          train: bool = False, rng=None, method=None, lora_path: str = "auto", **kwargs):
-    """Run ``model`` with the base parameters and the adapters of ``trainable``.
+def _training(training: bool | None, kwargs: Mapping) -> bool:
+    if training is not None:
+        return bool(training)
+    if "train" in kwargs:
+        return bool(kwargs["train"])
+    if "deterministic" in kwargs:
+        return not kwargs["deterministic"]
+    return False
 
-    With ``train=True`` pass ``rng``: it feeds the model's dropout and the adapters' dropout.
-    ``lora_path`` picks how a lora-mode update is computed, per target (see
-    ``lora_path_for``); every path gives the same outputs and gradients up to float rounding."""
-    if train and rng is None and spec.dropout > 0:
-        raise ValueError("apply(train=True) with dropout needs an rng")
-    check_lora_path(spec, lora_path, train)
+
+def apply(model: nn.Module, frozen: Mapping, trainable: Mapping, spec: PeftSpec, *args,
+          rng=None, training: bool | None = None, method=None, lora_path: str = "auto",
+          **kwargs):
+    """Run ``model`` with the base parameters and the adapters of ``trainable``:
+    ``model.apply({"params": ...}, *args, method=method, **kwargs)``, every argument passed on
+    as given (``rngs=`` for the model's own dropout, ``mutable=``, the model's flags).
+
+    ``training`` (default: the call's ``train``, else ``not deterministic``, else False)
+    switches the adapters' dropout, for which ``rng`` is the key, and picks the lora path.
+    ``lora_path`` picks how a lora-mode update is computed, per target (see ``lora_path_for``);
+    every path gives the same outputs and gradients up to float rounding."""
+    training = _training(training, kwargs)
+    if training and rng is None and spec.dropout > 0:
+        raise ValueError("apply in training with adapter dropout needs rng=<a PRNG key>")
+    check_lora_path(spec, lora_path, training)
     params = full_params(frozen, trainable)
-    adapters = trainable.get("adapters", {})
-    mixed = {}
-    if spec.mergeable:
-        nodes = tree.flatten(adapters, stop=_is_target)
-        paths = {p: lora_path_for(spec, n["S"], lora_path, train) for p, n in nodes.items()}
-        dense = {p: nodes[p] for p, how in paths.items() if how == "dense"}
-        mixed = {p: nodes[p] for p, how in paths.items() if how == "mixed"}
-        if dense:
-            params = _fold(params, tree.unflatten(dense), spec, 1.0)
-        if mixed:
-            params = _fold(params, tree.unflatten(mixed), spec, 1.0, detach=True)
-        adapters = tree.unflatten({p: nodes[p] for p, how in paths.items()
-                                   if how == "structured"})
-    model_rng = adapter_rng = None
-    if train and rng is not None:
-        model_rng, adapter_rng = jax.random.split(rng)
-    interceptor = _Interceptor(spec, adapters, adapter_rng, gradient_only=mixed)
+    nodes = tree.flatten(trainable.get("adapters", {}), stop=_is_target)
+    how = {p: (lora_path_for(spec, n["S"], lora_path, training) if spec.mergeable
+               else "structured") for p, n in nodes.items()}
+    dense = {p: nodes[p] for p, h in how.items() if h == "dense"}
+    mixed = {p: nodes[p] for p, h in how.items() if h == "mixed"}
+    if dense:
+        params = _fold(params, tree.unflatten(dense), spec, 1.0)
+    if mixed:
+        params = _fold(params, tree.unflatten(mixed), spec, 1.0, detach=True)
+    scoped = {f"{p}/{SCOPE_KEY}": nodes[p] for p, h in how.items() if h == "structured"}
+    scoped |= {f"{p}/{GRADIENT_KEY}": node for p, node in mixed.items()}
+    params = tree.overlay(params, tree.unflatten(scoped))
     extra = {"method": method} if method is not None else {}
-    with nn.intercept_methods(interceptor):
-        return model.apply({"params": params}, *args, train=train,
-                           rngs={"dropout": model_rng} if model_rng is not None else None,
-                           **extra, **kwargs)
+    with nn.intercept_methods(_Interceptor(spec, rng, training)):
+        return model.apply({"params": params}, *args, **extra, **kwargs)
 
 
 def _fold(base_params: Mapping, adapters: Mapping, spec: PeftSpec, sign: float,
@@ -320,14 +373,22 @@ def _fold(base_params: Mapping, adapters: Mapping, spec: PeftSpec, sign: float,
                "matrix" if spec.mode == "adapter" else f"{spec.family} adds no weight update")
         raise ValueError(f"cannot merge a {spec.family}/{spec.mode} spec: {why}. Export the "
                          f"adapters instead, or use mode='lora' to get a mergeable update")
+    method = methods.get(spec.method)
     flat = tree.flatten(base_params)
     for path, node in tree.flatten(adapters, stop=_is_target).items():
         kernel = flat[f"{path}/kernel"]
         S = node["S"]
-        delta = structured.get(S.family).to_dense(S) * node.get("scale", spec.update_scale)
+        layout = node.get("layout") or layers_lib.derive(kernel.shape, S.d_in, S.d_out)
+        target = spec.target(path)
+
+        def delta(n):
+            return method.delta(n, spec, target)
+        for _ in range(layout.stack):
+            delta = jax.vmap(delta)
+        update = delta({k: v for k, v in node.items() if k != "layout"})
         if detach:  # its gradient comes another way (lora_path "mixed")
-            delta = jax.lax.stop_gradient(delta)
-        flat[f"{path}/kernel"] = (kernel + sign * delta.reshape(kernel.shape)).astype(kernel.dtype)
+            update = jax.lax.stop_gradient(update)
+        flat[f"{path}/kernel"] = (kernel + sign * layout.from_matrix(update)).astype(kernel.dtype)
     return tree.unflatten(flat)
 
 

@@ -3,7 +3,16 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import jax
+
 from surm.structured import Params
+
+
+def _leafless(node: Any) -> bool:
+    """A pytree node without arrays (``surm.peft.layers.Layout``): static, not a leaf."""
+    return (node is not None and not isinstance(node, (Mapping, Params))
+            and hasattr(type(node), "__dataclass_fields__")
+            and not jax.tree_util.tree_leaves(node))
 
 
 def flatten(tree: Any, prefix: str = "",
@@ -13,6 +22,8 @@ def flatten(tree: Any, prefix: str = "",
         return {prefix: tree}
     if isinstance(tree, Params):
         tree = tree.arrays
+    if _leafless(tree):
+        return {}
     if isinstance(tree, Mapping):
         out: dict[str, Any] = {}
         for key, value in tree.items():
@@ -36,6 +47,8 @@ def fill(template: Any, flat: Mapping[str, Any], prefix: str = "") -> Any:
     """A copy of ``template`` whose leaves are taken from ``flat`` (same paths as ``flatten``)."""
     if isinstance(template, Params):
         return template.replace(**fill(template.arrays, flat, prefix))
+    if _leafless(template):
+        return template
     if isinstance(template, Mapping):
         return {k: fill(v, flat, f"{prefix}/{k}" if prefix else str(k))
                 for k, v in template.items()}
