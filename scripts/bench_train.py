@@ -41,17 +41,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from surm import optim, peft, structured
+from surm import models, optim, peft, structured
 from surm.models import factory
 from surm.timing import interleaved_medians
-from surm.train import model_inputs, make_step_fns
+from surm.train import make_step_fns
 
-MODELS = {
-    # name: (model config, modality)
-    "minilm_l6": (dict(name="bert", checkpoint="minilm_l6", pooling="mean"), "text"),
-    "vit_s16": (dict(name="vit", checkpoint="random", variant="S/16", image_size=224), "image"),
-    "vit_b16": (dict(name="vit", checkpoint="random", variant="B/16", image_size=224), "image"),
-    "vit_ti16": (dict(name="vit", checkpoint="random", variant="Ti/16", image_size=224), "image"),
+MODELS = {  # name: model config
+    "minilm_l6": dict(name="bert", checkpoint="minilm_l6", pooling="mean"),
+    "vit_s16": dict(name="vit", checkpoint="random", variant="S/16", image_size=224),
+    "vit_b16": dict(name="vit", checkpoint="random", variant="B/16", image_size=224),
+    "vit_ti16": dict(name="vit", checkpoint="random", variant="Ti/16", image_size=224),
 }
 OPTIMIZER = dict(name="adamw", lr=1e-3, head_lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.999,
                  momentum=0.9, grad_clip=1.0, schedule="linear", warmup_frac=0.0)
@@ -103,8 +102,9 @@ class _Stepper:
 
 
 def bench_model(name: str, families: list[str], args) -> dict:
-    cfg, modality = MODELS[name]
-    cfg = dict(cfg)
+    cfg = dict(MODELS[name])
+    model_inputs = models.get(cfg["name"]).inputs  # batch -> the model call's inputs
+    modality = models.get(cfg["name"]).modality
     if modality == "image":
         cfg["image_size"] = args.image_size
         if args.vit_depth:
@@ -127,7 +127,7 @@ def bench_model(name: str, families: list[str], args) -> dict:
         state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
                  "opt_state": tx.init(trainable), "rng": jax.random.PRNGKey(2)}
         state = jax.tree.map(jnp.copy, state)  # donated below: must not alias ``params``
-        train_step, _ = make_step_fns(model, spec, tx, modality, regression=False,
+        train_step, _ = make_step_fns(model, spec, tx, model_inputs, regression=False,
                                       lora_path=path)
         compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, frozen, batch).compile()
         steppers[method] = _Stepper(compiled, state, frozen, batch)
@@ -156,7 +156,7 @@ def bench_model(name: str, families: list[str], args) -> dict:
     # merged inference: the base model's forward with merged weights vs with its own weights
     frozen = peft.split(params, trained_spec)[1]
     merged = peft.merge(peft.full_params(frozen, trained), trained["adapters"], trained_spec)
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, *model_inputs(x, modality)))
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, *model_inputs(x)))
     f_base = forward.lower(params, inputs).compile()
     f_merged = forward.lower(merged, inputs).compile()
     assert np.isfinite(np.asarray(f_merged(merged, inputs))).all()

@@ -43,10 +43,10 @@ TEXTS = ["The match ended in a draw after extra time.",
          "ok"]
 
 
-def surm_logits(workdir: pathlib.Path, ids, mask, types):
+def surm_logits(run, ids, mask, types):
+    """The run's own forward pass (base weights plus adapters, unmerged)."""
     import numpy as np
-    from surm import peft, runs
-    run = runs.load_run(workdir)
+    from surm import peft
     return np.asarray(peft.apply(run.model, run.frozen, run.trainable, run.spec, ids, mask,
                                  types))
 
@@ -112,7 +112,7 @@ def main() -> int:
         print(INSTALL, file=sys.stderr)
         return 2
     import numpy as np
-    from surm import export
+    from surm import export, runs
     from surm.models import bert
 
     out = args.out or pathlib.Path(tempfile.mkdtemp(prefix="surm-hf-check-")) / "export"
@@ -120,12 +120,12 @@ def main() -> int:
     if folder.suffix or not (folder / "config.json").is_file():
         print(f"error: {args.workdir} has no merged BERT export to check", file=sys.stderr)
         return 1
-    config = json.loads((args.workdir / "config.json").read_text())
-    tokenizer = bert.load_tokenizer(folder, config["input"]["max_length"])
+    run = runs.load_run(args.workdir)
+    tokenizer = bert.load_tokenizer(folder, run.config.input.max_length)
     encodings = tokenizer.encode_batch(TEXTS)
     ids, mask, types = (np.asarray([getattr(e, key) for e in encodings], np.int64)
                         for key in ("ids", "attention_mask", "type_ids"))
-    want = surm_logits(args.workdir, ids, mask, types)
+    want = surm_logits(run, ids, mask, types)
     inputs = [torch.from_numpy(x) for x in (ids, mask, types)]
     hf = json.loads((folder / "config.json").read_text())
     routes = {}

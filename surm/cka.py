@@ -121,7 +121,7 @@ def _is_layer(module, method_name: str) -> bool:
 def layer_outputs(run: Run, examples: int = 512, batch_size: int = 64) -> list[np.ndarray]:
     """The output of every encoder layer on the first ``examples`` validation examples, one
     (examples, width) array per layer (text: mean over real tokens; images: over tokens)."""
-    from surm import train  # the trainer's preprocessing and model inputs
+    from surm import train  # the trainer's preprocessing
 
     dataset = data.get_dataset(run.config.input.dataset,
                                run.config.input.get("data_dir") or None)
@@ -140,7 +140,7 @@ def layer_outputs(run: Run, examples: int = 512, batch_size: int = 64) -> list[n
     layers: list[list[np.ndarray]] = []
     for batch in data.make_eval_batches(source, prep, global_batch_size=batch_size,
                                         shard_index=0, shard_count=1):
-        inputs = train.model_inputs(batch, modality)
+        inputs = run.entry.inputs(batch)
         outs = forward(run.trainable, frozen, inputs)
         keep = np.asarray(batch["mask"], bool)
         weights = (np.asarray(batch["attention_mask"], np.float64) if modality == "text"

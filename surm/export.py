@@ -4,7 +4,9 @@ Needs only the workdir (and the base checkpoint the run started from), never the
 outputs are comes from the run's record (``outputs.json``, see `surm.runs`).
 
 lora mode with a structured family: the merged model (``scale * to_dense(S)`` folded into the
-kernels, zero inference overhead) in PATH/merged:
+kernels, zero inference overhead) in PATH/merged, in the model's own format (its registry
+entry's ``save``, `surm.models.registry`; a registered model without one has no merged export,
+and the export says so before writing anything):
 
 * BERT: a folder that transformers or sentence-transformers run as it is, in the layout the
   run's pooling calls for (`surm.models.bert.save`): pooling='pooler' is a transformers
@@ -33,7 +35,6 @@ import jax
 from absl import app, flags
 
 from surm import peft, runs
-from surm.models import bert, factory, vit
 
 
 def _check_out(out: pathlib.Path) -> None:
@@ -50,13 +51,17 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict[str, st
     run = runs.load_run(workdir)
     merged = None
     if run.spec.mergeable:
+        if run.entry.save is None:
+            raise ValueError(f"model.name={run.config.model.name!r} has no save(): its merged "
+                             f"weights have no format to be written in (its adapters are in "
+                             f"{workdir / 'adapters'}, for surm.peft.io.load)")
         _, frozen = peft.split(run.base, run.spec)
         merged = jax.device_get(peft.merge(peft.full_params(frozen, run.trainable),
                                            run.trainable["adapters"], run.spec))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _write(run, merged, staging)
+        saved = _write(run, merged, staging)
         _check_out(out)
         if out.exists():
             out.rmdir()
@@ -65,31 +70,26 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict[str, st
         shutil.rmtree(staging, ignore_errors=True)
         raise
     written = {"adapters": str(out / "adapters")}
-    if merged is not None:
-        is_vit = run.config.model.name == "vit"
-        written["merged"] = str(out / "merged" / "model.npz" if is_vit else out / "merged")
+    if saved is not None:
+        written["merged"] = str(out / saved)
     return written
 
 
-def _write(run: runs.Run, merged: dict | None, folder: pathlib.Path) -> None:
+def _write(run: runs.Run, merged: dict | None, folder: pathlib.Path) -> pathlib.Path | None:
+    """Writes the export into ``folder``; returns where the merged model is, relative to it
+    (what ``model.checkpoint`` takes), or None without one."""
     shutil.copytree(run.workdir / "adapters", folder / "adapters")
     shutil.copyfile(run.workdir / "config.json", folder / "config.json")
     (folder / runs.RECORD).write_text(json.dumps(run.record, indent=2, ensure_ascii=False))
     if merged is None:
-        return
+        return None
     target = folder / "merged"
     target.mkdir()
-    if run.config.model.name == "bert":
-        bert.save(target, run.model.config, merged,
-                  source=factory.tokenizer_folder(run.config.model), labels=run.labels,
-                  max_length=run.config.input.get("max_length"))
-    else:
-        source = factory.vit_checkpoint_path(run.config.model)
-        posemb_method = vit.read_arch(source).get("posemb_method") if source else None
-        vit.save(target / "model.npz", merged, arch=vit.arch_of(run.model.config, posemb_method))
+    saved = pathlib.Path(run.entry.save(target, run, merged))
     (target / "labels.json").write_text(json.dumps(
         {"labels": run.labels, "num_classes": run.num_classes,
          "regression": run.record["regression"]}, indent=2, ensure_ascii=False))
+    return saved.relative_to(folder)
 
 
 def run_cli(workdir: str, out: str) -> int:

@@ -90,6 +90,12 @@ class Run:
     record: dict  # `read_record`: num_classes, labels, ...
 
     @property
+    def entry(self):
+        """The model's registry entry (`surm.models.registry`): modality, inputs, save."""
+        from surm import models
+        return models.get(self.config.model.name)
+
+    @property
     def num_classes(self) -> int:
         return self.record["num_classes"]
 
@@ -117,7 +123,9 @@ class Run:
 
 
 def load_run(workdir: str | pathlib.Path) -> Run:
-    """The run in ``workdir``; FileNotFoundError when it holds no finished run."""
+    """The run in ``workdir``; FileNotFoundError when it holds no finished run. The model is
+    built by the registry entry its ``model.name`` names (`surm.models`): a model of your own
+    must be registered first."""
     from surm.models import factory
 
     workdir = pathlib.Path(workdir)

