@@ -241,3 +241,24 @@ def test_call_arguments_pass_through_unchanged():
     noisy = peft.apply(model, frozen, trainable, spec, x, deterministic=False,
                        rngs={"dropout": jax.random.PRNGKey(1)}, rng=jax.random.PRNGKey(2))
     assert not np.allclose(noisy, still)
+
+
+def test_dense_general_contracting_an_inner_axis():
+    """DenseGeneral over axis 1 of (batch, 8, 8) inputs into (4, 4) features: the structured
+    product on the moved axis equals the merged kernel's output."""
+    class Inner(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.DenseGeneral((4, 4), axis=1, name="mix")(x.reshape(-1, 8, 8))
+            return nn.Dense(10, name="head")(h.reshape(h.shape[0], -1))
+
+    model, (x, _) = Inner(), digits()
+    params = model.init(jax.random.PRNGKey(0), x[:2])["params"]
+    layers = peft.layers.trace(model, params, x[:2])
+    assert (layers["mix"].d_in, layers["mix"].d_out) == (8, 16)
+    spec = peft.PeftSpec.create(structure="toeplitz", targets="mix", init="random")
+    trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(4), layers=layers)
+    merged = peft.merge(peft.full_params(frozen, trainable), trainable["adapters"], spec)
+    assert_close(model.apply({"params": merged}, x),
+                 peft.apply(model, frozen, trainable, spec, x, lora_path="structured"))
+    assert not np.allclose(model.apply({"params": merged}, x), model.apply({"params": params}, x))
