@@ -104,7 +104,7 @@ def block_circulant_of(w: np.ndarray, d_in: int) -> np.ndarray:
     """The inverse of ``kernel_of`` at scale 1: block_circulant's c (d_in/b, d_out/b, b)."""
     w = np.asarray(w, np.float64)
     c = np.transpose(w, (1, 0, 2))[..., _reverse_tail(w.shape[-1])] / d_in
-    return np.ascontiguousarray(c, np.float32)
+    return np.asarray(c, np.float32, order="C")
 
 
 def _is_target(node: Any) -> bool:
@@ -197,7 +197,7 @@ def _write_folder(out: pathlib.Path, config: dict, tensors: Mapping[str, np.ndar
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-        safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+        safetensors.numpy.save_file({k: np.asarray(v, order="C") for k, v in tensors.items()},
                                     str(staging / WEIGHTS))
         if out.exists():
             out.rmdir()

@@ -43,7 +43,7 @@ def base_hash(base_params: Mapping, spec: PeftSpec) -> str:
     _, frozen = surgery.split(base_params, spec)
     h = hashlib.sha256()
     for path, leaf in sorted(tree.flatten(frozen).items()):
-        arr = np.ascontiguousarray(jax.device_get(leaf))
+        arr = np.asarray(jax.device_get(leaf), order="C")
         h.update(f"{path}\0{arr.dtype.name}\0{arr.shape}\0".encode())
         h.update(arr.reshape(-1).view(np.uint8))
     return h.hexdigest()[:16]
@@ -70,7 +70,7 @@ def save(folder: str | os.PathLike, trainable: Mapping, spec: PeftSpec, *,
     folder.mkdir(parents=True, exist_ok=True)
     # C order: safetensors writes an array's buffer as it lies, so a transposed view would be
     # scrambled.
-    flat = {k: np.ascontiguousarray(jax.device_get(v))
+    flat = {k: np.asarray(jax.device_get(v), order="C")
             for k, v in tree.flatten(trainable).items()}
     _write(folder, WEIGHTS, lambda p: safetensors.numpy.save_file(flat, p))
     _write(folder, SPEC, lambda p: pathlib.Path(p).write_text(spec.to_json()))
@@ -110,8 +110,6 @@ def load(folder: str | os.PathLike, base_params: Mapping, *,
             raise FileNotFoundError(f"{folder / name} not found: an adapter folder holds "
                                     f"{WEIGHTS} and {SPEC} (written by surm.peft.io.save)")
     spec = PeftSpec.from_json((folder / SPEC).read_text())
-    if check_base:
-        _check_base(folder, base_params, spec)
     template, _ = surgery.init(base_params, spec, jax.random.PRNGKey(0))
     want = {k: np.shape(v) for k, v in tree.flatten(template).items()}
     got = safetensors.numpy.load_file(str(folder / WEIGHTS))
@@ -122,4 +120,6 @@ def load(folder: str | os.PathLike, base_params: Mapping, *,
     if problems:
         raise ValueError(f"{folder / WEIGHTS} does not fit this base model and spec:\n  "
                          + "\n  ".join(problems))
+    if check_base:
+        _check_base(folder, base_params, spec)
     return tree.fill(template, got), spec
