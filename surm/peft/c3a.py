@@ -140,6 +140,8 @@ def to_c3a(source: Mapping | str | os.PathLike, spec: PeftSpec | None,
         source, spec = run.trainable, run.spec
         pooling = run.model.config.pooling
         base_model = base_model or _base_model_of(run.config)
+    elif spec is None:
+        raise ValueError("to_c3a of a trainable tree needs its spec")
     if dtype not in ("float64", "float32"):
         raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
     if not spec.mergeable or spec.family not in FAMILIES:
