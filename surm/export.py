@@ -16,10 +16,10 @@ and the export says so before writing anything):
   so ``model.checkpoint=PATH/merged/model.npz`` builds the same model.
 
 and ``labels.json`` beside it (the class names in output order, where the data named them).
-Always: the adapter-only files (``adapters.safetensors`` + ``peft_spec.json``) in
-PATH/adapters, and the run's ``config.json`` and ``outputs.json``. Adapter mode, Houlsby
-adapters and BitFit/probe runs have no mergeable update: their adapters (and trained base
-leaves) are exported alone.
+Always: the adapter-only files (``adapters.safetensors``, ``peft_spec.json`` and ``base.json``,
+the base they load on: `surm.peft.io`) in PATH/adapters, and the run's ``config.json`` and
+``outputs.json``. Adapter mode, Houlsby adapters and BitFit/probe runs have no mergeable update:
+their adapters (and trained base leaves) are exported alone.
 
 PATH is written whole or not at all: into a temporary folder beside it, renamed at the end.
 """

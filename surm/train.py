@@ -244,6 +244,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     init_rng, train_rng = jax.random.split(rng)
     trainable, frozen = peft.init(params, spec, init_rng)
     counts = peft.count(params, trainable, spec)
+    # Which pretrained weights the adapters belong to, recorded beside them at the end.
+    base_id = peft_io.base_identity(
+        params, spec, f"{config.model.name}:{config.model.get('checkpoint') or 'random'}")
     del params
 
     tx, schedules = optim.make(config.optimizer, config.total_steps, trainable)
@@ -377,7 +380,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    "wall_seconds": time.time() - wall_start}
         if main:
             runs.write_record(workdir, data_spec, label_names)  # the outputs, for exports
-            peft_io.save(workdir / "adapters", jax.device_get(state["trainable"]), spec)
+            peft_io.save(workdir / "adapters", jax.device_get(state["trainable"]), spec,
+                         base=base_id)
             (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
             head = f"test_{data_spec.metrics[0]}"
             val = (f" best {headline}={best[headline]:.4f} (step {best['step']})" if best else "")

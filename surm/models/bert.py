@@ -376,6 +376,25 @@ def _hf_name(path: str, value: np.ndarray) -> tuple[str, np.ndarray]:
     return f"{module.replace('/', '.')}.{leaf}", value
 
 
+def hf_module(path: str, pooling: str) -> str:
+    """The Hugging Face name of the module (or tensor) at `path` ('/'- or '.'-joined, e.g.
+    'encoder/layer/0/attention/self/query') inside the transformers model that `save` writes
+    for `pooling`: ``bert.``-prefixed in a ``BertForSequenceClassification`` ('pooler'), as it
+    is in the ``BertModel`` of the other layouts, whose classifier lies outside that model
+    (ValueError, as for a path that is not one of BERT's)."""
+    name = path.replace("/", ".")
+    top = name.split(".")[0]
+    if top not in ("embeddings", "encoder", "pooler", "classifier"):
+        raise ValueError(f"{path!r} is not a BERT parameter path (embeddings/..., encoder/..., "
+                         f"pooler/..., classifier/...)")
+    if top == "classifier":
+        if pooling != "pooler":
+            raise ValueError(f"pooling={pooling!r}: the classifier is not part of the "
+                             f"transformers model (it is the sentence-transformers 2_Dense)")
+        return name
+    return f"bert.{name}" if pooling == "pooler" else name
+
+
 # The layouts `save` writes and `load` reads back. transformers' BertForSequenceClassification
 # computes pooling='pooler'; the other poolings are written as a sentence-transformers pipeline
 # (encoder, pooling, dense head), which names its pooling.
@@ -448,8 +467,7 @@ def save(folder: str | os.PathLike, config: BertConfig, params: Mapping, *,
         if config.classifier_dropout is not None:
             hf["classifier_dropout"] = config.classifier_dropout
         _save_tensors(folder / "model.safetensors",
-                      {k if k.startswith("classifier.") else f"bert.{k}": v
-                       for k, v in flat.items()})
+                      {hf_module(k, config.pooling): v for k, v in flat.items()})
     else:
         head = {"linear.weight": flat.pop("classifier.weight"),
                 "linear.bias": flat.pop("classifier.bias")}

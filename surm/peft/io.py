@@ -1,12 +1,17 @@
-"""Adapter-only files: the trainable tree as safetensors plus the spec as JSON.
+"""Adapter-only files: the trainable tree as safetensors, the spec as JSON, the base's identity.
 
-``save(folder, trainable, spec)`` writes ``adapters.safetensors`` (flat '/'-joined names) and
-``peft_spec.json``. ``load(folder, base_params)`` rebuilds the tree's structure from the spec on
-a freshly loaded base and fills it from the file; a missing, unexpected or mis-shaped tensor is
-an error naming it. Files are read without unpickling.
+``save(folder, trainable, spec, base=...)`` writes ``adapters.safetensors`` (flat '/'-joined
+names), ``peft_spec.json`` and, when given the identity of the base model the adapters were
+trained on (``base_identity``), ``base.json``. ``load(folder, base_params)`` rebuilds the tree's
+structure from the spec on a freshly loaded base and fills it from the file; a missing,
+unexpected or mis-shaped tensor is an error naming it, and so is a base whose identity is not
+the recorded one (folders without ``base.json`` load unchecked). Files are read without
+unpickling.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pathlib
 import tempfile
@@ -21,25 +26,85 @@ from surm.peft.spec import PeftSpec
 
 WEIGHTS = "adapters.safetensors"
 SPEC = "peft_spec.json"
+BASE = "base.json"
 
 
-def save(folder: str | os.PathLike, trainable: Mapping, spec: PeftSpec) -> None:
-    """Write atomically (temp files, then rename) so a crash never leaves a half-written file."""
+def base_hash(base_params: Mapping, spec: PeftSpec) -> str:
+    """A fingerprint of the base weights that stay frozen under ``spec``: sha256 over every
+    leaf of ``peft.split(base_params, spec)[1]`` in path order (path, dtype, shape, then the
+    bytes), its first 16 hex digits.
+
+    Only the frozen part counts because it is what an adapter folder does not hold and needs
+    from elsewhere: the leaves that train in full (the head, biases under BitFit, ...) change in
+    training and are restored from the folder, so the same fingerprint comes out of the
+    pretrained tree before training and of a freshly loaded one at load time, whatever head
+    size it was built with. All bytes are hashed (about 0.1 s per 100 MB).
+    """
+    _, frozen = surgery.split(base_params, spec)
+    h = hashlib.sha256()
+    for path, leaf in sorted(tree.flatten(frozen).items()):
+        arr = np.asarray(jax.device_get(leaf), order="C")
+        h.update(f"{path}\0{arr.dtype.name}\0{arr.shape}\0".encode())
+        h.update(arr.reshape(-1).view(np.uint8))
+    return h.hexdigest()[:16]
+
+
+def base_identity(base_params: Mapping, spec: PeftSpec, name: str | None = None) -> dict:
+    """What ``save(..., base=)`` records: ``{"name": name, "sha256": base_hash(...)}``; `name`
+    is for people (e.g. ``"bert:minilm_l6"``), the hash is what ``load`` compares."""
+    return {"name": name, "sha256": base_hash(base_params, spec)}
+
+
+def _write(folder: pathlib.Path, name: str, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+    os.close(fd)
+    write(tmp)
+    os.replace(tmp, folder / name)
+
+
+def save(folder: str | os.PathLike, trainable: Mapping, spec: PeftSpec, *,
+         base: Mapping | None = None) -> None:
+    """Write atomically (temp files, then rename) so a crash never leaves a half-written file.
+    `base`: ``base_identity`` of the pretrained tree, taken before training."""
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    flat = {k: np.asarray(jax.device_get(v)) for k, v in tree.flatten(trainable).items()}
-    for name, write in ((WEIGHTS, lambda p: safetensors.numpy.save_file(flat, p)),
-                        (SPEC, lambda p: pathlib.Path(p).write_text(spec.to_json()))):
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, folder / name)
+    # C order: safetensors writes an array's buffer as it lies, so a transposed view would be
+    # scrambled.
+    flat = {k: np.asarray(jax.device_get(v), order="C")
+            for k, v in tree.flatten(trainable).items()}
+    _write(folder, WEIGHTS, lambda p: safetensors.numpy.save_file(flat, p))
+    _write(folder, SPEC, lambda p: pathlib.Path(p).write_text(spec.to_json()))
+    if base is not None:
+        _write(folder, BASE, lambda p: pathlib.Path(p).write_text(json.dumps(dict(base))))
+    else:
+        (folder / BASE).unlink(missing_ok=True)  # another save's record would not hold here
 
 
-def load(folder: str | os.PathLike, base_params: Mapping, layers: Mapping | None = None
-         ) -> tuple[dict, PeftSpec]:
+def _check_base(folder: str | os.PathLike, base_params: Mapping, spec: PeftSpec) -> None:
+    """ValueError when ``folder`` records a base other than ``base_params`` (nothing to check
+    in folders without ``base.json``)."""
+    path = pathlib.Path(folder) / BASE
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())
+        want = recorded["sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is damaged: expected a JSON object with sha256") from None
+    got = base_hash(base_params, spec)
+    if got != want:
+        name = recorded.get("name") or "an unnamed base"
+        raise ValueError(f"{folder} holds adapters trained on {name} (frozen weights sha256 "
+                         f"{want}), but the base model given has frozen weights sha256 {got}: "
+                         f"load the base they were trained on, or pass check_base=False to "
+                         f"load them on this one anyway")
+
+
+def load(folder: str | os.PathLike, base_params: Mapping, layers: Mapping | None = None, *,
+         check_base: bool = True) -> tuple[dict, PeftSpec]:
     """(trainable, spec) from ``save``'s files, shaped against ``base_params`` (and ``layers``,
-    the ``surm.peft.layers.trace`` the adapters were made with, if any)."""
+    the ``surm.peft.layers.trace`` the adapters were made with, if any), which must be the base
+    they were trained on unless ``check_base=False``."""
     folder = pathlib.Path(folder)
     for name in (WEIGHTS, SPEC):
         if not (folder / name).is_file():
@@ -56,4 +121,6 @@ def load(folder: str | os.PathLike, base_params: Mapping, layers: Mapping | None
     if problems:
         raise ValueError(f"{folder / WEIGHTS} does not fit this base model and spec:\n  "
                          + "\n  ".join(problems))
+    if check_base:
+        _check_base(folder, base_params, spec)
     return tree.fill(template, got), spec
