@@ -149,8 +149,8 @@ def test_lora_matches_the_dense_oracle_and_merges(model_name, family):
     ("mlp", dict(method="bitfit")),
 ], ids=["lora-circulant", "lora-lowrank-einsum", "adapter-toeplitz", "houlsby", "bitfit"])
 def test_training_changes_only_the_trainable_state(model_name, spec, mnist):
-    model = peft_nnx.inject(MODELS[model_name][0](nnx.Rngs(0)),
-                            PeftSpec.create(heads=["out"], **spec), nnx.Rngs(1))
+    spec = PeftSpec.create(heads=["out"], **spec)
+    model = peft_nnx.inject(MODELS[model_name][0](nnx.Rngs(0)), spec, nnx.Rngs(1))
     before = jax.tree.map(np.array, nnx.state(model, nnx.Param))
     losses, optimizer = train(model, mnist["train"])
     assert losses[-1] < 0.9 * losses[0], losses
@@ -169,8 +169,11 @@ def test_training_changes_only_the_trainable_state(model_name, spec, mnist):
                                                nnx.to_flat_state(after))
                if p in trained and not np.array_equal(old.get_value(), new.get_value())]
     assert any(p[0] == "out" for p in changed)
-    if spec["method"] != "bitfit":
+    if spec.has_adapters:
         assert any("adapter" in p for p in changed)
+    if spec.has_adapters and not spec.mergeable:
+        with pytest.raises(ValueError, match="cannot merge"):
+            peft_nnx.merge(model)
 
 
 def test_mnist_lora_training_then_files(mnist, tmp_path):
