@@ -7,6 +7,7 @@
 
 Any Linen model: ``layers = peft.layers.trace(model, params, *inputs)`` finds its linear layers
 as they run (Dense, DenseGeneral, Einsum, scanned stacks); pass ``layers=layers`` to ``init``.
+NNX models: ``surm.peft.nnx`` (imported on first use: ``peft.nnx.inject(model, spec)``).
 """
 from surm.peft import layers, methods
 from surm.peft.report import count, format_report
@@ -15,6 +16,15 @@ from surm.peft.spec import (BASELINES, METHODS, MODES, PRESETS, PeftSpec, Target
 from surm.peft.surgery import (LORA_PATHS, MATMUL_OVER_FFT_RATE, apply, check_lora_path,
                                flops_per_row, full_params, init, inject, linear_modules,
                                lora_path_for, merge, split, target_layouts, targets, unmerge)
+
+
+
+def __getattr__(name):
+    if name == "nnx":  # flax.nnx costs a second to import: only for those who use it
+        import importlib
+        return importlib.import_module("surm.peft.nnx")
+    raise AttributeError(f"module 'surm.peft' has no attribute {name!r}")
+
 
 __all__ = ["BASELINES", "LORA_PATHS", "MATMUL_OVER_FFT_RATE", "METHODS", "MODES", "PRESETS",
            "PeftSpec", "Target", "apply", "check_lora_path", "config_to_spec", "count",

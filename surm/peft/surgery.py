@@ -100,7 +100,10 @@ def _init_node(key, spec: PeftSpec, path: str, layout: Layout) -> dict:
     n = 1
     for size in layout.stack_shape:
         one, n = jax.vmap(one), n * size
-    keys = jax.random.split(key, n).reshape(*layout.stack_shape, -1) if layout.stack else key
+    keys = key
+    if layout.stack:
+        keys = jax.random.split(key, n)  # raw (n, 2) or typed (n,) keys alike
+        keys = keys.reshape(*layout.stack_shape, *keys.shape[1:])
     node = one(keys)
     if not layout.is_prefix:
         node["layout"] = layout  # a Layout has no leaves: jit, optax and orbax do not see it
