@@ -238,7 +238,7 @@ def test_call_arguments_pass_through_unchanged():
     trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(0))
     still = peft.apply(model, frozen, trainable, spec, x, deterministic=True)
     np.testing.assert_array_equal(still, model.apply({"params": params}, x, deterministic=True))
-    with pytest.raises(ValueError, match="needs rng"):
+    with pytest.raises(ValueError, match="needs an rng"):
         peft.apply(model, frozen, trainable, spec, x, deterministic=False,
                    rngs={"dropout": jax.random.PRNGKey(1)})
     noisy = peft.apply(model, frozen, trainable, spec, x, deterministic=False,

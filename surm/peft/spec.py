@@ -99,7 +99,7 @@ def _check_scaling(where: str, structure: str | None, hparams: Mapping, scale: f
     if alpha is None:
         return
     if structure not in RANKED or "rank" not in hparams:
-        raise ValueError(f"{where}: alpha (scale = alpha / rank) needs a structure with an "
+        raise ValueError(f"{where}: alpha (scale = alpha / rank) needs a family with an "
                          f"explicit rank ({', '.join(RANKED)}), not {structure!r} with hparams "
                          f"{dict(hparams)}; set scale instead")
     if scale != 1.0:
@@ -342,7 +342,7 @@ def match_targets(rules: Iterable[str], linear_paths: Iterable[str],
     targeted_heads = sorted(p for p in selected if _under(heads, p))
     if targeted_heads:
         raise ValueError(f"target rules select the head(s) {targeted_heads} (peft heads "
-                         f"{list(heads)}); a head trains in full: target other modules, or "
+                         f"{list(heads)}); a head always trains in full: target other modules, or "
                          f"set peft heads to the modules that are the model's output layers")
     return [p for p in paths if p in selected]
 

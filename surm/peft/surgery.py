@@ -349,7 +349,8 @@ def apply(model: nn.Module, frozen: Mapping, trainable: Mapping, spec: PeftSpec,
     every path gives the same outputs and gradients up to float rounding."""
     training = _training(training, kwargs)
     if training and rng is None and spec.dropout > 0:
-        raise ValueError("apply in training with adapter dropout needs rng=<a PRNG key>")
+        raise ValueError("apply in training with adapter dropout needs an rng "
+                         "(rng=<a PRNG key>)")
     check_lora_path(spec, lora_path, training)
     params = full_params(frozen, trainable)
     nodes = tree.flatten(trainable.get("adapters", {}), stop=_is_target)
