@@ -29,12 +29,12 @@ import json
 import pathlib
 import shutil
 import sys
-import tempfile
 
 import jax
 from absl import app, flags
 
 from surm import peft, runs
+from surm.workdir import staged_folder
 
 
 def _check_out(out: pathlib.Path) -> None:
@@ -58,17 +58,9 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict[str, st
         _, frozen = peft.split(run.base, run.spec)
         merged = jax.device_get(peft.merge(peft.full_params(frozen, run.trainable),
                                            run.trainable["adapters"], run.spec))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         saved = _write(run, merged, staging)
         _check_out(out)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     written = {"adapters": str(out / "adapters")}
     if saved is not None:
         written["merged"] = str(out / saved)

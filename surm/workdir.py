@@ -11,6 +11,8 @@ import contextlib
 import fcntl
 import os
 import pathlib
+import shutil
+import tempfile
 from typing import Iterator
 
 LOCK = ".lock"
@@ -66,3 +68,21 @@ def hold(workdir: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Writes a new folder all at once: yields a temporary sibling of ``out`` to fill, renamed
+    to ``out`` (which must then be absent or empty) when the block ends without error, and
+    removed otherwise, so a failed write never leaves a half-written ``out``."""
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield staging
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -52,9 +52,7 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -66,6 +64,7 @@ from surm.models import bert
 from surm.peft import io as peft_io
 from surm.peft import surgery, tree
 from surm.peft.spec import PeftSpec
+from surm.workdir import staged_folder
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -195,18 +194,10 @@ def _write_folder(out: pathlib.Path, config: dict, tensors: Mapping[str, np.ndar
     """Whole or not at all: into a temporary folder beside `out`, renamed at the end."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; write into a new one")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         safetensors.numpy.save_file({k: np.asarray(v, order="C") for k, v in tensors.items()},
                                     str(staging / WEIGHTS))
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def from_c3a(c3a_folder: str | os.PathLike, base_params: Mapping, *,
