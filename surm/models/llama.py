@@ -25,6 +25,7 @@ their own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -212,21 +213,20 @@ def init_cache(config: LlamaConfig, batch: int, length: int, dtype=None) -> tupl
     return tuple({"k": zeros, "v": zeros} for _ in range(config.n_layers))
 
 
-def _sample(logits, rng, temperature: float, top_p: float):
-    """Greedy when ``temperature`` is 0, else nucleus sampling over the smallest set of tokens
-    whose probability reaches ``top_p``."""
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1)
-    logits = logits / temperature
-    if top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above
-        sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
-        choice = jax.random.categorical(rng, sorted_logits, axis=-1)
-        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-    return jax.random.categorical(rng, logits, axis=-1)
+def _sample(logits, rng, temperature, top_p):
+    """Greedy where ``temperature`` is 0, else nucleus sampling over the smallest set of
+    tokens whose probability reaches ``top_p`` (all of them at 1). Both settings are traced,
+    so one compiled step serves every setting."""
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above
+    sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
+    choice = jax.random.categorical(rng, sorted_logits, axis=-1)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    return jnp.where(temperature > 0, sampled, greedy)
 
 
 def generate(model: Llama, params, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
@@ -248,13 +248,14 @@ def generate(model: Llama, params, prompt_ids, max_new_tokens: int, *, temperatu
                          f"got shape {np.shape(prompt_ids)}")
     batch, length = prompt.shape
     cache = init_cache(model.config, batch, length + max_new_tokens)
-    step = _decode_step(model, temperature, top_p)
+    step = _decode_step(model)
     rng = jax.random.key(0) if rng is None else rng
     tokens, done, out = jnp.asarray(prompt), np.zeros(batch, bool), []
     index = 0
     for _ in range(max_new_tokens):
         rng, key = jax.random.split(rng)
-        nxt, cache = step(params, tokens, cache, jnp.int32(index), key)
+        nxt, cache = step(params, tokens, cache, jnp.int32(index), key,
+                          jnp.float32(temperature), jnp.float32(top_p))
         index += tokens.shape[1]
         nxt = np.where(done, eos_id if eos_id is not None else 0, np.asarray(nxt))
         out.append(nxt)
@@ -267,9 +268,11 @@ def generate(model: Llama, params, prompt_ids, max_new_tokens: int, *, temperatu
     return new[0] if single else new
 
 
-def _decode_step(model, temperature, top_p):
+@functools.lru_cache(maxsize=8)
+def _decode_step(model):
+    """One jitted step per model, so that repeated calls compile once per shape."""
     @jax.jit
-    def step(params, tokens, cache, index, key):
+    def step(params, tokens, cache, index, key, temperature, top_p):
         logits, cache = model.apply({"params": params}, tokens, cache, index)
         return _sample(logits[:, -1], key, temperature, top_p), cache
     return step
