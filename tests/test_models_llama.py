@@ -88,6 +88,19 @@ def test_reader_dequantises_q8_0_and_q4_1_as_computed_by_hand(tmp_path):
     assert f.tensors["q4"].type_name == "Q4_1"
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "F16", "BF16"])
+def test_reader_agrees_with_the_gguf_package(tmp_path, qtype):
+    """Bytes quantised by the ``gguf`` package (llama.cpp's gguf-py) read back as it reads them."""
+    ref = pytest.importorskip("gguf")
+    kind = ref.GGMLQuantizationType[qtype]
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    raw = np.asarray(ref.quants.quantize(x, kind))
+    path = tmp_path / "ref.gguf"
+    write_gguf(path, {}, [("w", int(kind), x.shape, raw.tobytes())])
+    np.testing.assert_array_equal(gguf.GGUFFile(path).array("w"),
+                                  ref.quants.dequantize(raw, kind).reshape(x.shape))
+
+
 def test_reader_refuses_other_files(tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"PK\3\4" + b"\0" * 40)
