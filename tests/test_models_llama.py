@@ -284,14 +284,15 @@ def test_structured_adapters_on_rectangular_gqa_projections(tiny):
     layers = peft.layers.trace(model, params, tokens)
     assert (layers["layers_0/attn/k_proj"].d_in, layers["layers_0/attn/k_proj"].d_out) == (16, 8)
     spec = peft.PeftSpec.create(
-        method="lora", structure="circulant", init="random", heads=(),
-        targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+        method="lora", structure="circulant", init="random", heads=(), targets="all-linear")
     trainable, frozen = peft.init(params, spec, jax.random.key(1), layers=layers)
     assert peft.targets(params, spec, layers)["layers_1/attn/v_proj"] == (16, 8)
     assert sorted(peft.targets(params, spec, layers)) == sorted(
         f"layers_{i}/{m}" for i in range(2) for m in
         ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj",
          "mlp/up_proj", "mlp/down_proj"))
+    assert peft.match_targets(["qv"], layers) == [
+        f"layers_{i}/attn/{m}" for i in range(2) for m in ("q_proj", "v_proj")]
     adapted = jax.jit(lambda tr: peft.apply(model, frozen, tr, spec, tokens))(trainable)
     forward = jax.jit(lambda p: model.apply({"params": p}, tokens))
     assert np.abs(adapted - forward(params)).max() > 1e-4
