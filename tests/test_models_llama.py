@@ -117,7 +117,7 @@ TOKENS = ["<s>", "</s>", "a", "b", "Ġ", "ab", "Ġa", "Ġab"] + [f"x{i}" for i i
 
 def random_params(config=CONFIG, seed=0):
     model = llama.Llama(config)
-    params = model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
     # norms away from 1 so that a wrong mapping shows
     flat = flax.traverse_util.flatten_dict(params, sep="/")
     rng = np.random.default_rng(seed)
