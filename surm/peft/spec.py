@@ -47,13 +47,15 @@ RANKED = ("lowrank", "kronecker", "ldr")  # the families whose update alpha / ra
 MODES = ("lora", "adapter")
 ACTIVATIONS = ("gelu", "relu", "tanh", "identity")
 
-# Linear layers of the two model families, ViT (google names) and BERT (Hugging Face names).
-_Q = r"(.*/)?(attention/self/query|MultiHeadDotProductAttention_\d+/query)"
-_K = r"(.*/)?(attention/self/key|MultiHeadDotProductAttention_\d+/key)"
-_V = r"(.*/)?(attention/self/value|MultiHeadDotProductAttention_\d+/value)"
-_O = r"(.*/)?(attention/output/dense|MultiHeadDotProductAttention_\d+/out)"
-_MLP_IN = r"(.*/)?(layer/\d+/intermediate/dense|MlpBlock_\d+/Dense_0)"
-_MLP_OUT = r"(.*/)?(layer/\d+/output/dense|MlpBlock_\d+/Dense_1)"
+# Linear layers of the model families: ViT (google names), BERT (Hugging Face names) and the
+# Llama decoder (surm.models.llama: Hugging Face projection names; its MLP input is the gate
+# and the up projection).
+_Q = r"(.*/)?(attention/self/query|MultiHeadDotProductAttention_\d+/query|attn/q_proj)"
+_K = r"(.*/)?(attention/self/key|MultiHeadDotProductAttention_\d+/key|attn/k_proj)"
+_V = r"(.*/)?(attention/self/value|MultiHeadDotProductAttention_\d+/value|attn/v_proj)"
+_O = r"(.*/)?(attention/output/dense|MultiHeadDotProductAttention_\d+/out|attn/o_proj)"
+_MLP_IN = r"(.*/)?(layer/\d+/intermediate/dense|MlpBlock_\d+/Dense_0|mlp/(gate|up)_proj)"
+_MLP_OUT = r"(.*/)?(layer/\d+/output/dense|MlpBlock_\d+/Dense_1|mlp/down_proj)"
 PRESETS: dict[str, tuple[str, ...]] = {
     "qv": (_Q, _V),
     "qkv": (_Q, _K, _V),
