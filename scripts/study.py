@@ -356,8 +356,11 @@ def matched_table(parts: Sequence[Part], rows_by_part: dict) -> tuple[list[str],
         theirs = [r["test"] for r in cells[(lora, d, k)]]
         said = [f"{m.split(' [')[0]} {results.verdict([r['test'] for r in cells[(m, d, k)]], theirs)}"
                 for m in methods if m != lora and full(m)]
+        waiting = [m.split(" [")[0] for m in methods if m != lora and not full(m)]
+        if waiting:
+            said.append(f"{', '.join(waiting)}: no verdict yet (fewer than {len(SEEDS)} seeds)")
         notes.append(f"- {SHORT.get(d, d)} k={k}, against LoRA r=1 "
-                     f"({statistics.mean(theirs):.4f}): " + ", ".join(said) + ".")
+                     f"({statistics.mean(theirs):.4f}): " + "; ".join(said) + ".")
     return lines, notes
 
 
