@@ -100,6 +100,16 @@ def _check_base(folder: str | os.PathLike, base_params: Mapping, spec: PeftSpec)
                          f"load them on this one anyway")
 
 
+def mismatches(want: Mapping[str, tuple], got: Mapping[str, np.ndarray]) -> list[str]:
+    """What keeps the file's tensors ``got`` from filling the shapes ``want``: a line per
+    missing, unexpected or mis-shaped tensor, by name."""
+    problems = [f"missing {k} {tuple(want[k])}" for k in sorted(set(want) - set(got))]
+    problems += [f"unexpected {k} {got[k].shape}" for k in sorted(set(got) - set(want))]
+    problems += [f"mis-shaped {k}: file {got[k].shape}, expected {tuple(want[k])}"
+                 for k in sorted(set(want) & set(got)) if tuple(got[k].shape) != tuple(want[k])]
+    return problems
+
+
 def load(folder: str | os.PathLike, base_params: Mapping, layers: Mapping | None = None, *,
          check_base: bool = True) -> tuple[dict, PeftSpec]:
     """(trainable, spec) from ``save``'s files, shaped against ``base_params`` (and ``layers``,
@@ -114,10 +124,7 @@ def load(folder: str | os.PathLike, base_params: Mapping, layers: Mapping | None
     template, _ = surgery.init(base_params, spec, jax.random.PRNGKey(0), layers)
     want = {k: np.shape(v) for k, v in tree.flatten(template).items()}
     got = safetensors.numpy.load_file(str(folder / WEIGHTS))
-    problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(got))]
-    problems += [f"unexpected {k} {got[k].shape}" for k in sorted(set(got) - set(want))]
-    problems += [f"mis-shaped {k}: file {got[k].shape}, expected {want[k]}"
-                 for k in sorted(set(want) & set(got)) if got[k].shape != want[k]]
+    problems = mismatches(want, got)
     if problems:
         raise ValueError(f"{folder / WEIGHTS} does not fit this base model and spec:\n  "
                          + "\n  ".join(problems))

@@ -394,10 +394,7 @@ def load(folder: str | os.PathLike, model: nnx.Module,
     variables = _variables(model)
     got = safetensors.numpy.load_file(str(folder / io.WEIGHTS))
     want = {k: tuple(v.shape) for k, v in variables.items()}
-    problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(got))]
-    problems += [f"unexpected {k} {got[k].shape}" for k in sorted(set(got) - set(want))]
-    problems += [f"mis-shaped {k}: file {got[k].shape}, expected {want[k]}"
-                 for k in sorted(set(want) & set(got)) if tuple(got[k].shape) != want[k]]
+    problems = io.mismatches(want, got)
     if problems:
         if injected:
             unload(model)  # the model as it came
