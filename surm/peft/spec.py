@@ -222,8 +222,8 @@ class PeftSpec:
         """The settings of the targeted module at ``path``: the first pattern whose rule
         matches it, over the spec's (``settings`` instead of the patterns: check one)."""
         if settings is None:
-            settings = next((dict(s) for rule, s in self.patterns
-                             if any(rule_matches(p, path) for _, p in expand_rules([rule]))), {})
+            settings = next((dict(s) for rule, s in self.patterns if rule_selects(rule, path)),
+                            {})
         if not settings:
             return Target(self.structure, self.hparams, self.scale, self.alpha)
         settings = dict(settings)
@@ -315,6 +315,11 @@ def rule_matches(pattern: str, path: str) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], path) is not None
     return path == pattern or path.endswith("/" + pattern)
+
+
+def rule_selects(rule: str, path: str) -> bool:
+    """Whether one rule as written (a preset, a path, a suffix, ``re:...``) selects ``path``."""
+    return any(rule_matches(pattern, path) for _, pattern in expand_rules([rule]))
 
 
 def _under(rules: Iterable[str], path: str) -> bool:

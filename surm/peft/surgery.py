@@ -33,7 +33,7 @@ from surm import structured
 from surm.peft import layers as layers_lib
 from surm.peft import methods, tree
 from surm.peft.layers import Layout
-from surm.peft.spec import PeftSpec, is_head, match_targets, trains_in_full
+from surm.peft.spec import PeftSpec, is_head, match_targets, rule_selects, trains_in_full
 
 SCOPE_KEY = "__surm__"  # an adapter node's name beside its layer's kernel, inside ``apply``
 GRADIENT_KEY = "__surm_gradient__"  # lora_path "mixed": a node whose update is in the kernel
@@ -69,16 +69,11 @@ def target_layouts(base_params: Mapping, spec: PeftSpec, layers: Mapping | None 
         raise ValueError("target rules select layers that cannot be adapted:\n  "
                          + "\n  ".join(bad))
     for rule, _ in spec.patterns:
-        if not any(_pattern_hits(rule, p) for p in chosen):
+        if not any(rule_selects(rule, p) for p in chosen):
             raise ValueError(f"peft pattern {rule!r} matches none of the targeted layers "
                              f"({len(chosen)}: {', '.join(chosen[:8])}"
                              f"{', ...' if len(chosen) > 8 else ''})")
     return {p: found[p] for p in chosen}
-
-
-def _pattern_hits(rule: str, path: str) -> bool:
-    from surm.peft.spec import expand_rules, rule_matches
-    return any(rule_matches(pattern, path) for _, pattern in expand_rules([rule]))
 
 
 def targets(base_params: Mapping, spec: PeftSpec, layers: Mapping | None = None
