@@ -20,7 +20,9 @@ on synthetic batches:
 
 Methods (targets q, v, lora mode): ``surm`` = each of ``--families`` (default circulant: one
 vector per matrix, d params), LoRA at rank 1 (2d params per matrix: the smallest LoRA, the
-nearest budget from above), LoRA at rank 8 (the usual default), and full fine-tuning. The
+nearest budget from above), LoRA at rank 8 (the usual default), the linear probe (the head
+only: a forward pass, no backward through the frozen encoder), BitFit (biases and head) and
+full fine-tuning. The
 headline ratios take the first family (on the path ``auto`` picks when several are timed)
 against LoRA r=1: ``surm_over_lora_time``,
 ``surm_over_lora_memory``, ``surm_over_full_time``, ``merged_over_base_time``, printed last in
@@ -41,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from surm import models, optim, peft, structured
+from surm import allocator, models, optim, peft, structured
 from surm.models import factory
 from surm.timing import interleaved_medians
 from surm.train import make_step_fns
@@ -67,7 +69,8 @@ def methods(families: list[str], paths: list[str]) -> dict[str, tuple[peft.PeftS
     for rank in (1, 8):
         out[f"lora_r{rank}"] = (peft.PeftSpec.create(family="lowrank", mode="lora", targets="qv",
                                                      hparams={"rank": rank}), "auto")
-    out["full"] = (peft.PeftSpec.create(family="full"), "auto")
+    for baseline in ("linear_probe", "bitfit", "full"):
+        out[baseline] = (peft.PeftSpec.create(family=baseline), "auto")
     return out
 
 
@@ -172,6 +175,7 @@ def bench_model(name: str, families: list[str], args) -> dict:
         "surm_over_lora8_time": m[surm]["step_ms"] / m["lora_r8"]["step_ms"],
         "surm_over_full_time": m[surm]["step_ms"] / m["full"]["step_ms"],
         "surm_over_full_memory": m[surm]["peak_mb"] / m["full"]["peak_mb"],
+        "probe_over_full_time": m["linear_probe"]["step_ms"] / m["full"]["step_ms"],
         "merged_over_base_time": merged_s / base_s,
     }
     print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in out["ratios"].items())
@@ -202,6 +206,7 @@ def main(argv=None) -> int:
                    help="blocks of the ViTs (default: the variant's; fewer for a quick check)")
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     args = p.parse_args(argv)
+    allocator.configure()  # as surm.train runs
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(MODELS))
     if unknown:

@@ -35,7 +35,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from surm import data, metrics, models, optim, peft, runs, sharding
+from surm import allocator, data, metrics, models, optim, peft, runs, sharding
 from surm import workdir as workdir_lock
 from surm.checkpointing import Checkpoints, CorruptCheckpointError, kept_steps
 from surm.models import factory
@@ -169,9 +169,14 @@ def preprocessors(config, dataset):
 
 
 def _all_finite(tree) -> jax.Array:
-    """Whether every float in ``tree`` is finite (one boolean, computed on device)."""
+    """Whether every float in ``tree`` is finite (one boolean, computed on device). ``x * 0`` is
+    0 where ``x`` is finite and NaN where it is not, so one float sum per leaf answers: a
+    reduction XLA runs at memory speed, where ``isfinite(x).all()`` materialises a boolean
+    array and reduces it through a slow reduce-window."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else True
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.isfinite(sum(jnp.sum(x * 0, dtype=jnp.float32) for x in leaves))
 
 
 def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
@@ -200,8 +205,9 @@ def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
         # NaN/Inf (a huge step, a NaN hyper-parameter), and a checkpoint holds only finite values.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(
             (new["trainable"], new["opt_state"]))
-        # A non-finite step leaves the state as it was; the host stops the run.
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        # The host reads ``finite`` after every step and stops the run at the first False,
+        # before anything is saved: a non-finite state is never written. (Selecting the old
+        # state here instead would keep both states alive and cost a full pass over them.)
         return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     def eval_step(trainable, frozen, batch):
@@ -416,6 +422,7 @@ def main(argv):
                              "--config configs/default.py --workdir runs/default")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO
+    allocator.configure()  # before XLA's threads exist: see surm/allocator.py
     _initialize_distributed()
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)

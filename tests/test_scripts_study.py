@@ -110,7 +110,10 @@ def test_bench_train_prints_the_ratios_last(capsys):
     assert out["models"]["vit_ti16"]["depth"] == 2
     methods = out["models"]["vit_ti16"]["methods"]
     assert set(methods) == {"toeplitz[structured]", "toeplitz[dense]", "lora_r1", "lora_r8",
-                            "full"}
+                            "linear_probe", "bitfit", "full"}
+    # the probe is a forward pass and the head: no activations kept for a backward pass
+    assert methods["linear_probe"]["temp_mb"] < methods["bitfit"]["temp_mb"] / 2
+    assert out["probe_over_full_time"] > 0
     # memory from XLA's buffer assignment: full fine-tuning holds gradients and Adam moments of
     # every weight, the PEFT methods only of theirs
     assert methods["full"]["peak_mb"] > 2 * methods["toeplitz[dense]"]["peak_mb"]

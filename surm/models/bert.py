@@ -43,15 +43,15 @@ import numpy as np
 import safetensors.numpy
 import tokenizers
 
-from surm.models import _loading
+from surm.models import _loading, layers
 
 log = logging.getLogger(__name__)
 
 POOLINGS = ("pooler", "cls", "mean")
 ACTIVATIONS = {
-    "gelu": functools.partial(nn.gelu, approximate=False),  # Hugging Face "gelu" is exact (erf).
-    "gelu_new": functools.partial(nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
+    "gelu": layers.gelu,  # Hugging Face "gelu" is exact (erf).
+    "gelu_new": functools.partial(layers.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(layers.gelu, approximate=True),
     "relu": nn.relu,
 }
 
@@ -150,7 +150,7 @@ class BertEmbeddings(nn.Module):
              + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
              + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
         x = nn.LayerNorm(cfg.layer_norm_eps, dtype=jnp.dtype(cfg.dtype), name="LayerNorm")(x)
-        return nn.Dropout(cfg.hidden_dropout)(x, deterministic=not train)
+        return layers.Dropout(cfg.hidden_dropout)(x, deterministic=not train)
 
 
 class BertSelfAttention(nn.Module):
@@ -169,13 +169,12 @@ class BertSelfAttention(nn.Module):
             return y.reshape(*y.shape[:-1], cfg.num_heads, head_dim)
 
         dropout = train and cfg.attention_dropout > 0
-        y = nn.dot_product_attention(
+        # Softmax in float32 (keeps bfloat16 attention close to the float32 result).
+        y = layers.dot_product_attention(
             heads("query"), heads("key"), heads("value"), mask=mask,
-            broadcast_dropout=False, dropout_rate=cfg.attention_dropout,
+            dropout_rate=cfg.attention_dropout,
             dropout_rng=self.make_rng("dropout") if dropout else None,
-            deterministic=not dropout, dtype=dtype,
-            # Softmax in float32 keeps bfloat16 attention close to the float32 result.
-            force_fp32_for_softmax=True)
+            deterministic=not dropout, dtype=dtype)
         return y.reshape(*y.shape[:-2], cfg.hidden_size)
 
 
@@ -189,7 +188,7 @@ class BertResidualOutput(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         x = _dense(cfg.hidden_size, dtype, "dense")(x)
-        x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=not train)
+        x = layers.Dropout(cfg.hidden_dropout)(x, deterministic=not train)
         return nn.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="LayerNorm")(x + residual)
 
 
@@ -275,7 +274,7 @@ class BERT(nn.Module):
         self.encoder = BertEncoder(cfg)
         if cfg.pooling == "pooler":
             self.pooler = BertPooler(cfg)
-        self.classifier_dropout = nn.Dropout(
+        self.classifier_dropout = layers.Dropout(
             cfg.hidden_dropout if cfg.classifier_dropout is None else cfg.classifier_dropout)
         # Zero-initialised like the ViT head, so a fresh head is the same in `init` and `load`.
         self.classifier = nn.Dense(cfg.num_labels, dtype=jnp.dtype(cfg.dtype),

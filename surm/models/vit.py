@@ -36,7 +36,6 @@ Every linear layer is an `nn.Dense` / `nn.DenseGeneral` sub-module applied throu
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -49,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from surm.models import _loading
+from surm.models import _loading, layers
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +168,9 @@ class MlpBlock(nn.Module):
             features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
             bias_init=nn.initializers.normal(stddev=1e-6))
         width = x.shape[-1]
-        x = nn.gelu(dense(self.mlp_dim)(x), approximate=self.gelu_approximate)
-        x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        return nn.Dropout(self.dropout)(dense(width)(x), deterministic=not train)
+        x = layers.gelu(dense(self.mlp_dim)(x), approximate=self.gelu_approximate)
+        x = layers.Dropout(self.dropout)(x, deterministic=not train)
+        return layers.Dropout(self.dropout)(dense(width)(x), deterministic=not train)
 
 
 class Encoder1DBlock(nn.Module):
@@ -193,13 +192,12 @@ class Encoder1DBlock(nn.Module):
             dropout_rate=cfg.attention_dropout,
             deterministic=not train,
             # Softmax in float32 keeps bfloat16 attention close to the float32 result.
-            attention_fn=functools.partial(nn.dot_product_attention,
-                                           force_fp32_for_softmax=True),
+            attention_fn=layers.dot_product_attention,
             name="MultiHeadDotProductAttention_1",
         )(y, y)
         if cfg.layer_scale:
             y = LayerScale(name="layer_scale_attn")(y)
-        x = x + nn.Dropout(cfg.dropout)(y, deterministic=not train)
+        x = x + layers.Dropout(cfg.dropout)(y, deterministic=not train)
         y = nn.LayerNorm(dtype=dtype, name="LayerNorm_2")(x)
         y = MlpBlock(cfg.mlp_dim, cfg.dropout, dtype, cfg.gelu_approximate,
                      name="MlpBlock_3")(y, train=train)
@@ -217,7 +215,7 @@ class Encoder(nn.Module):
     def __call__(self, x, *, train: bool):
         cfg = self.config
         x = AddPositionEmbs(name="posembed_input")(x)
-        x = nn.Dropout(cfg.dropout)(x, deterministic=not train)
+        x = layers.Dropout(cfg.dropout)(x, deterministic=not train)
         for i in range(cfg.depth):
             x = Encoder1DBlock(cfg, name=f"encoderblock_{i}")(x, train=train)
         return nn.LayerNorm(dtype=jnp.dtype(cfg.dtype), name="encoder_norm")(x)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from surm import structured
+from surm.models.layers import dropout as _hash_dropout
 from surm.peft import layers as layers_lib
 from surm.peft import methods, tree
 from surm.peft.layers import Layout
@@ -198,10 +199,7 @@ class _Interceptor:
             return lambda x: x
         rate = self.spec.dropout
 
-        def drop(x):
-            keep = jax.random.bernoulli(_key_for(self.rng, path), 1.0 - rate, x.shape)
-            return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-        return drop
+        return lambda x: _hash_dropout(x, rate, _key_for(self.rng, path))
 
     def __call__(self, next_fun, args, kwargs, context):
         module = context.module
