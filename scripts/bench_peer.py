@@ -112,7 +112,7 @@ class TorchStep:
         torch.nn.utils.clip_grad_norm_(self.params, OPTIMIZER["grad_clip"])
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
 
 class SurmStep:

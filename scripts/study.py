@@ -677,8 +677,50 @@ def _lora_path_section(b: dict) -> list[str]:
 
 
 
+PEER_METHODS = {"lora_r8": "LoRA r=8 (PEFT `LoraConfig`; surm `lowrank`)",
+                "c3a_384": "circulant (PEFT C3A block 384; surm `circulant`)",
+                "c3a_64": "block-circulant 64 (PEFT C3A block 64; surm `block_circulant`)",
+                "probe": "linear probe (the head only)",
+                "full": "full fine-tuning"}
+
+
+def _peer_section(b: dict) -> list[str]:
+    v = b["versions"]
+    lines = ["## Against PyTorch + Hugging Face PEFT", "",
+             f"`{b['command']}`: MiniLM-L6 (pooler, {len(b['trainable_peft'])} methods), batch "
+             f"{b['batch']} x {b['seq_len']} tokens, dropout on, AdamW with weight decay and "
+             "clipping on both sides, the same weights and batch; each library's step is one "
+             "call (surm: the trainer's jitted step; PyTorch: forward, backward, clip, "
+             "`optimizer.step()`), the two interleaved in rounds in one process (torch "
+             f"{v['torch']}, transformers {v['transformers']}, peft {v['peft']}, jax "
+             f"{v['jax']}; glibc malloc "
+             f"{'tuned by `surm.allocator` for both' if b.get('malloc_tuned') else 'untuned'}). "
+             "q and v adapted; the head trains in every method.", "",
+             "| method | trainable (PEFT) | surm ms | PyTorch + PEFT ms | surm / PEFT |",
+             "|---|---:|---:|---:|---:|"]
+    for method, ratio in b["surm_over_peft_time"].items():
+        lines.append(f"| {PEER_METHODS.get(method, method)} | {b['trainable_peft'][method]:,} | "
+                     f"{b['surm_ms'][method]:.1f} | {b['peft_ms'][method]:.1f} | "
+                     f"{ratio:.3f} |")
+    inference = b.get("inference", {})
+    if inference:
+        lines += ["", "Eval forward (no dropout, no gradient) of the same model and batch: "
+                  "surm's jitted `apply` against PyTorch under `torch.inference_mode()` "
+                  "(bfloat16: surm's `dtype='bfloat16'` compute, float32 weights; PyTorch's "
+                  "`torch.autocast('cpu', torch.bfloat16)`).", "",
+                  "| compute | surm ms | PyTorch ms | surm / PyTorch | max abs logits diff |",
+                  "|---|---:|---:|---:|---:|"]
+        for dtype, r in inference.items():
+            lines.append(f"| {dtype} | {r['surm_ms']:.1f} | {r['torch_ms']:.1f} | "
+                         f"{r['surm_over_torch_time']:.3f} | {r['max_abs_logits_diff']:.2g} |")
+    return lines + [""]
+
+
 def _benchmark_sections() -> list[str]:
     lines = []
+    peer = RECORDS / "bench_peer.json"
+    if peer.exists():
+        lines += _peer_section(json.loads(peer.read_text()))
     bench = RECORDS / "bench_train.json"
     if bench.exists():
         gpu = [json.loads(f.read_text()) for f in sorted(RECORDS.glob("bench_h200_*.json"))]

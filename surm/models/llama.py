@@ -184,7 +184,8 @@ class Llama(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, tokens, cache=None, index=0):
+    def __call__(self, tokens, cache=None, index=0, train: bool = False):
+        del train  # no dropout: the trainer's switch changes nothing here
         c = self.config
         embed = nn.Embed(c.vocab_size, c.dim, dtype=c.dtype, name="embed")
         x = embed(tokens)
@@ -230,11 +231,14 @@ def _sample(logits, rng, temperature, top_p):
 
 
 def generate(model: Llama, params, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id: int | None = None, rng=None) -> np.ndarray:
+             top_p: float = 1.0, eos_id: int | None = None, rng=None,
+             apply_fn=None) -> np.ndarray:
     """Continues ``prompt_ids`` ((time,) or (batch, time), equal lengths) by up to
     ``max_new_tokens`` tokens with a key/value cache: greedy at ``temperature`` 0, else
     sampling (``top_p`` < 1: nucleus). A sequence that emits ``eos_id`` repeats it from then
     on; generation stops when every sequence has. Returns the new tokens (batch, new) or (new,).
+    ``apply_fn(params, tokens, cache, index) -> (logits, cache)`` replaces ``model.apply``
+    (e.g. the model with unmerged adapters: `surm.generate`).
     """
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
@@ -248,7 +252,7 @@ def generate(model: Llama, params, prompt_ids, max_new_tokens: int, *, temperatu
                          f"got shape {np.shape(prompt_ids)}")
     batch, length = prompt.shape
     cache = init_cache(model.config, batch, length + max_new_tokens)
-    step = _decode_step(model)
+    step = _decode_step(model) if apply_fn is None else _decode_step_of(apply_fn)
     rng = jax.random.key(0) if rng is None else rng
     tokens, done, out = jnp.asarray(prompt), np.zeros(batch, bool), []
     index = 0
@@ -271,9 +275,16 @@ def generate(model: Llama, params, prompt_ids, max_new_tokens: int, *, temperatu
 @functools.lru_cache(maxsize=8)
 def _decode_step(model):
     """One jitted step per model, so that repeated calls compile once per shape."""
+    return _decode_step_of(
+        lambda params, tokens, cache, index: model.apply({"params": params}, tokens, cache,
+                                                         index))
+
+
+@functools.lru_cache(maxsize=8)
+def _decode_step_of(apply_fn):
     @jax.jit
     def step(params, tokens, cache, index, key, temperature, top_p):
-        logits, cache = model.apply({"params": params}, tokens, cache, index)
+        logits, cache = apply_fn(params, tokens, cache, index)
         return _sample(logits[:, -1], key, temperature, top_p), cache
     return step
 

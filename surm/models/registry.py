@@ -20,6 +20,8 @@ An entry (a `ModelEntry`) says
                   exist); raises ValueError or FileNotFoundError. Default: nothing
     tokenizer(cfg, max_length)   text models: the ``tokenizers.Tokenizer`` their text is
                   encoded with (padded and truncated to ``max_length``)
+    task          "classification" (default) or "causal_lm" (next-token loss and
+                  perplexity, text packed into blocks: `surm.lm`)
     save(folder, run, params) -> path   writes a run's merged model (``params``) into the
                   empty ``folder`` in the model's own format and returns what
                   ``model.checkpoint`` takes to build it again (`surm.export`); None where the
@@ -50,6 +52,9 @@ class ModelEntry:
     name: str
     modality: str
     input_keys: tuple[str, ...]
+    # "classification" (outputs: one row of logits per example, a ``label`` per example) or
+    # "causal_lm" (outputs: logits per token; the batch holds a ``loss_mask``: `surm.lm`).
+    task: str = "classification"
 
     # Optional hooks: None where the model has none.
     tokenizer: Callable[[Mapping[str, Any], int], Any] | None = None

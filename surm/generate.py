@@ -1,0 +1,118 @@
+"""Text from a fine-tuned causal LM: ``python -m surm.generate --workdir W --prompt "..."``.
+
+    python -m surm.generate --workdir runs/lm --prompt "The bank said"
+    python -m surm.generate --workdir runs/lm --prompt "Summarise: ..." --chat \\
+        --temperature 0.7 --top_p 0.9 --max_tokens 80 --seed 1
+    python -m surm.generate --workdir runs/lm --prompt "..." --unmerged   # adapters applied
+
+The library API does the same:
+
+    gen = surm.generate.Generator.from_workdir("runs/lm")        # merged (default)
+    print(gen("The bank said", max_tokens=40))
+
+``W`` is a finished ``surm.train`` workdir of a causal-LM config (``configs/causal_lm.py``):
+its base model is rebuilt from the config (the same GGUF file), its adapters read from
+``W/adapters`` and, by default, merged into the weights (``surm.peft.merge``: the plain model,
+no adapter cost per token); ``--unmerged`` runs the model with the adapters applied instead
+(the same tokens up to float rounding). Decoding is greedy at temperature 0, else sampled
+(``--top_p`` < 1: nucleus sampling), and stops at the model's end-of-text token or after
+``--max_tokens``. ``--chat`` wraps the prompt in the model's chat format for one user turn.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+
+from surm import allocator, models, peft
+from surm.models import llama
+from surm.peft import io as peft_io
+
+
+class Generator:
+    """A causal LM with its trained adapters, and its tokenizer."""
+
+    def __init__(self, config: ml_collections.ConfigDict, model, base: dict, trainable: dict,
+                 spec: peft.PeftSpec, *, merged: bool = True):
+        self.config, self.model, self.spec, self.merged = config, model, spec, merged
+        entry = models.get(config.model.name)
+        self.tokenizer = entry.tokenizer(config.model, config.input.max_length)
+        self.eos_id = entry.eos_id(config.model)
+        _, frozen = peft.split(base, spec)
+        if merged:
+            self.params = peft.merge(peft.full_params(frozen, trainable), trainable["adapters"],
+                                     spec)
+            self.apply_fn = None
+        else:
+            self.params = trainable
+
+            def apply_fn(tr, tokens, cache, index):
+                return peft.apply(model, frozen, tr, spec, tokens, cache, index)
+            self.apply_fn = apply_fn
+
+    @classmethod
+    def from_workdir(cls, workdir: str | pathlib.Path, *, merged: bool = True) -> "Generator":
+        workdir = pathlib.Path(workdir)
+        config_file, adapters = workdir / "config.json", workdir / "adapters"
+        if not config_file.is_file() or not (adapters / peft_io.WEIGHTS).is_file():
+            raise FileNotFoundError(f"{workdir} is not a finished surm.train workdir (it needs "
+                                    f"config.json and adapters/{peft_io.WEIGHTS}); train first")
+        config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+        entry = models.get(config.model.name)
+        if getattr(entry, "task", "classification") != "causal_lm":
+            raise ValueError(f"{workdir} trained model.name={config.model.name!r}, a "
+                             f"classifier; surm.generate continues text with a causal LM "
+                             f"(configs/causal_lm.py)")
+        model, base, _ = entry.build(config.model, 0, jax.random.PRNGKey(0))
+        trainable, spec = peft_io.load(adapters, base)
+        return cls(config, model, base, trainable, spec, merged=merged)
+
+    def __call__(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, chat: bool = False) -> str:
+        text = llama.chat_prompt(prompt) if chat else prompt
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if not ids:
+            raise ValueError("the prompt is empty")
+        new = llama.generate(self.model, self.params, np.asarray(ids), max_tokens,
+                             temperature=temperature, top_p=top_p, eos_id=self.eos_id,
+                             rng=jax.random.key(seed), apply_fn=self.apply_fn)
+        new = [int(t) for t in new]
+        if self.eos_id in new:
+            new = new[:new.index(self.eos_id)]
+        return self.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn")
+    p.add_argument("--unmerged", action="store_true",
+                   help="apply the adapters at each token instead of merging them first")
+    args = p.parse_args(argv)
+    if args.max_tokens < 1:
+        p.error("--max_tokens must be >= 1")
+    allocator.configure()
+    try:
+        gen = Generator.from_workdir(args.workdir, merged=not args.unmerged)
+        print(gen(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                  top_p=args.top_p, seed=args.seed, chat=args.chat))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
