@@ -3,6 +3,7 @@
     python scripts/bench_train.py                     # MiniLM-L6, ViT-S/16, ViT-B/16
     python scripts/bench_train.py --json              # ... and one JSON object, last
     python scripts/bench_train.py --models minilm_l6 --steps 10 --families circulant,toeplitz
+    python scripts/bench_train.py --models smollm2 --text_batch 4 --seq_len 128   # causal LM
 
 Everything is measured in one process, one model after the other, each method with the same
 jitted step the trainer uses (``surm.train.make_step_fns``: forward, backward, AdamW update)
@@ -36,6 +37,7 @@ compare ratios within one run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -53,14 +55,19 @@ MODELS = {  # name: model config
     "vit_s16": dict(name="vit", checkpoint="random", variant="S/16", image_size=224),
     "vit_b16": dict(name="vit", checkpoint="random", variant="B/16", image_size=224),
     "vit_ti16": dict(name="vit", checkpoint="random", variant="Ti/16", image_size=224),
+    # causal LM (next-token loss over the batch); the head is the tied embedding: no probe
+    "smollm2": dict(name="llama", checkpoint="smollm2"),
+    "llama_tiny": dict(name="llama", checkpoint="random"),
 }
 OPTIMIZER = dict(name="adamw", lr=1e-3, head_lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.999,
                  momentum=0.9, grad_clip=1.0, schedule="linear", warmup_frac=0.0)
 NUM_CLASSES = 10
 
 
-def methods(families: list[str], paths: list[str]) -> dict[str, tuple[peft.PeftSpec, str]]:
-    """name -> (spec, lora_path); a family timed on several paths is named ``family[path]``."""
+def methods(families: list[str], paths: list[str],
+            causal_lm: bool = False) -> dict[str, tuple[peft.PeftSpec, str]]:
+    """name -> (spec, lora_path); a family timed on several paths is named ``family[path]``.
+    A causal LM has no head and (Llama) no biases: no probe, no BitFit."""
     out = {}
     for f in families:
         spec = peft.PeftSpec.create(family=f, mode="lora", targets="qv")
@@ -69,12 +76,16 @@ def methods(families: list[str], paths: list[str]) -> dict[str, tuple[peft.PeftS
     for rank in (1, 8):
         out[f"lora_r{rank}"] = (peft.PeftSpec.create(family="lowrank", mode="lora", targets="qv",
                                                      hparams={"rank": rank}), "auto")
-    for baseline in ("linear_probe", "bitfit", "full"):
+    for baseline in (("full",) if causal_lm else ("linear_probe", "bitfit", "full")):
         out[baseline] = (peft.PeftSpec.create(family=baseline), "auto")
     return out
 
 
-def make_batch(modality: str, batch: int, seq_len: int, image_size: int, rng: np.random.Generator):
+def make_batch(modality: str, batch: int, seq_len: int, image_size: int, rng: np.random.Generator,
+               causal_lm: bool = False):
+    if causal_lm:
+        ids = rng.integers(1000, 20000, size=(batch, seq_len)).astype(np.int32)
+        return {"input_ids": ids, "loss_mask": np.ones_like(ids)}
     labels = rng.integers(0, NUM_CLASSES, size=batch).astype(np.int32)
     if modality == "image":
         return {"image": rng.uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32),
@@ -106,8 +117,10 @@ class _Stepper:
 
 def bench_model(name: str, families: list[str], args) -> dict:
     cfg = dict(MODELS[name])
-    model_inputs = models.get(cfg["name"]).inputs  # batch -> the model call's inputs
-    modality = models.get(cfg["name"]).modality
+    entry = models.get(cfg["name"])
+    model_inputs = entry.inputs  # batch -> the model call's inputs
+    modality = entry.modality
+    causal = getattr(entry, "task", "classification") == "causal_lm"
     if modality == "image":
         cfg["image_size"] = args.image_size
         if args.vit_depth:
@@ -115,15 +128,18 @@ def bench_model(name: str, families: list[str], args) -> dict:
     model, params, _ = factory.build(cfg, NUM_CLASSES)
     rng = np.random.default_rng(0)
     batch_size = args.text_batch if modality == "text" else args.image_batch
-    batch = jax.device_put(make_batch(modality, batch_size, args.seq_len, args.image_size, rng))
-    inputs = {k: v for k, v in batch.items() if k != "label"}
+    batch = jax.device_put(make_batch(modality, batch_size, args.seq_len, args.image_size, rng,
+                                      causal))
+    inputs = {k: v for k, v in batch.items() if k not in ("label", "loss_mask")}
     out = {"model": name, "batch": batch_size,
            "input": f"{args.seq_len} tokens" if modality == "text" else f"{args.image_size} px",
            "methods": {}}
     if modality == "image" and args.vit_depth:
         out["depth"] = args.vit_depth
     steppers, trained_spec, first = {}, None, None
-    for method, (spec, path) in methods(families, args.lora_paths).items():
+    for method, (spec, path) in methods(families, args.lora_paths, causal).items():
+        if causal:
+            spec = dataclasses.replace(spec, heads=())
         trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(1))
         counts = peft.count(params, trainable, spec)
         tx, _ = optim.make(OPTIMIZER, 1000, trainable)
@@ -131,7 +147,7 @@ def bench_model(name: str, families: list[str], args) -> dict:
                  "opt_state": tx.init(trainable), "rng": jax.random.PRNGKey(2)}
         state = jax.tree.map(jnp.copy, state)  # donated below: must not alias ``params``
         train_step, _ = make_step_fns(model, spec, tx, model_inputs, regression=False,
-                                      lora_path=path)
+                                      lora_path=path, causal_lm=causal)
         compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, frozen, batch).compile()
         steppers[method] = _Stepper(compiled, state, frozen, batch)
         mem = memory_bytes(compiled)
@@ -175,7 +191,8 @@ def bench_model(name: str, families: list[str], args) -> dict:
         "surm_over_lora8_time": m[surm]["step_ms"] / m["lora_r8"]["step_ms"],
         "surm_over_full_time": m[surm]["step_ms"] / m["full"]["step_ms"],
         "surm_over_full_memory": m[surm]["peak_mb"] / m["full"]["peak_mb"],
-        "probe_over_full_time": m["linear_probe"]["step_ms"] / m["full"]["step_ms"],
+        **({} if causal else {"probe_over_full_time": m["linear_probe"]["step_ms"]
+                                                         / m["full"]["step_ms"]}),
         "merged_over_base_time": merged_s / base_s,
     }
     print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in out["ratios"].items())
@@ -219,8 +236,8 @@ def main(argv=None) -> int:
     print(f"devices: {jax.devices()}; median of {args.steps} steps after {args.warmup} warm-up",
           flush=True)
     results = [bench_model(m, families, args) for m in models]
-    keys = results[0]["ratios"].keys()
-    summary = {k: max(r["ratios"][k] for r in results) for k in keys}
+    keys = list(dict.fromkeys(k for r in results for k in r["ratios"]))
+    summary = {k: max(r["ratios"][k] for r in results if k in r["ratios"]) for k in keys}
     summary["command"] = " ".join(["python scripts/bench_train.py", *(argv or sys.argv[1:])])
     summary["surm_family"] = families[0]
     summary["lora_path"] = {r["model"]: r["lora_path"] for r in results}

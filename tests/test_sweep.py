@@ -137,6 +137,17 @@ def test_the_choice_follows_validation_not_test():
     assert picked["edge"] == "lr at min; head_lr at max"
 
 
+def test_perplexity_is_chosen_and_judged_lowest_first():
+    rows = [{**_row(1e-3, 30.0, 29.0), "metric": "perplexity"},
+            {**_row(1e-2, 20.0, 35.0), "metric": "perplexity"},
+            {**_row(1e-1, 90.0, 80.0), "metric": "perplexity"}]
+    (picked,) = selection.select(rows)  # the lowest validation perplexity, whatever the test
+    assert picked["lr"] == 1e-2 and picked["test"] == 35.0 and picked["edge"] == ""
+    from surm.sweep import results
+    assert results.verdict([20.0, 21.0], [30.0, 31.0], "perplexity") == "wins"
+    assert results.verdict([20.0, 21.0], [30.0, 31.0]) == "loses"  # accuracy: higher wins
+
+
 def test_the_choice_waits_for_every_run_and_needs_validation():
     assert selection.select([_row(1e-3, 0.8, 0.7), _row(1e-2, 0.9, 0.9, status="pending")]) == []
     assert selection.unsettled([_row(1e-3, 0.8, 0.7), _row(1e-2, 0.9, 0.9, status="pending")])

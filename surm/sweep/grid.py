@@ -235,4 +235,12 @@ def describe(config) -> dict:
             "mode": spec.mode if spec.has_adapters else "-",
             "hparams": format_hparams(spec.method_hparams),
             "lr": float(opt.lr), "head_lr": float(opt.get("head_lr") or opt.lr),
-            "seed": config.seed, "metric": data.get_spec(dataset).metrics[0]}
+            "seed": config.seed, "metric": _metric(config)}
+
+
+def _metric(config) -> str:
+    """The run's headline metric: the dataset's first, or perplexity for a causal LM."""
+    from surm import models
+    if getattr(models.get(config.model.name), "task", "classification") == "causal_lm":
+        return "perplexity"
+    return data.get_spec(config.input.dataset).metrics[0]

@@ -106,12 +106,14 @@ def write_markdown(rows: Sequence[dict], path: pathlib.Path, tune_seed: int | No
     path.write_text("\n".join(lines) + "\n")
 
 
-def verdict(ours: Sequence[float], theirs: Sequence[float]) -> str:
+def verdict(ours: Sequence[float], theirs: Sequence[float], metric: str = "") -> str:
     """'wins', 'ties' or 'loses' for the mean of ``ours`` against the mean of ``theirs``: a
     difference no larger than the larger of the two sample stds (the seed-to-seed noise) is a
-    tie; with a single value on either side, only an exact equality is."""
+    tie; with a single value on either side, only an exact equality is. A higher mean wins,
+    or a lower one for a ``metric`` in ``selection.LOWER_IS_BETTER`` (perplexity)."""
+    from surm.sweep.selection import better_sign
     a, b = statistics.mean(ours), statistics.mean(theirs)
     noise = max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in (ours, theirs))
     if abs(a - b) <= noise:
         return "ties"
-    return "wins" if a > b else "loses"
+    return "wins" if better_sign(metric) * (a - b) > 0 else "loses"

@@ -1,7 +1,8 @@
 """Choosing the tuned values (lr, head_lr) of every method on validation, never on test.
 
 For every (dataset, family, mode, hparams, seed), the run with the best *final* validation
-metric (the model that is then tested is the final one) is chosen, and its test metric is the
+metric (the highest; the lowest for perplexity: ``LOWER_IS_BETTER``; the model that is then
+tested is the final one) is chosen, and its test metric is the
 one reported. Ties go to the lower final validation loss, then to the smaller lr, then to the
 smaller head_lr. A run that failed (e.g. diverged at a large lr) counts as tried and cannot be
 chosen. A chosen value at the smallest or largest value tried of its axis is flagged: the
@@ -36,9 +37,20 @@ class Choice:
         return {k: float(self.row[k]) for k in TUNED}
 
 
+# Metrics where a lower value is better (a language model's perplexity); the rest: higher.
+LOWER_IS_BETTER = frozenset({"perplexity", "loss"})
+
+
+def better_sign(metric: str) -> float:
+    """+1 when a higher ``metric`` is better, -1 when a lower one is."""
+    return -1.0 if metric in LOWER_IS_BETTER else 1.0
+
+
 def _ranking(row: Mapping[str, Any]) -> tuple:
     loss = row.get("validation_loss")
-    return (-float(row["validation"]), float(loss) if loss not in ("", None) else float("inf"),
+    sign = better_sign(str(row.get("metric", "")))
+    return (-sign * float(row["validation"]),
+            float(loss) if loss not in ("", None) else float("inf"),
             float(row["lr"]), float(row["head_lr"]))
 
 
