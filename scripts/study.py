@@ -411,7 +411,10 @@ def report(parts: Sequence[Part] = PARTS) -> None:
             lines += ["Not run yet.", ""]
             continue
         table, notes = comparison_table(part, rows)
-        lines += table + [""]
+        if len(table) > 2:  # a method has a chosen lr: its row
+            lines += table + [""]
+        else:
+            lines += ["No method has finished its tuning yet.", ""]
         if notes:
             lines += ["Where SURM wins, ties and loses (test means at each method's chosen lr):",
                       ""] + notes + [""]

@@ -186,3 +186,13 @@ def test_study_report_rebuilds_from_its_record(tmp_path, monkeypatch):
     assert not any(line.startswith("| ldr") for line in table.splitlines())  # still tuning
     # the record is the study's: rewritten with the same finished runs
     assert len(sweep.read_records([part.record])) == len(rows)
+
+
+def test_bench_train_times_a_causal_lm_without_probe_or_bitfit(capsys):
+    assert bench_train.main(["--models", "llama_tiny", "--steps", "1", "--warmup", "0",
+                             "--seq_len", "8", "--text_batch", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    methods = out["models"]["llama_tiny"]["methods"]
+    assert set(methods) == {"circulant", "lora_r1", "lora_r8", "full"}
+    assert "probe_over_full_time" not in out and out["surm_over_lora_time"] > 0
+    assert methods["full"]["trainable"] > 100 * methods["circulant"]["trainable"]
