@@ -730,6 +730,16 @@ def _benchmark_sections() -> list[str]:
     if bench.exists():
         gpu = [json.loads(f.read_text()) for f in sorted(RECORDS.glob("bench_h200_*.json"))]
         lines += _bench_section(json.loads(bench.read_text()), gpu)
+    for extra in sorted(RECORDS.glob("bench_train_*.json")):  # other models, one file each
+        b = json.loads(extra.read_text())
+        ratios = ", ".join(f"`{k}` {b[k]:.3f}" for k in (
+            "surm_over_lora_time", "surm_over_lora_memory", "surm_over_lora8_time",
+            "surm_over_full_time", "surm_over_full_memory") if k in b)
+        lines += [f"### {', '.join(b['models'])} (`{extra.name}`)", "", f"`{b['command']}`, "
+                  f"the same protocol (a causal LM: the next-token loss; no probe or BitFit, "
+                  f"the model having no head and no biases); `auto` took the "
+                  f"`{'`, `'.join(b['lora_path'].values())}` path.", ""]
+        lines += _methods_table(b["models"]) + ["", f"Ratios: {ratios}.", ""]
     lora_path = RECORDS / "bench_lora_path.json"
     if lora_path.exists():
         lines += _lora_path_section(json.loads(lora_path.read_text()))
