@@ -8,9 +8,12 @@ torch) in a scratch environment that also sees the project's packages, and run t
 that environment's Python:
 
     python -m venv --system-site-packages /tmp/hfvenv
-    /tmp/hfvenv/bin/pip install torch --index-url https://download.pytorch.org/whl/cpu
-    /tmp/hfvenv/bin/pip install transformers peft
+    /tmp/hfvenv/bin/pip install torch transformers peft
     /tmp/hfvenv/bin/python scripts/bench_peer.py
+
+(where PyPI's torch wheel pulls in CUDA libraries, the CPU build is ``pip install torch
+--index-url https://download.pytorch.org/whl/cpu``). The committed figures: torch 2.13.0+cpu,
+transformers 5.24.0, peft 0.21.2.
 
 Both sides start from the same weights (the offline all-MiniLM-L6-v2 with a pooler and a
 ``--labels``-way head, written once by ``surm.models.bert.save`` as a transformers
@@ -46,8 +49,9 @@ import time
 
 INSTALL = ("bench_peer needs torch, transformers and peft, which are not project dependencies: "
            "python -m venv --system-site-packages /tmp/hfvenv && /tmp/hfvenv/bin/pip install "
-           "torch --index-url https://download.pytorch.org/whl/cpu && /tmp/hfvenv/bin/pip "
-           "install transformers peft; then run /tmp/hfvenv/bin/python scripts/bench_peer.py")
+           "torch transformers peft (torch's CPU build: --index-url "
+           "https://download.pytorch.org/whl/cpu), then run /tmp/hfvenv/bin/python "
+           "scripts/bench_peer.py")
 METHODS = ("lora_r8", "c3a_384", "c3a_64", "probe", "full")
 OPTIMIZER = dict(name="adamw", lr=1e-4, head_lr=1e-4, weight_decay=0.01, b1=0.9, b2=0.999,
                  grad_clip=1.0, schedule="constant", warmup_frac=0.0)

@@ -196,3 +196,14 @@ def test_bench_train_times_a_causal_lm_without_probe_or_bitfit(capsys):
     assert set(methods) == {"circulant", "lora_r1", "lora_r8", "full"}
     assert "probe_over_full_time" not in out and out["surm_over_lora_time"] > 0
     assert methods["full"]["trainable"] > 100 * methods["circulant"]["trainable"]
+
+
+def test_bench_peer_without_pytorch_says_how_to_install_it(monkeypatch, capsys):
+    bench_peer = _script("bench_peer")
+    for name in ("torch", "transformers", "peft"):
+        monkeypatch.setitem(sys.modules, name, None)  # as on a machine without them
+    assert bench_peer.main(["--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "not project dependencies" in err and "pip install torch transformers peft" in err
+    with pytest.raises(SystemExit):
+        bench_peer.main(["--methods", "lora_r8,prefix"])
