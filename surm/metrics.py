@@ -1,7 +1,8 @@
 """Evaluation metrics over whole splits (host side, numpy/scipy).
 
 accuracy; mcc (Matthews correlation, CoLA); f1 (binary, positive class 1: MRPC, QQP);
-pearson and spearman (STS-B, on the regression output).
+pearson and spearman (STS-B, on the regression output). A higher value is better, except for
+the metrics in ``LOWER_IS_BETTER`` (a language model's perplexity: `surm.lm`).
 """
 from __future__ import annotations
 
@@ -41,6 +42,20 @@ def pearson(score, label) -> float:
 def spearman(score, label) -> float:
     import scipy.stats
     return float(scipy.stats.spearmanr(score, label)[0])
+
+
+# Metrics where a lower value is better; every other one: higher.
+LOWER_IS_BETTER = frozenset({"perplexity", "loss"})
+
+
+def better_sign(metric: str) -> float:
+    """+1 when a higher ``metric`` is better, -1 when a lower one is."""
+    return -1.0 if metric in LOWER_IS_BETTER else 1.0
+
+
+def better(a: float, b: float, metric: str) -> bool:
+    """Whether ``a`` is strictly better than ``b`` as values of ``metric``."""
+    return better_sign(metric) * (a - b) > 0
 
 
 _CLASSIFICATION = {"accuracy": accuracy, "mcc": mcc, "f1": f1}

@@ -445,8 +445,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                           or step == config.total_steps):
                     result = evaluate("validation")
                     last_validation = {**result, "step": step}
-                    if not best or (result[headline] < best[headline] if causal
-                                    else result[headline] > best[headline]):
+                    if not best or metrics.better(result[headline], best[headline],
+                                                  data_spec.metrics[0]):
                         best = {**result, "step": step}
                     log.write({"step": step, **result})
                 if step % config.ckpt_every == 0 or step == config.total_steps:

@@ -14,6 +14,7 @@ import pathlib
 import statistics
 from typing import Iterable, Sequence
 
+from surm import metrics
 from surm.sweep import selection
 
 GROUP = ("dataset", "family", "mode", "hparams")
@@ -110,10 +111,9 @@ def verdict(ours: Sequence[float], theirs: Sequence[float], metric: str = "") ->
     """'wins', 'ties' or 'loses' for the mean of ``ours`` against the mean of ``theirs``: a
     difference no larger than the larger of the two sample stds (the seed-to-seed noise) is a
     tie; with a single value on either side, only an exact equality is. A higher mean wins,
-    or a lower one for a ``metric`` in ``selection.LOWER_IS_BETTER`` (perplexity)."""
-    from surm.sweep.selection import better_sign
+    or a lower one for a ``metric`` in ``surm.metrics.LOWER_IS_BETTER`` (perplexity)."""
     a, b = statistics.mean(ours), statistics.mean(theirs)
     noise = max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in (ours, theirs))
     if abs(a - b) <= noise:
         return "ties"
-    return "wins" if better_sign(metric) * (a - b) > 0 else "loses"
+    return "wins" if metrics.better(a, b, metric) else "loses"

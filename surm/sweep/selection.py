@@ -1,7 +1,7 @@
 """Choosing the tuned values (lr, head_lr) of every method on validation, never on test.
 
 For every (dataset, family, mode, hparams, seed), the run with the best *final* validation
-metric (the highest; the lowest for perplexity: ``LOWER_IS_BETTER``; the model that is then
+metric (the highest; the lowest for perplexity: ``surm.metrics.LOWER_IS_BETTER``; the model that is then
 tested is the final one) is chosen, and its test metric is the
 one reported. Ties go to the lower final validation loss, then to the smaller lr, then to the
 smaller head_lr. A run that failed (e.g. diverged at a large lr) counts as tried and cannot be
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Mapping, Sequence
 
+from surm.metrics import better_sign
 from surm.sweep.grid import TUNED, SweepError
 from surm.sweep.records import run_key
 
@@ -35,15 +36,6 @@ class Choice:
     @property
     def values(self) -> dict[str, float]:
         return {k: float(self.row[k]) for k in TUNED}
-
-
-# Metrics where a lower value is better (a language model's perplexity); the rest: higher.
-LOWER_IS_BETTER = frozenset({"perplexity", "loss"})
-
-
-def better_sign(metric: str) -> float:
-    """+1 when a higher ``metric`` is better, -1 when a lower one is."""
-    return -1.0 if metric in LOWER_IS_BETTER else 1.0
 
 
 def _ranking(row: Mapping[str, Any]) -> tuple:
