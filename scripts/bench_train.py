@@ -120,7 +120,7 @@ def bench_model(name: str, families: list[str], args) -> dict:
     entry = models.get(cfg["name"])
     model_inputs = entry.inputs  # batch -> the model call's inputs
     modality = entry.modality
-    causal = getattr(entry, "task", "classification") == "causal_lm"
+    causal = models.is_causal_lm(entry)
     if modality == "image":
         cfg["image_size"] = args.image_size
         if args.vit_depth:

@@ -21,7 +21,6 @@ no adapter cost per token); ``--unmerged`` runs the model with the adapters appl
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -29,7 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from surm import allocator, models, peft
+from surm import allocator, models, peft, runs
 from surm.models import llama
 from surm.peft import io as peft_io
 
@@ -58,18 +57,14 @@ class Generator:
     @classmethod
     def from_workdir(cls, workdir: str | pathlib.Path, *, merged: bool = True) -> "Generator":
         workdir = pathlib.Path(workdir)
-        config_file, adapters = workdir / "config.json", workdir / "adapters"
-        if not config_file.is_file() or not (adapters / peft_io.WEIGHTS).is_file():
-            raise FileNotFoundError(f"{workdir} is not a finished surm.train workdir (it needs "
-                                    f"config.json and adapters/{peft_io.WEIGHTS}); train first")
-        config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+        config = runs.finished_config(workdir)
         entry = models.get(config.model.name)
-        if getattr(entry, "task", "classification") != "causal_lm":
+        if not models.is_causal_lm(entry):
             raise ValueError(f"{workdir} trained model.name={config.model.name!r}, a "
                              f"classifier; surm.generate continues text with a causal LM "
                              f"(configs/causal_lm.py)")
         model, base, _ = entry.build(config.model, 0, jax.random.PRNGKey(0))
-        trainable, spec = peft_io.load(adapters, base)
+        trainable, spec = peft_io.load(workdir / "adapters", base)
         return cls(config, model, base, trainable, spec, merged=merged)
 
     def __call__(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,

@@ -38,6 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from surm.data.text import _as_str
+
+METRIC = "perplexity"  # a causal LM's headline metric (lower is better: surm.metrics)
+
 # Share of a local file's records in each split, decided by a hash of the record.
 LOCAL_SPLITS = (("train", 0.90), ("validation", 0.05), ("test", 0.05))
 
@@ -144,10 +148,6 @@ def blocks_from_records(records: Sequence[dict], tokenizer, length: int, eos_id:
     texts = [_as_str(r[text_key]) for r in records]
     return pack((e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)),
                 length, eos_id)
-
-
-def _as_str(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 # ---------------------------------------------------------------- loss and metric

@@ -122,6 +122,18 @@ class Run:
         return peft.full_params(self.frozen, self.trainable)
 
 
+def finished_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The config of the finished run in ``workdir``; FileNotFoundError when it holds none
+    (a run writes ``config.json`` first and ``adapters/`` at its end)."""
+    workdir = pathlib.Path(workdir)
+    config_file, adapters = workdir / "config.json", workdir / "adapters"
+    if not config_file.is_file() or not (adapters / peft_io.WEIGHTS).is_file():
+        raise FileNotFoundError(f"{workdir} is not a finished surm.train workdir (it needs "
+                                f"{config_file.name} and adapters/{peft_io.WEIGHTS}, written at "
+                                f"the end of a run); run the training first")
+    return ml_collections.ConfigDict(json.loads(config_file.read_text()))
+
+
 def load_run(workdir: str | pathlib.Path) -> Run:
     """The run in ``workdir``; FileNotFoundError when it holds no finished run. The model is
     built by the registry entry its ``model.name`` names (`surm.models`): a model of your own
@@ -129,13 +141,8 @@ def load_run(workdir: str | pathlib.Path) -> Run:
     from surm.models import factory
 
     workdir = pathlib.Path(workdir)
-    config_file, adapters = workdir / "config.json", workdir / "adapters"
-    if not config_file.is_file() or not (adapters / peft_io.WEIGHTS).is_file():
-        raise FileNotFoundError(f"{workdir} is not a finished surm.train workdir (it needs "
-                                f"{config_file.name} and adapters/{peft_io.WEIGHTS}, written at "
-                                f"the end of a run); run the training first")
-    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    config = finished_config(workdir)
     record = read_record(workdir, config)
     model, base, _ = factory.build(config.model, record["num_classes"])
-    trainable, spec = peft_io.load(adapters, base)
+    trainable, spec = peft_io.load(workdir / "adapters", base)
     return Run(workdir, config, model, base, trainable, spec, record)

@@ -144,10 +144,6 @@ def _check_batch(global_batch: int, mesh) -> None:
                           f"{math.lcm(data_axis, procs) * max(1, global_batch // math.lcm(data_axis, procs))}")
 
 
-def _causal(entry) -> bool:
-    return getattr(entry, "task", "classification") == "causal_lm"
-
-
 _TEXT_FILE = "text:"  # a causal-LM dataset read straight from a .txt or .jsonl file
 
 
@@ -155,7 +151,7 @@ def _data_spec(config, entry) -> data.DatasetSpec:
     """The config's dataset; for a causal LM also ``text:PATH`` (a local text file: `surm.lm`)
     and the metric is perplexity."""
     name = config.input.dataset
-    if not _causal(entry):
+    if not models.is_causal_lm(entry):
         return data.get_spec(name)
     if name.startswith(_TEXT_FILE):
         path = pathlib.Path(name[len(_TEXT_FILE):])
@@ -168,7 +164,7 @@ def _data_spec(config, entry) -> data.DatasetSpec:
         spec = data.get_spec(name)
         if not spec.text_keys:
             raise ConfigError(f"dataset {name!r} has no text for a language model")
-    return dataclasses.replace(spec, metrics=("perplexity",), regression=False)
+    return dataclasses.replace(spec, metrics=(lm.METRIC,), regression=False)
 
 
 def _lm_sources(config, entry, data_spec, dataset) -> dict[str, list]:
@@ -293,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # Data.
     entry = models.get(config.model.name)
-    causal = _causal(entry)
+    causal = models.is_causal_lm(entry)
     dataset = (None if data_spec.name.startswith(_TEXT_FILE) else
                data.get_dataset(config.input.dataset, config.input.get("data_dir") or None))
     if causal:  # token blocks with a loss mask, built once (`surm.lm`)

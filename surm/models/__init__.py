@@ -13,5 +13,5 @@ The registry and the interface: `surm.models.registry`. Built in (`surm.models.f
 Each family module (`vit`, `bert`) holds its config dataclass, its Flax module, its `load()`
 and `save()`.
 """
-from surm.models.registry import ModelEntry, get, names, register
+from surm.models.registry import ModelEntry, get, is_causal_lm, names, register
 from surm.models import factory  # registers the built-in models  # noqa: F401

@@ -99,6 +99,12 @@ def register(entry: ModelEntry, *, replace: bool = False) -> ModelEntry:
     return entry
 
 
+def is_causal_lm(entry: ModelEntry) -> bool:
+    """Whether ``entry`` is a causal language model (``task == "causal_lm"``; an entry that
+    does not say is a classifier)."""
+    return getattr(entry, "task", "classification") == "causal_lm"
+
+
 def get(name: str) -> ModelEntry:
     """The entry registered as ``name``; ValueError naming the known ones otherwise."""
     if name not in _ENTRIES:

@@ -240,7 +240,7 @@ def describe(config) -> dict:
 
 def _metric(config) -> str:
     """The run's headline metric: the dataset's first, or perplexity for a causal LM."""
-    from surm import models
-    if getattr(models.get(config.model.name), "task", "classification") == "causal_lm":
-        return "perplexity"
+    from surm import lm, models
+    if models.is_causal_lm(models.get(config.model.name)):
+        return lm.METRIC
     return data.get_spec(config.input.dataset).metrics[0]
