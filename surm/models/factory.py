@@ -17,6 +17,7 @@ built-in entries of the model registry (`surm.models.registry`): BERT and ViT.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 from typing import Any, Mapping
@@ -148,6 +149,15 @@ registry.register(BertEntry())
 registry.register(ViTEntry())
 
 
+@functools.lru_cache(maxsize=4)
+def _gguf_metadata(path: str) -> dict:
+    """A GGUF file's metadata (its tokenizer's vocabulary and merges too), read once per file:
+    the tokenizer, the EOS token and a random decoder's vocabulary size all come from it.
+    Callers read it, never change it."""
+    from surm.models import gguf
+    return gguf.GGUFFile(path).metadata
+
+
 class LlamaEntry(registry.ModelEntry):
     """A Llama-architecture decoder (`surm.models.llama`) read from a GGUF file, trained as a
     causal language model (`surm.lm`). ``model.checkpoint``: ``smollm2`` (SmolLM2-135M-Instruct
@@ -193,14 +203,11 @@ class LlamaEntry(registry.ModelEntry):
 
     def tokenizer(self, cfg, max_length):
         del max_length  # blocks are cut by `surm.lm`, not by the tokenizer
-        from surm.models import gguf
-        return llama.tokenizer_from_gguf(
-            gguf.GGUFFile(self.gguf_path(cfg, for_tokenizer=True)).metadata)
+        return llama.tokenizer_from_gguf(_gguf_metadata(self.gguf_path(cfg, for_tokenizer=True)))
 
     def eos_id(self, cfg) -> int:
         """The end-of-text token documents are separated by (the file's EOS token)."""
-        from surm.models import gguf
-        meta = gguf.GGUFFile(self.gguf_path(cfg, for_tokenizer=True)).metadata
+        meta = _gguf_metadata(self.gguf_path(cfg, for_tokenizer=True))
         eos = meta.get("tokenizer.ggml.eos_token_id")
         if eos is None:
             raise ValueError("the GGUF file names no tokenizer.ggml.eos_token_id")
