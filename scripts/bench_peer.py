@@ -119,30 +119,6 @@ class TorchStep:
         return float(loss.detach())
 
 
-class SurmStep:
-    """surm's trainer step of one method, its (donated) state carried from call to call."""
-
-    def __init__(self, model, params, spec, batch, model_inputs):
-        import jax
-        import jax.numpy as jnp
-        from surm import optim, peft
-        from surm.train import make_step_fns
-        trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(1))
-        tx, _ = optim.make(OPTIMIZER, 1000, trainable)
-        state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
-                 "opt_state": tx.init(trainable), "rng": jax.random.PRNGKey(2)}
-        self.state = jax.tree.map(jnp.copy, state)  # donated: must not alias ``params``
-        train_step, self.eval_step = make_step_fns(model, spec, tx, model_inputs,
-                                                   regression=False)
-        self.compiled = jax.jit(train_step, donate_argnums=(0,)).lower(
-            self.state, frozen, batch).compile()
-        self.frozen, self.batch, self.jax = frozen, batch, jax
-
-    def __call__(self):
-        self.state, metrics = self.compiled(self.state, self.frozen, self.batch)
-        return float(metrics["loss"])
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -173,7 +149,7 @@ def main(argv=None) -> int:
 
     from surm import models
     from surm.models import bert
-    from surm.timing import interleaved_medians
+    from surm.timing import TrainStep, interleaved_medians
 
     source = bert.minilm_l6_path()
     config, params = bert.load(source, num_labels=args.labels, pooling="pooler")
@@ -201,7 +177,8 @@ def main(argv=None) -> int:
     calls, counts = {}, {}
     for method in methods:
         t = time.perf_counter()
-        surm_step = SurmStep(model, params, surm_spec(method), jax_batch, model_inputs)
+        surm_step = TrainStep(model, params, surm_spec(method), jax_batch, model_inputs,
+                              OPTIMIZER)
         compile_s = time.perf_counter() - t
         torch_model = peft_model(method, folder)
         calls[("surm", method)] = surm_step

@@ -42,13 +42,11 @@ import json
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from surm import allocator, models, optim, peft, structured
+from surm import allocator, models, peft, structured
 from surm.models import factory
-from surm.timing import interleaved_medians
-from surm.train import make_step_fns
+from surm.timing import TrainStep, interleaved_medians
 
 MODELS = {  # name: model config
     "minilm_l6": dict(name="bert", checkpoint="minilm_l6", pooling="mean"),
@@ -104,17 +102,6 @@ def memory_bytes(compiled) -> dict[str, int]:
     return {"peak": int(peak), "temp": int(m.temp_size_in_bytes)}
 
 
-class _Stepper:
-    """One method's compiled train step and its (donated, carried) state."""
-
-    def __init__(self, compiled, state, frozen, batch):
-        self.compiled, self.state, self.frozen, self.batch = compiled, state, frozen, batch
-
-    def __call__(self):
-        self.state, metrics = self.compiled(self.state, self.frozen, self.batch)
-        jax.block_until_ready(metrics["loss"])
-
-
 def bench_model(name: str, families: list[str], args) -> dict:
     cfg = dict(MODELS[name])
     entry = models.get(cfg["name"])
@@ -140,17 +127,11 @@ def bench_model(name: str, families: list[str], args) -> dict:
     for method, (spec, path) in methods(families, args.lora_paths, causal).items():
         if causal:
             spec = dataclasses.replace(spec, heads=())
-        trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(1))
+        steppers[method] = stepper = TrainStep(model, params, spec, batch, model_inputs,
+                                               OPTIMIZER, lora_path=path, causal_lm=causal)
+        trainable = stepper.state["trainable"]
         counts = peft.count(params, trainable, spec)
-        tx, _ = optim.make(OPTIMIZER, 1000, trainable)
-        state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
-                 "opt_state": tx.init(trainable), "rng": jax.random.PRNGKey(2)}
-        state = jax.tree.map(jnp.copy, state)  # donated below: must not alias ``params``
-        train_step, _ = make_step_fns(model, spec, tx, model_inputs, regression=False,
-                                      lora_path=path, causal_lm=causal)
-        compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, frozen, batch).compile()
-        steppers[method] = _Stepper(compiled, state, frozen, batch)
-        mem = memory_bytes(compiled)
+        mem = memory_bytes(stepper.compiled)
         out["methods"][method] = {"peak_mb": mem["peak"] / 2**20, "temp_mb": mem["temp"] / 2**20,
                                   "trainable": counts["trainable"], "adapter": counts["adapter"]}
         if trained_spec is None:  # the first family gives the headline

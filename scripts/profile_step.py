@@ -29,12 +29,11 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from surm import allocator, models, optim, peft
+from surm import allocator, models, peft
 from surm.models import bert
-from surm.train import make_step_fns
+from surm.timing import TrainStep
 
 OPTIMIZER = dict(name="adamw", lr=1e-4, head_lr=1e-4, weight_decay=0.01, b1=0.9, b2=0.999,
                  grad_clip=1.0, schedule="constant", warmup_frac=0.0)
@@ -85,32 +84,23 @@ def main(argv=None) -> int:
     batch = jax.device_put({"input_ids": ids, "attention_mask": np.ones_like(ids),
                             "token_type_ids": np.zeros_like(ids),
                             "label": rng.integers(0, 3, args.batch).astype(np.int32)})
-    trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(1))
-    tx, _ = optim.make(OPTIMIZER, 1000, trainable)
-    state = jax.tree.map(jnp.copy, {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
-                                    "opt_state": tx.init(trainable),
-                                    "rng": jax.random.PRNGKey(2)})
-    step, _ = make_step_fns(model, spec, tx, models.get("bert").inputs, regression=False)
-    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch).compile()
-    hlo = compiled.as_text()
+    step = TrainStep(model, params, spec, batch, models.get("bert").inputs, OPTIMIZER)
+    hlo = step.compiled.as_text()
     if args.hlo:
         open(args.hlo, "w").write(hlo)
     op_names = dict(re.findall(r"\n\s*%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"", hlo))
     for _ in range(3):
-        state, m = compiled(state, frozen, batch)
-        jax.block_until_ready(m)
+        step()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter()
     for _ in range(args.steps):
-        state, m = compiled(state, frozen, batch)
-        jax.block_until_ready(m)
+        step()
     wall = (time.perf_counter() - wall) / args.steps
     after = resource.getrusage(resource.RUSAGE_SELF)
     trace_dir = tempfile.mkdtemp(prefix="surm-profile-")
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(args.steps):
-            state, m = compiled(state, frozen, batch)
-            jax.block_until_ready(m)
+            step()
     path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
     events = json.load(gzip.open(path))["traceEvents"]
     groups, ops = collections.Counter(), collections.Counter()

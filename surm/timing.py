@@ -1,5 +1,6 @@
 """Timing for the benchmark scripts: medians of calls interleaved in rounds, so that the drift
-of a shared machine hits every candidate alike."""
+of a shared machine hits every candidate alike, and the trainer's compiled step as such a call
+(`TrainStep`)."""
 from __future__ import annotations
 
 import statistics
@@ -7,6 +8,35 @@ import time
 from typing import Callable, Mapping
 
 ROUND = 5  # timed calls of one candidate before the next one's
+
+
+class TrainStep:
+    """The trainer's step (``surm.train.make_step_fns``: forward, backward, optimizer update)
+    of one PEFT method on one fixed batch, jitted and compiled; each call runs one step on the
+    state the previous one left (donated) and returns its loss, so it blocks until the step is
+    done. ``state`` before the first call holds the initial adapters (``state["trainable"]``);
+    ``compiled`` is the XLA executable (memory analysis, HLO text)."""
+
+    def __init__(self, model, params, spec, batch, inputs, optimizer, *, lora_path="auto",
+                 causal_lm: bool = False, total_steps: int = 1000):
+        import jax
+        import jax.numpy as jnp
+
+        from surm import optim, peft
+        from surm.train import initial_state, make_step_fns
+        trainable, self.frozen = peft.init(params, spec, jax.random.PRNGKey(1))
+        tx, _ = optim.make(optimizer, total_steps, trainable)
+        # A copy: the step donates its state, which must not alias ``params``.
+        self.state = jax.tree.map(jnp.copy, initial_state(trainable, tx, jax.random.PRNGKey(2)))
+        step, _ = make_step_fns(model, spec, tx, inputs, regression=False, lora_path=lora_path,
+                                causal_lm=causal_lm)
+        self.compiled = jax.jit(step, donate_argnums=(0,)).lower(
+            self.state, self.frozen, batch).compile()
+        self.batch = batch
+
+    def __call__(self) -> float:
+        self.state, metrics = self.compiled(self.state, self.frozen, self.batch)
+        return float(metrics["loss"])
 
 
 def interleaved_medians(calls: Mapping[str, Callable[[], object]], warmup: int,

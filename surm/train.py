@@ -233,6 +233,13 @@ def _all_finite(tree) -> jax.Array:
     return jnp.isfinite(sum(jnp.sum(x * 0, dtype=jnp.float32) for x in leaves))
 
 
+def initial_state(trainable, tx: optax.GradientTransformation, rng: jax.Array) -> dict:
+    """The train step's state before its first step: ``step``, ``trainable``, ``opt_state``
+    and the run's ``rng`` (each step folds the step number into it)."""
+    return {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
+            "opt_state": tx.init(trainable), "rng": rng}
+
+
 def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
                   inputs: Callable[[dict], tuple], regression: bool, lora_path: str = "auto",
                   causal_lm: bool = False):
@@ -326,8 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     del params
 
     tx, schedules = optim.make(config.optimizer, config.total_steps, trainable)
-    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
-             "opt_state": tx.init(trainable), "rng": train_rng}
+    state = initial_state(trainable, tx, train_rng)
 
     # The workdir: taken (only process 0 writes), checked again now that no other run can
     # change it, then written.
