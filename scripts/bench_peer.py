@@ -40,9 +40,11 @@ the step times, and the inference (eval forward) figures under ``inference``.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import pathlib
+import shutil
 import sys
 import tempfile
 import time
@@ -159,6 +161,7 @@ def main(argv=None) -> int:
         head.shape).astype(np.float32)
     model = bert.BERT(config)
     folder = pathlib.Path(tempfile.mkdtemp(prefix="surm-bench-peer-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the 90 MB model copy
     bert.save(folder, config, params, source=source)
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 20000, size=(args.batch, args.seq_len))

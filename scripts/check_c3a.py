@@ -28,7 +28,9 @@ is missing.
 from __future__ import annotations
 
 import argparse
+import atexit
 import pathlib
+import shutil
 import sys
 import tempfile
 
@@ -82,6 +84,7 @@ def main() -> int:
     config, base = bert.load(source, num_labels=NUM_LABELS, pooling="pooler")
     model = bert.BERT(config)
     work = pathlib.Path(tempfile.mkdtemp(prefix="surm-c3a-check-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # model and adapter copies
     bert.save(work / "base", config, base, source=source)
     tokenizer = bert.load_tokenizer(work / "base", 32)
     encodings = tokenizer.encode_batch(TEXTS)

@@ -18,12 +18,14 @@ step's wall time.
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import glob
 import gzip
 import json
 import re
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -98,6 +100,7 @@ def main(argv=None) -> int:
     wall = (time.perf_counter() - wall) / args.steps
     after = resource.getrusage(resource.RUSAGE_SELF)
     trace_dir = tempfile.mkdtemp(prefix="surm-profile-")
+    atexit.register(shutil.rmtree, trace_dir, ignore_errors=True)
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(args.steps):
             step()
