@@ -31,6 +31,7 @@ import sys
 from typing import Sequence
 
 from surm import sweep
+from surm.metrics import better_sign
 from surm.sweep import plots, results, runner, selection
 from surm.sweep.records import KEY
 
@@ -117,6 +118,22 @@ def _vit(name, title, steps, extra=(), grids=None) -> Part:
                                  ("input.validation_examples", "1000")))
 
 
+# Causal-LM fine-tuning of SmolLM2-135M on bbc_news (configs/causal_lm.py, every linear layer
+# of the decoder): perplexity, lower is better. No head: ``head_lr=lr`` is only recorded. Full
+# fine-tuning of a pretrained LM takes far smaller lrs than a classifier's.
+LM_FULL = "full:lr=1e-5;3e-5;1e-4:head_lr=lr"
+
+
+def _lm(name, title, steps, batch=4, eval_blocks=48) -> Part:
+    return Part(name, title, "configs/causal_lm.py",
+                (("steps", str(steps)), ("batch", str(batch)), ("max_length", "128"),
+                 ("eval_blocks", str(eval_blocks))),
+                ((_structured(LORA_FAMILIES) + (f"lowrank:rank=1;4;8:{PEFT_LR}", LM_FULL),
+                  "lora"),),
+                ("bbc_news",), (("eval_every", str(steps)), ("ckpt_every", str(steps)),
+                                ("eval_at_start", "False")))
+
+
 LOW_RESOURCE_SHOTS = (5, 10, 50)
 # In the order they run: the all-data comparisons first (they set the configs' defaults), then
 # the equal-budget few-shot parts, then the 64-per-class text regime.
@@ -130,6 +147,7 @@ PARTS = [
            (("shots", str(k)),), ((tuple(MATCHED), "lora"),))
       for k in LOW_RESOURCE_SHOTS],
     _text("text_k64", "MiniLM-L6, 64 examples per class", 80, (("shots", "64"),)),
+    _lm("lm_bbc", "SmolLM2-135M-Instruct, causal LM on bbc_news (all linear layers)", 32),
 ]
 BY_NAME = {p.name: p for p in PARTS}
 
@@ -305,9 +323,10 @@ def comparison_table(part: Part, rows: Sequence[dict]) -> tuple[list[str], list[
                 if v[0]["family"] in STRUCTURED}
         if not ours:
             continue
+        metric = next(iter(complete.values()))[0]["metric"]
         # the best SURM method by validation, as a user would pick it (not by test)
-        best = max(ours, key=lambda m: statistics.mean(r["validation"]
-                                                        for r in complete[(d, m)]))
+        best = max(ours, key=lambda m: better_sign(metric) * statistics.mean(
+            r["validation"] for r in complete[(d, m)]))
         parts = [f"best SURM on validation: {best}, test {statistics.mean(ours[best]):.4f} "
                  f"({complete[(d, best)][0]['trainable']:,} params)"]
         for family, hparams, name in REFERENCES:
@@ -318,10 +337,10 @@ def comparison_table(part: Part, rows: Sequence[dict]) -> tuple[list[str], list[
             theirs = [r["test"] for r in ref]
             tally = {"wins": 0, "ties": 0, "loses": 0}
             for values in ours.values():
-                tally[results.verdict(values, theirs)] += 1
+                tally[results.verdict(values, theirs, metric)] += 1
             parts.append(f"vs {name} ({statistics.mean(theirs):.4f}, "
                          f"{ref[0]['trainable']:,} params): best SURM "
-                         f"{results.verdict(ours[best], theirs)}; of {len(ours)} SURM methods "
+                         f"{results.verdict(ours[best], theirs, metric)}; of {len(ours)} SURM methods "
                          f"{tally['wins']} win, {tally['ties']} tie, {tally['loses']} lose")
         notes.append(f"- **{SHORT.get(d, d)}**: " + "; ".join(parts) + ".")
     return lines, notes
@@ -367,10 +386,13 @@ def matched_table(parts: Sequence[Part], rows_by_part: dict) -> tuple[list[str],
 def _settings(part: Part) -> str:
     base = dict(part.base)
     sets = dict(part.sets)
-    what = (f"`{part.config}` with " + ", ".join(f"{k}={v}" for k, v in base.items())
-            + f"; validation on the first {sets.get('input.validation_examples', 'all')} "
+    what = f"`{part.config}` with " + ", ".join(f"{k}={v}" for k, v in base.items())
+    if "eval_blocks" in base:  # a language model: perplexity over packed blocks
+        return (what + f"; validation and test perplexity after the last step, each over the "
+                f"first {base['eval_blocks']} blocks of {base['max_length']} tokens of the "
+                "held-out articles of its split")
+    return (what + f"; validation on the first {sets.get('input.validation_examples', 'all')} "
             f"validation examples after the last step; test on the whole test split")
-    return what
 
 
 def report(parts: Sequence[Part] = PARTS) -> None:
