@@ -150,6 +150,7 @@ def test_study_parts_are_valid_grids(tmp_path, monkeypatch):
     assert counts["text_full"] == counts["text_k64"] == 2 * (13 * 3 + 3 + 6)
     assert counts["text_matched_k5"] == 2 * 4 * 3
     assert counts["vit_mnist"] == 4 * 3 + 2 * 3 + 3 + 6
+    assert counts["lm_bbc"] == (5 + 3 + 1) * 3  # 5 families, LoRA r=1/4/8, full: 3 lrs each
     assert all(count > 0 for count in counts.values())
 
 
@@ -186,6 +187,34 @@ def test_study_report_rebuilds_from_its_record(tmp_path, monkeypatch):
     assert not any(line.startswith("| ldr") for line in table.splitlines())  # still tuning
     # the record is the study's: rewritten with the same finished runs
     assert len(sweep.read_records([part.record])) == len(rows)
+
+
+def test_study_table_of_a_language_model_ranks_perplexity_lowest_first(tmp_path, monkeypatch):
+    """lm_bbc: the lr with the lowest validation perplexity is chosen, the best SURM method is
+    the one with the lowest validation perplexity, and a lower test perplexity wins."""
+    monkeypatch.setattr(study, "ROOT", tmp_path)
+    part = study.BY_NAME["lm_bbc"]
+    keep = {"circulant", "toeplitz", "lowrank"}
+    planned = [r for r in study._planned(part, []) if r.meta["family"] in keep
+               and r.meta["hparams"] in ("", "rank=1")]
+    assert {r.meta["metric"] for r in planned} == {"perplexity"}
+    # validation perplexity per lr: 3e-3 is the lowest for every method (inside the grid)
+    val = {1e-3: 40.0, 3e-3: 30.0, 1e-2: 35.0}
+    test = {"circulant": 28.0, "toeplitz": 33.0, "lowrank": 31.0}  # at the chosen lr
+    shift = {"circulant": 0.0, "toeplitz": 1.0, "lowrank": 0.5}
+
+    rows = [dict(r.meta, seed=seed, status="done", validation=val[r.meta["lr"]] + shift[
+        r.meta["family"]], validation_loss=1.0, test=test[r.meta["family"]] + 0.1 * seed
+        + (100.0 if r.meta["lr"] != 3e-3 else 0.0), trainable=10, adapter=10, base=1000,
+        wall_seconds=5.0, workdir="gone", settings="[]")
+        for r in planned for seed in ((0, 1, 2) if r.meta["lr"] == 3e-3 else (0,))]
+    table, notes = study.comparison_table(part, rows)
+    circ = next(line for line in table if line.startswith("| circulant"))
+    assert "28.1000 ± 0.1000 | 0.003" in circ
+    note = notes[0]
+    assert "best SURM on validation: circulant [lora], test 28.1000" in note
+    assert "vs LoRA r=1 (31.1000, 10 params): best SURM wins; of 2 SURM methods 1 win, " \
+           "0 tie, 1 lose" in note
 
 
 def test_bench_train_times_a_causal_lm_without_probe_or_bitfit(capsys):
