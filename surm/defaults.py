@@ -6,11 +6,12 @@ scripts/study.py defaults``). For each kind of model (``text``: the BERT configs
 ViT config; ``lm``: the causal-LM config) and each method (``family/mode``, or the baseline's
 name), the default is the median, on a log scale, of the learning rates the method's tuning
 chose across the datasets and regimes of that kind (the lower of the two middle ones), so it is
-always one of them. Each entry says where it came from. A method the study did not tune takes the value of its nearest tuned
-relative, and says so: the same product with other signs (skew_circulant <- circulant), the
-general form of a symmetric one (symmetric_toeplitz <- toeplitz), the same family in the other
-mode, and lastly (structured families only) circulant in lora mode; then the other kind's. A
-baseline (Houlsby, BitFit, probe, full) is never given another method's lr.
+always one of them. Each entry says where it came from. A method the study did not tune takes
+the value of its nearest tuned relative, and says so: the same product with other signs
+(skew_circulant <- circulant), the general form of a symmetric one (symmetric_toeplitz <-
+toeplitz), the same family in the other mode, and lastly (structured families only) circulant in
+lora mode; then the other kinds'. A baseline (Houlsby, BitFit, probe, full) is never given
+another method's lr.
 """
 from __future__ import annotations
 
