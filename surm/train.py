@@ -7,7 +7,9 @@ as it was), the workdir taken (one run at a time: ``surm.workdir``), shardings, 
 evaluation. Resumes from DIR when it holds a checkpoint: the latest, or
 ``--config.restore_step=N`` (a kept step; the checkpoints after it are deleted and written
 again by the resumed run). Writes ``DIR/metrics.jsonl`` (one JSON object per line, each with
-``step``), ``DIR/config.json``, TensorBoard events in ``DIR/tb``, checkpoints in
+``step``), ``DIR/predictions/<role>_<step>.npz`` (what the model predicted for each example at
+each evaluation, from which the logged metrics are computed: ``surm.predictions``),
+``DIR/config.json``, TensorBoard events in ``DIR/tb``, checkpoints in
 ``DIR/checkpoints``, the final adapters in ``DIR/adapters``, ``DIR/summary.json`` and
 ``DIR/outputs.json`` (what the model's outputs are: the number of classes and their names, read
 by ``surm.runs`` and ``surm.export``).
@@ -36,7 +38,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from surm import allocator, data, lm, metrics, models, optim, peft, runs, sharding
+from surm import allocator, data, lm, metrics, models, optim, peft, predictions, runs, sharding
 from surm import workdir as workdir_lock
 from surm.checkpointing import Checkpoints, CorruptCheckpointError, kept_steps
 from surm.models import factory
@@ -367,25 +369,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                        {k: batch_sh for k in eval_keys}),
                               out_shardings=repl)
 
-        def evaluate(role: str) -> dict[str, float]:
-            outs, labels = [], []
+        kind = "causal_lm" if causal else "regression" if regression else "classification"
+
+        def evaluate(role: str, at_step: int) -> dict[str, float]:
+            """The metrics of one pass over a split; what the model predicted per example
+            goes to ``predictions/<role>_<step>.npz`` (`surm.predictions`), and the metrics
+            are computed from exactly those arrays."""
+            outs, labels, index = [], [], []
             for local in data.make_eval_batches(eval_sources[role], eval_prep,
                                                 global_batch_size=config.input.eval_batch_size):
-                batch = sharding.global_batch({k: local[k] for k in batch_keys + ("mask",)},
-                                              mesh)
+                batch = sharding.global_batch(
+                    {k: local[k] for k in batch_keys + ("mask", "index")}, mesh)
                 out = p_eval_step(state["trainable"], frozen, {k: batch[k] for k in eval_keys})
                 keep = np.asarray(_fetch(batch["mask"]), bool)
                 outs.append(np.asarray(out)[keep])
+                index.append(np.asarray(_fetch(batch["index"]))[keep])
                 if not causal:
                     labels.append(np.asarray(_fetch(batch["label"]))[keep])
-            if causal:  # perplexity over every scored token of the split
-                return {f"{role}_{k}": v for k, v in lm.perplexity(np.concatenate(outs)).items()}
-            out, label = np.concatenate(outs), np.concatenate(labels)
-            result = metrics.compute(data_spec.metrics, out[:, 0] if regression else out, label)
-            result["loss"] = float(np.mean((out[:, 0] - label) ** 2) if regression else
-                                   np.mean(optax.softmax_cross_entropy_with_integer_labels(
-                                       out, label.astype(np.int32))))
-            return {f"{role}_{k}": v for k, v in result.items()}
+            pred = predictions.make(kind, np.concatenate(index), np.concatenate(outs),
+                                    None if causal else np.concatenate(labels),
+                                    data_spec.metrics)
+            if main:
+                predictions.write(predictions.path(workdir, role, at_step), pred)
+            return {f"{role}_{k}": v for k, v in predictions.metrics(pred).items()}
 
         # Restore: from ``restore_step`` if given (the later checkpoints are then deleted: the
         # resumed run writes its own), else from the latest.
@@ -405,6 +411,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   (f"; deleted the later checkpoints {', '.join(map(str, dropped))}"
                    if dropped else ""), file=sys.stderr, flush=True)
         log = RunLog(workdir, enabled=main, resume_step=start, total_steps=config.total_steps)
+        if main:  # as metrics.jsonl: nothing past the restored step
+            predictions.drop_after(workdir, start)
 
         # Loop.
         headline = f"validation_{data_spec.metrics[0]}"
@@ -412,7 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         window_loss, window_start, window_steps = [], time.time(), 0
         step = start
         if config.get("eval_at_start") and start == 0:  # the untouched model, for reference
-            log.write({"step": 0, **evaluate("validation"), **evaluate("test")})
+            log.write({"step": 0, **evaluate("validation", 0), **evaluate("test", 0)})
         try:
             for step in range(start + 1, config.total_steps + 1):
                 local = next(train_iter)
@@ -445,7 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     window_loss, window_start, window_steps = [], time.time(), 0
                 if config.eval_every and (step % config.eval_every == 0
                                           or step == config.total_steps):
-                    result = evaluate("validation")
+                    result = evaluate("validation", step)
                     last_validation = {**result, "step": step}
                     if not best or metrics.better(result[headline], best[headline],
                                                   data_spec.metrics[0]):
@@ -454,10 +462,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if step % config.ckpt_every == 0 or step == config.total_steps:
                     ckpts.save(step, state, train_iter)
             if config.eval_every and not last_validation:  # resumed after the last step
-                last_validation = {**evaluate("validation"), "step": step}
+                last_validation = {**evaluate("validation", step), "step": step}
                 best = best or last_validation
                 log.write(last_validation)
-            test = evaluate("test")
+            test = evaluate("test", step)
             log.write({"step": step, **test})
             ckpts.wait()
         finally:

@@ -89,6 +89,8 @@ def test_eval_batches_are_exact_with_a_padding_mask():
     assert [b["mask"].sum() for b in batches] == [4, 4, 4, 4, 4, 3]
     ids = np.concatenate([b["id"][b["mask"]] for b in batches])
     assert ids.tolist() == list(range(23))  # One pass, in order.
+    positions = np.concatenate([b["index"][b["mask"]] for b in batches])
+    assert positions.tolist() == ids.tolist()  # Each example's place in the split.
     assert (np.concatenate([b["draw"] for b in batches]) == -1).all()  # No rng in eval.
 
 
@@ -100,6 +102,8 @@ def test_eval_shards_have_equal_length_and_cover_the_split_once():
                                               shard_index=index, shard_count=3))
         lengths.add(len(batches))
         real += [int(i) for b in batches for i in b["id"][b["mask"]]]
+        for b in batches:  # a shard's examples know their place in the whole split
+            assert b["index"][b["mask"]].tolist() == b["id"][b["mask"]].tolist()
     assert lengths == {4}  # ceil(ceil(23 / 3) / 2).
     assert sorted(real) == list(range(23))
 

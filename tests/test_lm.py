@@ -112,6 +112,8 @@ def test_causal_lm_training_lowers_the_perplexity_of_an_instruction_file(tmp_pat
     assert summary["best_validation"]["validation_perplexity"] <= (
         summary["validation"]["validation_perplexity"])
     assert (tmp_path / "run" / "adapters").is_dir()
+    from tests.test_train import assert_predictions_reproduce_metrics
+    assert assert_predictions_reproduce_metrics(tmp_path / "run") >= 3  # step 0 too
 
 
 def test_generator_merged_and_unmerged_continue_alike_and_the_cli_prints(tmp_path, capsys):

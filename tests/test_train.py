@@ -42,6 +42,24 @@ def read_metrics(workdir):
     return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_predictions_reproduce_metrics(workdir):
+    """Every evaluation in metrics.jsonl has its predictions file, and the metrics computed
+    from the stored per-example predictions are the logged ones, exactly."""
+    from surm import predictions
+    seen = 0
+    for line in read_metrics(workdir):
+        for role in ("validation", "test"):
+            logged = {k[len(role) + 1:]: v for k, v in line.items() if k.startswith(role + "_")}
+            if not logged:
+                continue
+            pred = predictions.read(predictions.path(workdir, role, line["step"]))
+            assert predictions.metrics(pred) == logged, (role, line["step"])
+            assert np.all(np.diff(pred["index"]) > 0)  # each example once, in split order
+            seen += 1
+    assert seen >= 2  # validation and test at least
+    return seen
+
+
 def tiny_overrides(data_dir, steps=2):
     return {"total_steps": steps, "eval_every": steps, "ckpt_every": steps, "log_every": 1,
             "input.batch_size": 8, "input.eval_batch_size": 8, "input.data_dir": str(data_dir)}
@@ -68,6 +86,7 @@ def test_one_step_and_eval_under_mock_data(tmp_path, config, arg, dataset, metri
     assert [l["step"] for l in lines if "train_loss" in l] == [1, 2]
     assert any(f"validation_{metric}" in l for l in lines)
     assert (tmp_path / "run" / "adapters" / "adapters.safetensors").exists()
+    assert_predictions_reproduce_metrics(tmp_path / "run")
 
 
 def bbc_overrides(tmp_path_factory, **extra):
@@ -188,6 +207,14 @@ def test_two_processes_match_one(tmp_path, tmp_path_factory):
                                np.array(_losses(tmp_path / "one")), rtol=1e-5)
     test = lambda w: [l for l in read_metrics(w) if "test_accuracy" in l][0]["test_accuracy"]
     assert test(tmp_path / "two") == test(tmp_path / "one")
+    # process 1's examples come back to process 0, which stores every one once, in order
+    from surm import predictions
+    two, one = (predictions.read(predictions.path(tmp_path / w, "test", 6))
+                for w in ("two", "one"))
+    np.testing.assert_array_equal(two["index"], one["index"])
+    np.testing.assert_array_equal(two["index"], np.arange(len(one["index"])))
+    np.testing.assert_allclose(two["logits"], one["logits"], rtol=1e-4, atol=1e-5)
+    assert_predictions_reproduce_metrics(tmp_path / "two")
 
 
 def test_nan_stops_the_run_and_keeps_the_checkpoint(tmp_path, tmp_path_factory):

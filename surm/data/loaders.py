@@ -13,8 +13,10 @@ and augmentation depend only on the seed and the position in the stream. Every e
 reshuffled; the incomplete last batch of a finite stream is dropped.
 
 Evaluation: ``make_eval_batches`` pads every shard with masked copies of a real example to
-the same whole number of batches, so all processes run the same number of steps, and
-``batch["mask"]`` (bool) marks the examples that count: masked metrics are exact.
+the same whole number of batches, so all processes run the same number of steps,
+``batch["mask"]`` (bool) marks the examples that count (masked metrics are exact) and
+``batch["index"]`` (int64) is each example's position in the evaluated split, so that what the
+model predicted can be stored per example and matched across runs.
 """
 from __future__ import annotations
 
@@ -99,30 +101,32 @@ def make_train_loader(
 
 
 class _MaskedPadding:
-    """Element ``i`` of a shard padded to ``length``: ``(example, True)`` for the shard's own
-    examples, then ``(fallback, False)``."""
+    """Element ``i`` of a shard padded to ``length``: ``(example, True, position)`` for the
+    shard's own examples (``position``: its index in the whole split: shard ``k`` of ``n``
+    holds positions ``k, k + n, ...``), then ``(fallback, False, -1)``."""
 
-    def __init__(self, shard: Sequence[Any], fallback: Any, length: int):
-        self.shard = shard
-        self.fallback = fallback
+    def __init__(self, source: Sequence[Any], shard_index: int, shard_count: int, length: int):
+        self.shard = Subset(source, range(shard_index, len(source), shard_count))
+        self.first, self.step = shard_index, shard_count
+        self.fallback = source[0]
         self.length = length
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> tuple[Any, bool]:
+    def __getitem__(self, index: int) -> tuple[Any, bool, int]:
         if index < len(self.shard):
-            return self.shard[index], True
-        return self.fallback, False
+            return self.shard[index], True, self.first + index * self.step
+        return self.fallback, False, -1
 
 
 class _WithMask:
     def __init__(self, preprocess: Preprocess):
         self.preprocess = preprocess
 
-    def __call__(self, element: tuple[Any, bool]) -> dict:
-        example, real = element
-        return {**self.preprocess(example), "mask": real}
+    def __call__(self, element: tuple[Any, bool, int]) -> dict:
+        example, real, position = element
+        return {**self.preprocess(example), "mask": real, "index": position}
 
 
 def make_eval_batches(
@@ -143,8 +147,7 @@ def make_eval_batches(
     batch_size = _local_batch_size(global_batch_size, count)
     if not len(source):
         raise ValueError("Cannot evaluate on an empty split")
-    shard = Subset(source, range(index, len(source), count))
     num_batches = math.ceil(math.ceil(len(source) / count) / batch_size)
-    padded = _MaskedPadding(shard, source[0], num_batches * batch_size)
+    padded = _MaskedPadding(source, index, count, num_batches * batch_size)
     ds = grain.MapDataset.source(padded).map(_WithMask(preprocess))
     return _iterable(ds.batch(batch_size), num_workers)
