@@ -62,9 +62,25 @@ def test_tiny_grid_chooses_lrs_on_validation_and_resumes(tmp_path, capsys):
     assert "| chosen lr |" in table and "tuned on seed 0" in table
     chosen = [line for line in table.split("## Every run")[0].splitlines()
               if line.startswith("| bbc_news")]
-    assert len(chosen) == 2 and all(line.split("|")[-2].strip() == "2" for line in chosen)
-    assert all(line.split("|")[11].strip() == "2" for line in chosen)  # tried
+    assert len(chosen) == 2 and all(line.split("|")[14].strip() == "2" for line in chosen)
+    assert all(line.split("|")[12].strip() == "2" for line in chosen)  # tried
     assert (root / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # circulant against LoRA (the default reference), paired by seed, from the stored
+    # per-example predictions of each run's test split
+    assert "| p_holm | verdict |" in table and "Holm-corrected over the 1 comparisons" in table
+    (compared,) = _rows(root / "comparisons.csv")
+    assert (compared["family"], compared["reference"]) == ("circulant", "lowrank rank=1 lora")
+    assert "bootstrap over seeds x examples" in compared["test"] and compared["examples"] == "223"
+    circ, lora = ([float(r["test"]) for r in rows if r["family"] == f and r["lr"] == r2["lr"]
+                   and r["seed"] in "01"] for f, r2 in (
+                       ("circulant", next(r for r in rows if r["family"] == "circulant"
+                                          and r["seed"] == "1")),
+                       ("lowrank", next(r for r in rows if r["family"] == "lowrank"
+                                        and r["seed"] == "1"))))
+    assert float(compared["delta"]) == pytest.approx(sum(circ) / 2 - sum(lora) / 2)
+    assert float(compared["ci_low"]) <= float(compared["delta"]) <= float(compared["ci_high"])
+    assert float(compared["p"]) <= float(compared["p_holm"]) <= 1
+    assert all(pathlib.Path(r["predictions"]).is_file() for r in rows)
 
     # Same command again: every run is skipped, nothing is rewritten.
     stamps = sorted(p.stat().st_mtime_ns for p in root.glob("bbc_news/*/summary.json"))
@@ -97,6 +113,9 @@ def test_tiny_grid_chooses_lrs_on_validation_and_resumes(tmp_path, capsys):
     again = _rows(root / "results.csv")
     assert sorted((r["family"], r["lr"], r["seed"], r["test"]) for r in again) == sorted(
         (r["family"], r["lr"], r["seed"], r["test"]) for r in rows)
+    # without the predictions the comparison is the t-test over seeds alone
+    (compared,) = _rows(root / "comparisons.csv")
+    assert compared["test"] == "paired t over seeds"
     # a record of the same run with other settings is refused
     record.write_text(record.read_text().replace("total_steps=2", "total_steps=3"))
     with pytest.raises(sweep.SweepError, match="different settings"):
@@ -144,8 +163,15 @@ def test_perplexity_is_chosen_and_judged_lowest_first():
     (picked,) = selection.select(rows)  # the lowest validation perplexity, whatever the test
     assert picked["lr"] == 1e-2 and picked["test"] == 35.0 and picked["edge"] == ""
     from surm.sweep import results
-    assert results.verdict([20.0, 21.0], [30.0, 31.0], "perplexity") == "wins"
-    assert results.verdict([20.0, 21.0], [30.0, 31.0]) == "loses"  # accuracy: higher wins
+    low = [{**_row(1e-2, 20.0, t, seed=s, family="circulant"), "metric": "perplexity"}
+           for s, t in enumerate((20.0, 21.0, 20.5, 20.2, 20.8))]
+    high = [{**_row(1e-2, 30.0, t + 10, seed=s, family="lowrank"), "metric": "perplexity"}
+            for s, t in enumerate((20.3, 21.1, 20.6, 20.4, 20.9))]
+    ref, ((key, verdict),) = results.compare(low + high, "lowrank")
+    assert key[1] == "circulant" and verdict.outcome == "win"  # lower perplexity wins
+    for r in low + high:
+        r["metric"] = "accuracy"
+    assert results.compare(low + high, "lowrank")[1][0][1].outcome == "loss"
 
 
 def test_the_choice_waits_for_every_run_and_needs_validation():

@@ -55,9 +55,19 @@ Runs, resuming and results
     seconds. Afterwards ROOT/results.csv (one row per run), ROOT/results.md (the chosen table
     and every run) and ROOT/pareto.png are written; ``--collect_only --root ROOT`` rebuilds
     them. ``--records FILE.csv`` (repeatable) names results.csv files of earlier runs of this
-    root (e.g. kept in git): a planned run recorded there as done is not run again and its row
-    joins the results. ``--print_commands`` (or ``--write_commands FILE``) prints the runs
+    root (e.g. kept in git): a planned run recorded there as done (or failed) is not run again
+    and its row joins the results. ``--print_commands`` (or ``--write_commands FILE``) prints the runs
     that can start now, one ``python -m surm.train`` line each, for a launcher.
+
+Comparisons
+    Every method at its chosen values is compared with a reference method on each dataset,
+    paired by seed (``--reference FAMILY[:K=V]``, e.g. ``lowrank:rank=8``; by default LoRA,
+    the smallest lowrank in the grid, else the linear probe, else full fine-tuning): the
+    difference of the test metric, a paired t-test over seeds and a bootstrap over seeds and
+    test examples from the per-example predictions every run stores (McNemar with one seed),
+    Holm-corrected over the table's comparisons (surm.sweep.stats). results.md shows delta, the
+    CI at each comparison's Holm level, p, p_holm and the verdict (win, loss or no detectable
+    difference); ROOT/comparisons.csv holds the numbers.
 
 Budget matching
     ``--budget N`` picks, for each family (and mode), the hyper-parameters whose parameter count
@@ -123,8 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "ROOT/jax_cache; 'none' to disable; $JAX_COMPILATION_CACHE_DIR wins)")
     a.add_argument("--records", action="append", metavar="FILE.csv", default=[],
                    help="results.csv of earlier runs of this root (e.g. kept in git): runs "
-                   "recorded there as done are skipped and their rows join the results; "
+                   "recorded there as done or failed are skipped and their rows join the "
+                   "results; "
                    "repeatable")
+    a.add_argument("--reference", metavar="FAMILY[:K=V]",
+                   help="the method the others are compared with (default: LoRA, else the "
+                   "linear probe, else full fine-tuning)")
     a.add_argument("--collect_only", action="store_true",
                    help="only rebuild results.csv/results.md/pareto.png from --root")
     a.add_argument("--budget", type=int, help="match each family's hparams to N parameters "
@@ -219,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not root:
             raise SweepError("--collect_only needs --root DIR (the sweep's root)")
         tune_seed = args.tune_seed if args.tune_seed is not None else spec.get("tune_seed")
-        write_results(root, records_lib.read_records(args.records), tune_seed)
+        write_results(root, records_lib.read_records(args.records), tune_seed, args.reference)
         return 0
     grid, root = load_grid(args)
     if args.match_only and args.budget is None:
@@ -276,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               flush=True)
         failed += runner.run_all(followups, cache, runner.recorded_runs(followups, records))
         runs = runs + followups
-    write_results(root, records, grid.tune_seed)
+    write_results(root, records, grid.tune_seed, args.reference)
     if failed:
         print(f"{len(failed)} of {len(runs)} runs failed; see error.txt in: "
               + ", ".join(str(r.workdir) for r in failed), file=sys.stderr)

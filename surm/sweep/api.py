@@ -54,17 +54,19 @@ def match_config_budget(grid: Grid, n: int) -> tuple[str, list[Method]]:
 
 
 def write_results(root: str | os.PathLike, recorded: Mapping[tuple, dict] | None = None,
-                  tune_seed: int | None = None) -> list[dict]:
-    """ROOT/results.csv, results.md and pareto.png from the workdirs under ROOT and the
-    ``recorded`` rows; returns the rows."""
+                  tune_seed: int | None = None, reference: str | None = None) -> list[dict]:
+    """ROOT/results.csv, results.md, comparisons.csv and pareto.png from the workdirs under
+    ROOT and the ``recorded`` rows; returns the rows."""
     root = pathlib.Path(root)
     rows = records.collect(root, recorded)
     root.mkdir(parents=True, exist_ok=True)
     records.write_csv(rows, root / "results.csv")
-    results.write_markdown(rows, root / "results.md", tune_seed)
+    results.write_markdown(rows, root / "results.md", tune_seed, reference)
+    compared = results.write_comparisons(rows, root / "comparisons.csv", tune_seed, reference)
     plotted = plots.plot_pareto(rows, root / "pareto.png", tune_seed)
     done = sum(r["status"] == "done" for r in rows)
     print(f"results: {done}/{len(rows)} runs finished -> {root / 'results.csv'}, "
-          f"{root / 'results.md'}" + (f", {root / 'pareto.png'}" if plotted else
-                                      " (no plot: no method has a chosen run)"), flush=True)
+          f"{root / 'results.md'}, {root / 'comparisons.csv'} ({len(compared)} comparisons)"
+          + (f", {root / 'pareto.png'}" if plotted else
+             " (no plot: no method has a chosen run)"), flush=True)
     return rows

@@ -1,9 +1,13 @@
 """What a sweep keeps of each run: ``run.json`` in its workdir, and rows of ``results.csv``.
 
 A row names its run by ``run_key`` (dataset, family, mode, hparams, lr, head_lr, seed) and holds
-its settings, status, final validation and test metrics, parameter counts and wall time. An
-earlier ``results.csv`` (e.g. one kept in git when the workdirs are gone) can stand in for the
-runs it records as done (``read_records`` / ``recorded_runs``).
+its settings, status, final validation and test metrics, parameter counts and wall time, its
+validation curve (``curve``: JSON ``[[step, value], ...]`` of every validation pass) and where
+its per-example test predictions are (``predictions``: a ``surm.predictions`` file, or
+``ARCHIVE.npz#KEY`` in an archive of a record: ``surm.sweep.archive``). An earlier
+``results.csv`` (e.g. one kept in git when the workdirs are gone) can stand in for the runs it
+records as done or failed (``read_records`` / ``recorded_runs``): a run that failed (diverged)
+stays in the record, marked, so that it counts as tried.
 """
 from __future__ import annotations
 
@@ -18,9 +22,10 @@ from surm.sweep.grid import SweepError, last_line
 KEY = ("dataset", "family", "mode", "hparams", "lr", "head_lr", "seed")
 CSV_HEAD = [*KEY, "status", "metric", "validation", "validation_loss", "test",
             "best_validation", "trainable", "adapter", "base", "wall_seconds", "final_train_loss",
-            "workdir", "error", "settings"]
+            "workdir", "error", "settings", "curve", "predictions"]
 TEXT_COLUMNS = {"dataset", "family", "mode", "hparams", "status", "metric", "workdir", "error",
-                "settings"}
+                "settings", "curve", "predictions"}
+RECORDED = ("done", "failed")  # what a record keeps of a run: its result, or that it failed
 
 
 def run_key(row: Mapping[str, Any]) -> tuple[str, ...]:
@@ -47,11 +52,28 @@ def check_workdir(workdir: pathlib.Path, settings: Sequence[str]) -> None:
                              f"delete that workdir to redo it")
 
 
-def _final_train_loss(workdir: pathlib.Path) -> float | str:
+def _log(workdir: pathlib.Path) -> list[dict]:
     path = workdir / "metrics.jsonl"
-    losses = [r["train_loss"] for r in map(json.loads, path.read_text().splitlines())
-              if "train_loss" in r] if path.exists() else []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+        if path.exists() else []
+
+
+def _final_train_loss(log: Sequence[dict]) -> float | str:
+    losses = [r["train_loss"] for r in log if "train_loss" in r]
     return losses[-1] if losses else ""
+
+
+def _curve(log: Sequence[dict], metric: str) -> str:
+    """The validation passes of a run as JSON ``[[step, value], ...]`` (the untouched model's
+    at step 0 included when it was evaluated)."""
+    key = f"validation_{metric}"
+    return json.dumps([[r["step"], r[key]] for r in log if key in r])
+
+
+def _test_predictions(workdir: pathlib.Path, step: int) -> str:
+    from surm import predictions
+    path = predictions.path(workdir, "test", step)
+    return str(path) if path.exists() else ""
 
 
 def read_run(record: pathlib.Path) -> dict:
@@ -67,11 +89,13 @@ def read_run(record: pathlib.Path) -> dict:
         summary = json.loads(summary_path.read_text())
         best = summary.get("best_validation", {})
         final = summary.get("validation", {})
+        log = _log(workdir)
         row.update(status="done", test=summary[f"test_{metric}"],
                    validation=final.get(f"validation_{metric}", ""),
                    validation_loss=final.get("validation_loss", ""),
                    best_validation=best.get(f"validation_{metric}", ""),
-                   final_train_loss=_final_train_loss(workdir),
+                   final_train_loss=_final_train_loss(log), curve=_curve(log, metric),
+                   predictions=_test_predictions(workdir, summary["step"]),
                    **{k: summary[k] for k in ("trainable", "adapter", "base", "wall_seconds")},
                    **{k: v for k, v in summary.items() if k.startswith("test_")},
                    **{f"best_{k}": v for k, v in best.items() if k.startswith("validation_")})
@@ -84,15 +108,15 @@ def read_run(record: pathlib.Path) -> dict:
 
 def collect(root: str | os.PathLike, records: Mapping[tuple, dict] | None = None) -> list[dict]:
     """A row per run under ``root`` (its workdirs' run.json) and per run of ``records``
-    (``read_records``) that no finished workdir holds."""
+    (``read_records``) that no workdir has finished (done or failed)."""
     root = pathlib.Path(root)
     rows = [read_run(r) for r in sorted(root.rglob("run.json"))] if root.exists() else []
     if not rows and not records:
         raise SweepError(f"no runs under {root} (no run.json in any workdir); run a sweep into "
                          f"this --root first")
-    done = {run_key(r) for r in rows if r["status"] == "done"}
-    kept = [r for r in rows if r["status"] == "done" or run_key(r) not in (records or {})]
-    return kept + [r for key, r in (records or {}).items() if key not in done]
+    finished = {run_key(r) for r in rows if r["status"] in RECORDED}
+    kept = [r for r in rows if r["status"] in RECORDED or run_key(r) not in (records or {})]
+    return kept + [r for key, r in (records or {}).items() if key not in finished]
 
 
 def write_csv(rows: Sequence[dict], path: pathlib.Path) -> None:
@@ -120,9 +144,10 @@ def read_csv(path: str | os.PathLike) -> list[dict]:
 
 
 def read_records(paths: Iterable[str | os.PathLike]) -> dict[tuple[str, ...], dict]:
-    """The finished runs of earlier results.csv files, by ``run_key`` (later files win)."""
+    """The finished (done or failed) runs of earlier results.csv files, by ``run_key`` (later
+    files win)."""
     return {run_key(row): row for path in paths for row in read_csv(path)
-            if row["status"] == "done"}
+            if row["status"] in RECORDED}
 
 
 def _typed(row: Mapping[str, str]) -> dict:

@@ -1,21 +1,31 @@
-"""Result tables of a sweep: the methods at their chosen tuned values, and every run.
+"""Result tables of a sweep: the methods at their chosen tuned values, how each compares with a
+reference method, and every run.
 
 ``results.md`` holds two tables. *Chosen on validation*: one row per (dataset, method), the
 test metric (mean ± sample std over seeds) of the runs at the tuned values chosen on validation
-(``surm.sweep.selection``), the chosen lr and head lr, how many settings were tried, and a flag
-where a choice sits at the edge of its grid. *Every run*: one row per (dataset, method, lr,
-head_lr), for looking at how a method depends on its lr. ``verdict`` is the rule by which the
-studies call a difference a win, a tie or a loss.
+(``surm.sweep.selection``), the chosen lr and head lr, how many settings were tried, a flag
+where a choice sits at the edge of its grid, how much validation still rose over the last
+third of the runs (``late gain``: a run that has not flattened shows it), and the paired
+comparison with the reference method (``compare``; ``surm.sweep.stats``): the difference, its
+confidence interval at the comparison's Holm level, the p-value, the Holm-adjusted p over the
+table's comparisons and the verdict. *Every run*: one row per (dataset, method, lr, head_lr),
+for looking at how a method depends on its lr. ``comparisons.csv`` holds each comparison's
+numbers.
 """
 from __future__ import annotations
 
 import collections
+import csv
+import json
 import pathlib
 import statistics
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
 
 from surm import metrics
-from surm.sweep import selection
+from surm.sweep import archive, selection, stats
+from surm.sweep.grid import SweepError
 
 GROUP = ("dataset", "family", "mode", "hparams")
 
@@ -49,24 +59,167 @@ def format_chosen(values: Sequence[float]) -> str:
     return ", ".join(f"{v:g} ({n})" for v, n in sorted(counts.items()))
 
 
-def chosen_table(rows: Sequence[dict], tune_seed: int | None = None) -> list[str]:
-    """The markdown lines of the *chosen on validation* table."""
+def chosen_table(rows: Sequence[dict], tune_seed: int | None = None,
+                 reference: str | None = None) -> list[str]:
+    """The markdown lines of the *chosen on validation* table and the note on its
+    comparisons."""
     picked = selection.select(rows, tune_seed)
+    ref, judged = compare(picked, reference)
     lines = ["| dataset | family | mode | hparams | trainable | metric | test (mean ± std) | "
-             "validation | chosen lr | chosen head lr | tried | grid edge | seeds |",
-             "|---|---|---|---|---:|---|---|---|---|---|---:|---|---:|"]
-    for (dataset, family, mode, hparams), runs in group(picked).items():
+             "validation | late gain | chosen lr | chosen head lr | tried | grid edge | seeds | "
+             f"Δ vs {_method_name(ref) if ref else 'reference'} | CI | p | p_holm | verdict |",
+             "|---|---|---|---|---:|---|---|---|---:|---|---|---:|---|---:|---:|---|---:|---:|---|"]
+    verdicts = {key: v for key, v in judged}
+    majority = majority_rates(picked)
+    for key, runs in group(picked).items():
+        dataset, family, mode, hparams = key
         failed = max(r["failed"] for r in runs)
         edges = sorted({e for r in runs for e in r["edge"].split("; ") if e})
+        test = mean_std([r["test"] for r in runs])
+        if dataset in majority and runs[0]["metric"] == "accuracy" and (
+                statistics.mean(r["test"] for r in runs) <= majority[dataset]):
+            test += " (≤ majority)"
+        v = verdicts.get(key)
+        cells = (["reference", "", "", "", ""] if ref is not None and key[1:] == ref else
+                 ["-"] * 5 if v is None else
+                 [f"{v.comparison.delta:+.4f}", f"[{v.ci[0]:+.4f}, {v.ci[1]:+.4f}]",
+                  f"{v.comparison.p:.2g}", f"{v.p_holm:.2g}", v.outcome])
         lines.append(
             f"| {dataset} | {family} | {mode} | {hparams or '-'} | {runs[0]['trainable']:,} | "
-            f"{runs[0]['metric']} | {mean_std([r['test'] for r in runs])} | "
-            f"{mean_std([r['validation'] for r in runs])} | "
+            f"{runs[0]['metric']} | {test} | {mean_std([r['validation'] for r in runs])} | "
+            f"{_format_gain(late_gain(runs))} | "
             f"{format_chosen([r['lr'] for r in runs])} | "
             f"{format_chosen([r['head_lr'] for r in runs])} | "
             f"{runs[0]['tried']}{f' ({failed} failed)' if failed else ''} | "
-            f"{', '.join(edges) or '-'} | {len(runs)} |")
+            f"{', '.join(edges) or '-'} | {len(runs)} | " + " | ".join(cells) + " |")
+    if judged:
+        tests = sorted({v.comparison.test for _, v in judged})
+        lines += ["", f"Each method against {_method_name(ref)} on the same dataset, paired by "
+                  f"seed ({'; '.join(tests)}: `surm.sweep.stats`). Holm-corrected over the "
+                  f"{len(judged)} comparisons of this table: `p_holm`, and the CI at each "
+                  f"comparison's Holm level; a win or a loss when p_holm < {stats.ALPHA}."]
+    if majority:
+        lines += ["", "Majority class (the best constant prediction on test): " + ", ".join(
+            f"{d} {m:.4f}" for d, m in majority.items()) + "; a cell at or below it is flagged."]
     return lines
+
+
+def _method_name(key: Sequence[str]) -> str:
+    family, mode, hparams = key
+    return " ".join(filter(None, [family, hparams, mode if mode not in ("-", "") else ""]))
+
+
+def _format_gain(gain: float | None) -> str:
+    return "-" if gain is None else f"{gain:+.4f}"
+
+
+def late_gain(runs: Sequence[Mapping]) -> float | None:
+    """How much the validation metric improved over the last third of the runs (mean over
+    seeds; positive: still improving), from their curves; None without at least two passes
+    after step 0."""
+    gains = []
+    for r in runs:
+        points = [(s, v) for s, v in json.loads(r.get("curve") or "[]") if s > 0]
+        if len(points) < 2:
+            continue
+        last_step, last = points[-1]
+        earlier = min(points[:-1], key=lambda p: abs(p[0] - 2 * last_step / 3))
+        gains.append(metrics.better_sign(str(r["metric"])) * (last - earlier[1]))
+    return statistics.mean(gains) if gains else None
+
+
+def majority_rates(rows: Sequence[Mapping]) -> dict[str, float]:
+    """{dataset: the accuracy of the best constant prediction on its test split} for the
+    classification datasets whose rows point to stored predictions."""
+    out = {}
+    for row in rows:
+        if row["dataset"] in out or row.get("metric") != "accuracy":
+            continue
+        scores = archive.load_scores(row.get("predictions", ""))
+        if scores is not None and "label" in scores:
+            counts = np.bincount(np.asarray(scores["label"], np.int64))
+            out[row["dataset"]] = float(counts.max() / counts.sum())
+    return out
+
+
+# ---- paired comparisons -------------------------------------------------------------------------
+
+def outcomes(runs: Sequence[Mapping], metric: str) -> stats.Outcomes | None:
+    """The per-example test outcomes of runs (one per seed, in order) from their stored
+    predictions; None when any run has none."""
+    scores = [archive.load_scores(r.get("predictions", "")) for r in runs]
+    if not scores or any(s is None for s in scores):
+        return None
+    index = scores[0]["index"]
+    if any(not np.array_equal(s["index"], index) for s in scores):
+        raise SweepError(f"the runs of {runs[0]['dataset']} were tested on different examples "
+                         f"(e.g. {runs[0].get('workdir')}); paired statistics need the same "
+                         f"test split")
+    return stats.Outcomes.stack(metric, [{k: v for k, v in s.items() if k != "index"}
+                                         for s in scores])
+
+
+def compare_runs(ours: Sequence[Mapping], theirs: Sequence[Mapping]) -> stats.Comparison | None:
+    """``ours`` against ``theirs`` over the seeds both ran (paired by seed), from the rows'
+    test metrics and, where stored, their per-example predictions; None without a common
+    seed."""
+    a = {str(r["seed"]): r for r in ours}
+    b = {str(r["seed"]): r for r in theirs}
+    seeds = sorted(set(a) & set(b), key=lambda s: (len(s), s))
+    if not seeds:
+        return None
+    metric = str(ours[0]["metric"])
+    runs_a, runs_b = [a[s] for s in seeds], [b[s] for s in seeds]
+    oa, ob = outcomes(runs_a, metric), outcomes(runs_b, metric)
+    values = ([float(r["test"]) for r in runs_a], [float(r["test"]) for r in runs_b])
+    if oa is None or ob is None:
+        return stats.compare(*values)
+    return stats.compare(*values, oa, ob)
+
+
+def find_reference(groups: Mapping[tuple, list], reference: str | None) -> tuple[str, str, str]:
+    """The (family, mode, hparams) of the reference method: ``reference`` is
+    ``FAMILY[:K=V[:K=V...]]`` (e.g. ``lowrank:rank=8``); by default LoRA (the smallest
+    lowrank), else the linear probe, else full fine-tuning, else the first method."""
+    methods = sorted({key[1:] for key in groups}, key=lambda m: (
+        min(runs[0]["trainable"] for k, runs in groups.items() if k[1:] == m), m))
+    if reference:
+        family, *pairs = reference.split(":")
+        wanted = {p.strip() for p in pairs if p.strip()}
+        found = [m for m in methods if m[0] == family and wanted <= set(m[2].split(","))]
+        if len(found) != 1:
+            raise SweepError(f"--reference {reference!r} matches {len(found)} methods of "
+                             f"{', '.join(map(_method_name, methods))}; name one, e.g. "
+                             f"lowrank:rank=8")
+        return found[0]
+    for family in ("lowrank", "linear_probe", "full"):
+        found = [m for m in methods if m[0] == family]
+        if found:
+            return found[0]
+    return methods[0]
+
+
+def compare(picked: Sequence[dict], reference: str | None = None, alpha: float = stats.ALPHA,
+            ) -> tuple[tuple[str, str, str] | None, list[tuple[tuple, stats.Verdict]]]:
+    """Every method at its chosen values against the reference on each dataset, judged
+    together (Holm over all of them): the reference's (family, mode, hparams) and
+    [((dataset, family, mode, hparams), Verdict)]."""
+    groups = group(picked)
+    if not groups:
+        return None, []
+    ref = find_reference(groups, reference)
+    pairs = []
+    for key, runs in groups.items():
+        theirs = groups.get((key[0], *ref))
+        if key[1:] == ref or theirs is None:
+            continue
+        c = compare_runs(runs, theirs)
+        if c is not None:
+            pairs.append((key, c))
+    if not pairs:
+        return ref, []
+    verdicts = stats.judge([c for _, c in pairs], str(picked[0]["metric"]), alpha)
+    return ref, [(key, v) for (key, _), v in zip(pairs, verdicts)]
 
 
 def runs_table(rows: Sequence[dict]) -> list[str]:
@@ -84,15 +237,19 @@ def runs_table(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
-def write_markdown(rows: Sequence[dict], path: pathlib.Path, tune_seed: int | None = None) -> None:
+def write_markdown(rows: Sequence[dict], path: pathlib.Path, tune_seed: int | None = None,
+                   reference: str | None = None) -> None:
     how = (f"tuned on seed {tune_seed}, the other seeds run at its choice" if tune_seed is not None
            else "tuned on every seed separately")
     lines = [f"## Chosen on validation ({how})", "",
              "The test metric of each method at the lr and head lr with the best final "
              "validation metric (ties: lower validation loss, then smaller lr, then smaller "
-             "head lr). `grid edge`: the choice is the smallest or largest value tried, so the "
-             "grid should be widened.", ""]
-    lines += chosen_table(rows, tune_seed)
+             "head lr); the model tested is the one after the last step. `grid edge`: the "
+             "choice is the smallest or largest value tried, so the grid should be widened. "
+             "`late gain`: the change of validation over the last third of the runs (mean over "
+             "seeds, in the direction that is better); a large one means the runs had not "
+             "flattened.", ""]
+    lines += chosen_table(rows, tune_seed, reference)
     waiting = selection.unsettled(rows, tune_seed)
     if waiting:
         lines += ["", f"Tuning not finished for {len(waiting)} method(s): "
@@ -101,19 +258,32 @@ def write_markdown(rows: Sequence[dict], path: pathlib.Path, tune_seed: int | No
     lines += ["", "## Every run", ""] + runs_table(rows)
     unfinished = [r for r in rows if r["status"] not in ("done",)]
     if unfinished:
-        lines += ["", "Not finished:", ""] + [
+        lines += ["", f"Not finished ({sum(r['status'] == 'failed' for r in unfinished)} "
+                  f"failed):", ""] + [
             f"- {r['status']}: `{r.get('workdir') or ' '.join(str(r[k]) for k in GROUP)}`"
             + (f": {r['error']}" if r.get("error") else "") for r in unfinished]
     path.write_text("\n".join(lines) + "\n")
 
 
-def verdict(ours: Sequence[float], theirs: Sequence[float], metric: str = "") -> str:
-    """'wins', 'ties' or 'loses' for the mean of ``ours`` against the mean of ``theirs``: a
-    difference no larger than the larger of the two sample stds (the seed-to-seed noise) is a
-    tie; with a single value on either side, only an exact equality is. A higher mean wins,
-    or a lower one for a ``metric`` in ``surm.metrics.LOWER_IS_BETTER`` (perplexity)."""
-    a, b = statistics.mean(ours), statistics.mean(theirs)
-    noise = max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in (ours, theirs))
-    if abs(a - b) <= noise:
-        return "ties"
-    return "wins" if metrics.better(a, b, metric) else "loses"
+COMPARISON_HEAD = ["dataset", "family", "mode", "hparams", "reference", "metric", "seeds",
+                   "examples", "delta", "ci_low", "ci_high", "level", "p", "p_holm", "mde",
+                   "test", "verdict"]
+
+
+def write_comparisons(rows: Sequence[dict], path: pathlib.Path, tune_seed: int | None = None,
+                      reference: str | None = None) -> list[dict]:
+    """``comparisons.csv``: one row per comparison of the chosen table (``compare``)."""
+    ref, judged = compare(selection.select(rows, tune_seed), reference)
+    out = []
+    for (dataset, family, mode, hparams), v in judged:
+        c = v.comparison
+        out.append({"dataset": dataset, "family": family, "mode": mode, "hparams": hparams,
+                    "reference": _method_name(ref), "metric": rows[0]["metric"],
+                    "seeds": c.seeds, "examples": c.examples or "", "delta": c.delta,
+                    "ci_low": v.ci[0], "ci_high": v.ci[1], "level": v.level, "p": c.p,
+                    "p_holm": v.p_holm, "mde": v.mde, "test": c.test, "verdict": v.outcome})
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, COMPARISON_HEAD)
+        writer.writeheader()
+        writer.writerows(out)
+    return out

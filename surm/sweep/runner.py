@@ -259,8 +259,9 @@ def check_records(runs: Sequence[Run]) -> None:
 
 
 def recorded_runs(runs: Sequence[Run], records: Mapping[tuple, dict]) -> dict[pathlib.Path, dict]:
-    """{workdir: record} of the runs without a finished workdir that ``records`` holds as done;
-    a record of the same run with other settings is an error."""
+    """{workdir: record} of the runs without a finished workdir that ``records`` holds as done
+    or failed (a failed run is not tried again: drop its row to redo it); a record of the same
+    run with other settings is an error."""
     out = {}
     for run in runs:
         record = records.get(run_key(run.meta))
@@ -322,7 +323,7 @@ def run_all(runs: Sequence[Run], compile_cache: pathlib.Path | None = None,
             print(f"{prefix} finished before, skipped", flush=True)
             continue
         if run.workdir in (recorded or {}):
-            print(f"{prefix} recorded as done, skipped", flush=True)
+            print(f"{prefix} recorded as {recorded[run.workdir]['status']}, skipped", flush=True)
             continue
         start = time.time()
         if execute(run, compile_cache):
