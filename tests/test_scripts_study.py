@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from surm import cka, sweep
-from surm.sweep import runner
 from surm.sweep.__main__ import main as sweep_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -142,80 +141,119 @@ def test_bench_lora_path_checks_the_paths_agree_and_reports_the_crossover(capsys
 
 def test_study_parts_are_valid_grids(tmp_path, monkeypatch):
     """Every run the study plans resolves through its config (a typo fails here, not hours in),
-    and the text parts plan every method at each of its lrs."""
+    each method at each of its lrs, and the seeds the comparisons need."""
     monkeypatch.setattr(study, "ROOT", tmp_path)
     counts = {part.name: len(study._planned(part, [])) for part in study.PARTS}
-    # per dataset: 8 structured (5 lora, 3 adapter) + 5 LoRA/Houlsby/BitFit at 3 lrs, probe at 3
-    # head lrs, full at 3 x 2
-    assert counts["text_full"] == counts["text_k64"] == 2 * (13 * 3 + 3 + 6)
-    assert counts["text_matched_k5"] == 2 * 4 * 3
-    assert counts["vit_mnist"] == 4 * 3 + 2 * 3 + 3 + 6
-    assert counts["lm_bbc"] == (5 + 3 + 1) * 3  # 5 families, LoRA r=1/4/8, full: 3 lrs each
-    assert all(count > 0 for count in counts.values())
+    # few-shot: LoRA r=1 and three SURM families at equal budgets, and the probe, 3 lrs each
+    assert counts["vit_k5"] == counts["vit_k10"] == counts["vit_k50"] == 5 * 3
+    # bbc: circulant and block-circulant in both modes, Houlsby, LoRA r=1/r=8, probe at 3 lrs;
+    # full at 3 x 2
+    assert counts["text_bbc"] == 8 * 3 + 6
+    assert counts["text_tweets"] == 5 * 3
+    assert counts["lm_bbc5"] == 8  # the lrs lm_bbc chose: one each
+    seeds = {part.name: len(part.seeds) for part in study.PARTS}
+    assert seeds["vit_k5"] == seeds["vit_k10"] == 10 and min(seeds.values()) == 5
+    # every comparison the report judges names methods the parts run
+    names = {p.name: {study.display(r.meta) for r in study._planned(p, [])} for p in study.PARTS}
+    for _, _, pairs in study._tables():
+        for part, ours, theirs in pairs:
+            assert {ours, theirs} <= names[part], (part, ours, theirs)
+
+
+def _fake_record(part, rows_for, tmp_path, n=400):
+    """A record of ``part`` as a fresh clone has it: its CSV and its archive of test
+    predictions, the workdirs gone. ``rows_for(run)`` gives (validation, seed -> accuracy) for
+    a tuning run."""
+    from surm import predictions
+    from surm.sweep import archive
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 10, n)
+    rows = []
+    for run in study._planned(part, []):
+        val, acc = rows_for(run.meta)
+        if val is None:  # not finished
+            continue
+        seeds = part.seeds if acc is not None else (0,)
+        for seed in seeds:
+            accuracy = acc(seed) if acc is not None else 0.3
+            right = rng.uniform(size=n) < accuracy
+            logits = np.eye(10, dtype=np.float32)[np.where(right, label, (label + 1) % 10)]
+            file = tmp_path / "gone" / f"{len(rows)}.npz"
+            predictions.write(file, predictions.make("classification", np.arange(n), logits,
+                                                     label, ("accuracy",)))
+            test = predictions.metrics(predictions.read(file))["accuracy"]
+            rows.append(dict(run.meta, seed=seed, status="done", validation=val,
+                             validation_loss=1.0, test=test, trainable=100, adapter=10,
+                             base=1000, wall_seconds=5.0, workdir="sweeps/gone",
+                             settings=json.dumps(list(run.settings)),
+                             curve=json.dumps([[20, val - 0.1], [80, val]]),
+                             predictions=str(file)))
+    sweep.write_csv(archive.write(rows, part.record), part.record)
+    for file in (tmp_path / "gone").iterdir():
+        file.unlink()
+    return rows
 
 
 def test_study_report_rebuilds_from_its_record(tmp_path, monkeypatch):
-    """A fresh clone has the record (docs/results/*.csv) and no workdirs: the report chooses
-    each method's lr from the record alone, and leaves out methods still tuning."""
+    """A fresh clone has the record (CSV and archived test predictions) and no workdirs: the
+    report chooses each method's lr on validation, judges every SURM method against LoRA r=1
+    paired by seed over seeds and test examples, Holm-corrected, and says what it found."""
     monkeypatch.setattr(study, "ROOT", tmp_path / "sweeps")
     monkeypatch.setattr(study, "RECORDS", tmp_path / "records")
     monkeypatch.setattr(study, "DOC", tmp_path / "RESULTS.md")
     study.RECORDS.mkdir()
-    part = study.BY_NAME["text_matched_k5"]
-    planned = study._planned(part, [])
-    score = {1e-3: 0.6, 3e-3: 0.7, 1e-2: 0.5}  # inside every grid: nothing widens
+    part = study.BY_NAME["vit_k5"]
+    lift = {"circulant": 0.25, "symmetric_toeplitz": 0.0, "ldr": -0.25}  # true differences
 
-    def row(run, seed=0, test=None):
-        m = run.meta
-        return dict(m, seed=seed, status="done", validation=score[m["lr"]], validation_loss=1.0,
-                    test=test if test is not None else score[m["lr"]] - 0.1, trainable=100,
-                    adapter=10, base=1000, wall_seconds=5.0, workdir="sweeps/gone",
-                    settings=json.dumps(list(run.settings)))
+    def rows_for(meta):  # the middle lr of each grid is best on validation; ldr still tuning
+        if meta["family"] == "ldr" and meta["lr"] == 1e-2:
+            return None, None
+        if meta["lr"] != (1e-2 if meta["family"] == "linear_probe" else 3e-3):
+            return 0.5, None
+        return 0.7, lambda seed: 0.5 + lift.get(meta["family"], 0.0) + 0.01 * seed
 
-    rows = [row(r) for r in planned if r.meta["family"] != "ldr"]  # ldr: still tuning
-    rows += [row(runner.Run(r.settings, r.workdir, {**r.meta, "seed": seed}), seed, 0.55)
-             for r in planned if r.meta["family"] != "ldr" and r.meta["lr"] == 3e-3
-             for seed in (1, 2)]
-    sweep.write_csv(rows, part.record)
+    rows = _fake_record(part, rows_for, tmp_path)
     study.report([part])
     doc = study.DOC.read_text()
-    assert "## Equal budgets with few examples" in doc
-    table = doc.split("## Equal budgets with few examples")[1]
-    lora = next(line for line in table.splitlines() if line.startswith("| lowrank (rank=1)"))
-    # seed 0 at its best validation (lr 3e-3: test 0.6), seeds 1 and 2 there (0.55)
-    assert "0.5667 ± 0.0289 (lr 0.003)" in lora
-    assert not any(line.startswith("| ldr") for line in table.splitlines())  # still tuning
+    table = doc.split("## Low-resource images")[1]
+    lora = next(line for line in table.splitlines() if line.startswith("| LoRA r=1 |"))
+    assert "(lr 0.003)" in lora and "[10 seeds]" not in lora
+    assert "| majority class (best constant) |" in table
+    assert "| linear probe | 100 | 0.5" in table and "(lr 0.01)" in table
+    compared = [line for line in table.splitlines() if line.startswith("| vit_k5 |")]
+    verdicts = {line.split("|")[2].strip(): line.split("|")[-2].strip() for line in compared}
+    # circulant is better by 0.25 on every seed; symmetric Toeplitz is LoRA's equal; LDR has
+    # not finished its tuning and is not judged
+    assert verdicts == {"circulant C(a·b)": "**win**",
+                        "symmetric Toeplitz T(a)T(b)": "**no detectable difference**"}
+    assert "Holm-corrected over the 2 comparisons" in table
+    assert "bootstrap over seeds x examples" in table  # from the archived predictions
+    assert "circulant C(a·b) vs LoRA r=1 (vit_k5): win (+0.2" in doc  # the claims table
+    assert (study.RECORDS / "curves_vit_k5.png").exists()
     # the record is the study's: rewritten with the same finished runs
     assert len(sweep.read_records([part.record])) == len(rows)
 
 
 def test_study_table_of_a_language_model_ranks_perplexity_lowest_first(tmp_path, monkeypatch):
-    """lm_bbc: the lr with the lowest validation perplexity is chosen, the best SURM method is
-    the one with the lowest validation perplexity, and a lower test perplexity wins."""
+    """lm_bbc5: a lower test perplexity wins, judged paired by seed (the t-test alone where no
+    predictions are kept), and the untouched model's perplexity comes from the record."""
     monkeypatch.setattr(study, "ROOT", tmp_path)
-    part = study.BY_NAME["lm_bbc"]
-    keep = {"circulant", "toeplitz", "lowrank"}
-    planned = [r for r in study._planned(part, []) if r.meta["family"] in keep
-               and r.meta["hparams"] in ("", "rank=1")]
-    assert {r.meta["metric"] for r in planned} == {"perplexity"}
-    # validation perplexity per lr: the middle one of the grid is the lowest for every method
-    low, mid, high = sorted({r.meta["lr"] for r in planned})
-    val = {low: 40.0, mid: 30.0, high: 35.0}
-    test = {"circulant": 28.0, "toeplitz": 33.0, "lowrank": 31.0}  # at the chosen lr
-    shift = {"circulant": 0.0, "toeplitz": 1.0, "lowrank": 0.5}
-
-    rows = [dict(r.meta, seed=seed, status="done", validation=val[r.meta["lr"]] + shift[
-        r.meta["family"]], validation_loss=1.0, test=test[r.meta["family"]] + 0.1 * seed
-        + (100.0 if r.meta["lr"] != mid else 0.0), trainable=10, adapter=10, base=1000,
-        wall_seconds=5.0, workdir="gone", settings="[]")
-        for r in planned for seed in ((0, 1, 2) if r.meta["lr"] == mid else (0,))]
-    table, notes = study.comparison_table(part, rows)
-    circ = next(line for line in table if line.startswith("| circulant"))
-    assert f"28.1000 ± 0.1000 | {mid:g}" in circ
-    note = notes[0]
-    assert "best SURM on validation: circulant [lora], test 28.1000" in note
-    assert "vs LoRA r=1 (31.1000, 10 params): best SURM wins; of 2 SURM methods 1 win, " \
-           "0 tie, 1 lose" in note
+    monkeypatch.setattr(study, "RECORDS", tmp_path / "records")
+    part = study.BY_NAME["lm_bbc5"]
+    test = {"circulant": 28.0, "toeplitz": 33.0, "lowrank": 31.0}
+    rows = [dict(r.meta, seed=seed, status="done", validation=test[r.meta["family"]],
+                 validation_loss=1.0, test=test[r.meta["family"]] + 0.1 * seed
+                 + 0.01 * (seed % 2) * (r.meta["family"] == "toeplitz"), trainable=10,
+                 adapter=10, base=1000, wall_seconds=5.0, workdir="gone", settings="[]",
+                 curve=json.dumps([[0, 47.7], [8, 40.0], [32, 30.0]]))
+            for r in study._planned(part, []) if r.meta["family"] in test
+            and r.meta["hparams"] in ("", "rank=1") for seed in part.seeds]
+    judged = study.judge([(part, "circulant [lora]", "LoRA r=1"),
+                          (part, "Toeplitz [lora]", "LoRA r=1")], {part.name: rows})
+    assert [(j.ours, j.verdict.outcome) for j in judged] == [("circulant [lora]", "win"),
+                                                             ("Toeplitz [lora]", "loss")]
+    assert judged[0].verdict.comparison.test == "paired t over seeds"
+    assert study._untouched(rows) == 47.7
 
 
 def test_bench_train_times_a_causal_lm_without_probe_or_bitfit(capsys):
