@@ -28,7 +28,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,8 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from surm import allocator, data, lm, metrics, models, optim, peft, predictions, runs, sharding
+from surm import (allocator, cli, config_fields, data, lm, metrics, models, optim, peft,
+                  predictions, runs, sharding)
 from surm import workdir as workdir_lock
 from surm.checkpointing import Checkpoints, CorruptCheckpointError, kept_steps
 from surm.models import factory
@@ -54,12 +55,11 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
-# Config entries that must not change when a run resumes from its workdir.
-_RESUME_KEYS = ("model", "peft", "input.dataset", "input.shots", "seed")
+_ALLOW_RESUME = flags.DEFINE_list(
+    "allow_resume_change", [], "Config fields a resumed run may change on purpose (e.g. "
+    f"total_steps to extend it); any of: {', '.join(config_fields.resumable_on_request())}.")
 
-
-class ConfigError(ValueError):
-    pass
+ConfigError = config_fields.ConfigError
 
 
 def _lookup(cfg, dotted: str):
@@ -73,8 +73,11 @@ def _lora_path(config) -> str:
     return config.peft.get("lora_path", "auto")
 
 
-def check_config(config, workdir: pathlib.Path) -> tuple[peft.PeftSpec, data.DatasetSpec]:
-    """Everything that can be checked before loading weights or compiling."""
+def check_config(config, workdir: pathlib.Path,
+                 allow_resume_change: Sequence[str] = ()) -> tuple[peft.PeftSpec,
+                                                                   data.DatasetSpec]:
+    """Everything that can be checked before loading weights or compiling: every field's
+    domain (``surm.config_fields``), then what the owners of the names check."""
     for key in ("total_steps", "input.batch_size", "seed", "peft.family", "eval_every",
                 "ckpt_every"):
         try:
@@ -82,11 +85,12 @@ def check_config(config, workdir: pathlib.Path) -> tuple[peft.PeftSpec, data.Dat
         except (KeyError, AttributeError):
             raise ConfigError(f"config has no {key!r}; every config defines total_steps, "
                               f"input.batch_size, seed, peft.family, eval_every, ckpt_every")
-    if config.total_steps < 1:
-        raise ConfigError(f"total_steps must be >= 1, got {config.total_steps}")
-    if config.eval_every < 0:
-        raise ConfigError(f"eval_every must be >= 0 (0: no validation, only the final test "
-                          f"evaluation), got {config.eval_every}")
+    config_fields.check(config)
+    unknown = [k for k in allow_resume_change if k not in config_fields.resumable_on_request()]
+    if unknown:
+        raise ConfigError(f"--allow_resume_change: {', '.join(unknown)} may not change on "
+                          f"resume; the fields that may: "
+                          f"{', '.join(config_fields.resumable_on_request())}")
     spec = peft.config_to_spec(config.peft)
     try:
         peft.check_lora_path(spec, _lora_path(config), train=True)
@@ -104,29 +108,44 @@ def check_config(config, workdir: pathlib.Path) -> tuple[peft.PeftSpec, data.Dat
         optim.check(config.optimizer)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    restore_step = config.get("restore_step", 0)
-    if not isinstance(restore_step, int) or restore_step < 0:
-        raise ConfigError(f"restore_step={restore_step!r} must be a kept checkpoint step, or 0 "
-                          f"for the latest")
     if jax.process_index() == 0:  # the process that holds the workdir during the run
         workdir_lock.check_free(workdir)  # refused now, not after loading the model
-    check_workdir(config, workdir)
+    check_workdir(config, workdir, allow_resume_change=allow_resume_change)
     return spec, data_spec
 
 
-def check_workdir(config, workdir: pathlib.Path, dataset: data.Dataset | None = None) -> None:
-    """That ``workdir`` (if it holds a run) can take this config: the same model, peft, data
-    and seed, a kept ``restore_step``. Reads only."""
+def resume_changes(config, workdir: pathlib.Path,
+                   allow_resume_change: Sequence[str] = ()) -> dict[str, tuple]:
+    """The fields in which ``config`` differs from the run ``workdir`` holds that the resumed
+    run takes (``surm.config_fields``: free ones, and those allowed on request); ConfigError,
+    naming each other difference (old -> new) and the fix, when there is any."""
     saved = workdir / "config.json"
-    if saved.exists():
+    if not saved.exists():
+        return {}
+    try:
         old = json.loads(saved.read_text())
-        new = json.loads(config.to_json_best_effort())
-        for cfg in (old, new):  # a compute choice, free to change on resume
-            cfg.get("peft", {}).pop("lora_path", None)
-        changed = [k for k in _RESUME_KEYS if _lookup(old, k) != _lookup(new, k)]
-        if changed:
-            raise ConfigError(f"{workdir} holds a run with a different {', '.join(changed)}; "
-                              f"resume with the same config or use a new --workdir")
+    except ValueError:
+        raise ConfigError(f"{saved} is damaged (not JSON); this workdir's run cannot be "
+                          f"checked: use a new --workdir") from None
+    taken, refused = config_fields.resume_changes(old, json.loads(config.to_json_best_effort()),
+                                                  allow_resume_change)
+    if refused:
+        said = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in refused.items())
+        on_request = [k for k in refused if k in config_fields.resumable_on_request()]
+        raise ConfigError(
+            f"{workdir} holds a run with another config ({said}); resume it with its own "
+            f"values, or give a new --workdir"
+            + (f", or resume with the change on purpose: --allow_resume_change="
+               f"{','.join(on_request)}" if on_request and len(on_request) == len(refused)
+               else ""))
+    return taken
+
+
+def check_workdir(config, workdir: pathlib.Path, dataset: data.Dataset | None = None,
+                  allow_resume_change: Sequence[str] = ()) -> None:
+    """That ``workdir`` (if it holds a run) can take this config: no difference but those a
+    resumed run may take (``resume_changes``), a kept ``restore_step``. Reads only."""
+    resume_changes(config, workdir, allow_resume_change)
     restore_step = config.get("restore_step", 0)
     if restore_step:
         kept = kept_steps(workdir)
@@ -285,13 +304,17 @@ def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
     return train_step, eval_step
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_resume_change: Sequence[str] = ()) -> dict[str, Any]:
     """Trains, evaluates and saves one run in ``workdir``. Everything (config, data, model,
     targets) is checked and built before the workdir is written or taken: a refused run writes
-    nothing. The workdir is then held (``surm.workdir``) until the run ends."""
+    nothing. The workdir is then held (``surm.workdir``) until the run ends. A workdir that
+    holds a run resumes it with the same config; ``allow_resume_change`` names the fields that
+    may change on purpose (``surm.config_fields.ON_REQUEST``: total_steps to extend a run, the
+    learning rates), each change recorded in ``config_changes.jsonl``."""
     wall_start = time.time()
     workdir = pathlib.Path(workdir)
-    spec, data_spec = check_config(config, workdir)
+    spec, data_spec = check_config(config, workdir, allow_resume_change)
     mesh = sharding.make_mesh(config.mesh)
     _check_batch(config.input.batch_size, mesh)
     main = jax.process_index() == 0
@@ -341,7 +364,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # change it, then written.
     with (workdir_lock.hold(workdir) if main else contextlib.nullcontext()):
         if main:
-            check_workdir(config, workdir, None if causal else dataset)
+            check_workdir(config, workdir, None if causal else dataset, allow_resume_change)
+            changes = resume_changes(config, workdir, allow_resume_change)
+            if changes:  # what the resumed run does differently, and from where
+                with (workdir / "config_changes.jsonl").open("a") as f:
+                    f.write(json.dumps({"from_step": max(kept_steps(workdir), default=0),
+                                        "changes": {k: list(v) for k, v in changes.items()}})
+                            + "\n")
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
             print(peft.format_report(counts), flush=True)
         if not causal:  # Local files: label map etc. in dataset.json.
@@ -378,6 +407,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             outs, labels, index = [], [], []
             for local in data.make_eval_batches(eval_sources[role], eval_prep,
                                                 global_batch_size=config.input.eval_batch_size):
+                stop_if_asked(at_step)
                 batch = sharding.global_batch(
                     {k: local[k] for k in batch_keys + ("mask", "index")}, mesh)
                 out = p_eval_step(state["trainable"], frozen, {k: batch[k] for k in eval_keys})
@@ -414,6 +444,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if main:  # as metrics.jsonl: nothing past the restored step
             predictions.drop_after(workdir, start)
 
+        def stop_if_asked(at_step: int) -> None:
+            """After SIGINT/SIGTERM (``surm.cli``): the state at ``at_step`` saved, then stop."""
+            if not cli.stopped():
+                return
+            if at_step > (ckpts.latest_step() or 0):
+                ckpts.save(at_step, state, train_iter)
+            ckpts.wait()
+            saved = ckpts.latest_step()
+            cli.raise_if_stopped(
+                f"the checkpoint of step {saved} is in {ckpts.directory}; run the same command "
+                f"to resume" if saved else "before the first step; nothing was trained")
+
         # Loop.
         headline = f"validation_{data_spec.metrics[0]}"
         best, last_validation = {}, {}
@@ -423,6 +465,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             log.write({"step": 0, **evaluate("validation", 0), **evaluate("test", 0)})
         try:
             for step in range(start + 1, config.total_steps + 1):
+                stop_if_asked(step - 1)
                 local = next(train_iter)
                 batch = sharding.global_batch({k: local[k] for k in batch_keys}, mesh)
                 state, m = p_train_step(state, frozen, batch)
@@ -518,10 +561,18 @@ def main(argv):
     allocator.configure()  # before XLA's threads exist: see surm/allocator.py
     _initialize_distributed()
     try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        with cli.stop_on_signals():
+            train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_RESUME.value)
+    except cli.Stopped as e:
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(e.exit_status)
     except (ValueError, FileNotFoundError, FloatingPointError, CorruptCheckpointError,
-            workdir_lock.WorkdirBusyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+            workdir_lock.WorkdirBusyError, OSError) as e:
+        # an operating system's error (disk full, read-only, a file for a folder): its cause
+        # and path; the project's own errors say themselves
+        message = (cli.describe_os_error(e) if isinstance(e, OSError) and e.errno is not None
+                   else str(e))
+        print(f"error: {message}", file=sys.stderr)
         if isinstance(e, CorruptCheckpointError):
             # The failed restore's reads are still collected at exit, each with its own
             # traceback or warning: the run is over and its files closed, so leave now.
@@ -532,4 +583,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -103,7 +103,7 @@ def test_bad_configs_fail_before_compiling(tmp_path, tmp_path_factory):
         ("", {"input.batch_size": 6, "mesh.data": 4}, "needs more than the 1 devices"),
         ("", {"model.checkpoint": "/no/such/model"}, "not found"),
         ("dataset=cifar11", {}, "cifar11"),
-        ("", {"peft.lora_path": "fft"}, "lora_path.*is not one of"),
+        ("", {"peft.lora_path": "fft"}, "peft.lora_path='fft' must be one of auto, "),
         ("mode=adapter", {"peft.lora_path": "dense"}, "no weight update to fold"),
     ]
     for arg, extra, message in cases:
@@ -116,21 +116,33 @@ def test_bad_configs_fail_before_compiling(tmp_path, tmp_path_factory):
 
 
 def test_resume_continues_where_it_stopped(tmp_path, tmp_path_factory):
-    """total_steps=4, then total_steps=8 in the same workdir: the second run starts at 5. The
-    lora path, a compute choice, may change on resume; the spec may not."""
-    kw = bbc_overrides(tmp_path_factory, **{"eval_every": 100, "ckpt_every": 4})
-    cfg = load_config("default", "dataset=bbc_news", **{**kw, "total_steps": 4,
-                                                        "peft.lora_path": "structured"})
+    """total_steps=4, then total_steps=8 in the same workdir: the second run starts at 5, once
+    the change is asked for. The lora path, a compute choice, may change on resume; the spec,
+    the lr, the seed may not, and a refused resume leaves config.json as the run did it."""
+    kw = bbc_overrides(tmp_path_factory, **{"eval_every": 100, "ckpt_every": 4,
+                                           "total_steps": 4})
+    cfg = load_config("default", "dataset=bbc_news", **{**kw, "peft.lora_path": "structured"})
     train.train_and_evaluate(cfg, str(tmp_path / "a"))
-    cfg = load_config("default", "dataset=bbc_news,family=ldr,rank=2", **{**kw, "total_steps": 8})
-    with pytest.raises(ValueError, match="different peft"):
-        train.train_and_evaluate(cfg, str(tmp_path / "a"))
+    saved = (tmp_path / "a" / "config.json").read_text()
+    for arg, extra, message in (
+            ("family=ldr,rank=2", {}, r"peft.family: 'circulant' -> 'ldr'.* new --workdir$"),
+            ("", {"optimizer.lr": 0.5}, r"optimizer.lr: .* -> 0.5.*allow_resume_change="
+                                        r"optimizer.lr$"),
+            ("", {"total_steps": 8, "seed": 3}, r"seed: 0 -> 3; total_steps: 4 -> 8\)"),
+            ("", {"total_steps": 8}, r"--allow_resume_change=total_steps$")):
+        cfg = load_config("default", f"dataset=bbc_news,{arg}", **{**kw, **extra})
+        with pytest.raises(train.ConfigError, match=message):
+            train.train_and_evaluate(cfg, str(tmp_path / "a"))
+        assert (tmp_path / "a" / "config.json").read_text() == saved
     cfg = load_config("default", "dataset=bbc_news", **{**kw, "total_steps": 8,
                                                         "peft.lora_path": "mixed"})
-    summary = train.train_and_evaluate(cfg, str(tmp_path / "a"))
+    summary = train.train_and_evaluate(cfg, str(tmp_path / "a"), ["total_steps"])
     steps = [l["step"] for l in read_metrics(tmp_path / "a") if "train_loss" in l]
     assert steps == list(range(1, 9)) and summary["step"] == 8
     assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["4", "8"]
+    change = json.loads((tmp_path / "a" / "config_changes.jsonl").read_text())
+    assert change == {"from_step": 4, "changes": {"peft.lora_path": ["structured", "mixed"],
+                                                  "total_steps": [4, 8]}}
 
 
 def _losses(workdir):
@@ -223,8 +235,9 @@ def test_nan_stops_the_run_and_keeps_the_checkpoint(tmp_path, tmp_path_factory):
     out, _ = ok.communicate(timeout=600)
     assert ok.returncode == 0, out
     before = sorted(os.listdir(tmp_path / "w" / "checkpoints"))
-    bad = _run(_cli(tmp_path / "w", data_dir, 40, ("--config.optimizer.lr=1e30",
-                                                  "--config.optimizer.warmup_frac=0")))
+    bad = _run(_cli(tmp_path / "w", data_dir, 40, (
+        "--config.optimizer.lr=1e30", "--config.optimizer.warmup_frac=0",
+        "--allow_resume_change=total_steps,optimizer.lr,optimizer.warmup_frac")))
     out, _ = bad.communicate(timeout=600)
     assert bad.returncode != 0
     assert "NaN/Inf" in out and "last good checkpoint is step 5" in out
@@ -242,6 +255,6 @@ def test_corrupt_checkpoint_is_reported_not_overwritten(tmp_path, tmp_path_facto
         p.write_bytes(b"garbage")
     cfg = load_config("default", "dataset=bbc_news", **{**kw, "total_steps": 4})
     with pytest.raises(CorruptCheckpointError, match="cannot be restored.*left untouched"):
-        train.train_and_evaluate(cfg, str(tmp_path))
+        train.train_and_evaluate(cfg, str(tmp_path), ["total_steps"])
     assert all(p.read_bytes() == b"garbage" for p in victims)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]

@@ -158,7 +158,7 @@ def test_refused_runs_leave_the_workdir_as_it_was(tmp_path, tmp_path_factory, mo
     assert snapshot(workdir) == before
     write_table(csv, sentiment_rows())
     monkeypatch.setattr(train.factory, "build", _unbuildable)
-    for arg, extra, message in (("family=ldr,rank=2", {}, "different peft"),
+    for arg, extra, message in (("family=ldr,rank=2", {}, r"another config \(peft.family"),
                                 ("", {"restore_step": 4}, r"restore_step=4 is not a checkpoint "
                                                           r"kept in .* \(kept: none\)")):
         cfg = load_config("default", f"dataset=csv:{csv},{arg}".rstrip(","),
@@ -348,3 +348,48 @@ def test_sigkill_at_any_moment_then_rerun_equals_an_uninterrupted_run(tmp_path,
     print(f"fault injection: {time.time() - start:.0f} s; killed mid-save: "
           f"{[results[seed][0] for seed in range(len(MOMENTS))]}; kept at the kill: "
           f"{[results[seed][1] for seed in range(len(MOMENTS))]}")
+
+
+# -- Ctrl-C and SIGTERM: a step boundary, a checkpoint, one line, 130 / 143 -----------------------
+
+@pytest.mark.parametrize("signum,when", [(signal.SIGINT, "compiling"),
+                                         (signal.SIGTERM, "training")])
+def test_a_signal_stops_at_a_step_boundary_and_the_rerun_resumes(tmp_path, tmp_path_factory,
+                                                                 signum, when):
+    """SIGINT during the first compilation (it used to crash the process) or SIGTERM while
+    training: the run saves the step it reached, says how to resume in one line and exits
+    128 + the signal; the same command then finishes the run."""
+    data_dir = prepared_dir("bbc_news", tmp_path_factory)
+    cli = [a.replace("--config.ckpt_every=1", "--config.ckpt_every=1000")
+           for a in _cli(tmp_path, data_dir)]
+    proc = subprocess.Popen(cli, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    ready = (lambda: (tmp_path / "config.json").exists()) if when == "compiling" else (
+        lambda: sum("train_loss" in line for line in
+                    (tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2
+        if (tmp_path / "metrics.jsonl").exists() else False)
+    deadline = time.time() + 300
+    while not ready():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    if when == "compiling":
+        time.sleep(0.5)  # config.json is written just before the shardings and the compile
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signum, out[-3000:]
+    assert "Traceback" not in out
+    last = out.strip().splitlines()[-1]
+    kept = kept_steps(tmp_path)
+    name = signal.Signals(signum).name
+    if kept:
+        assert last == (f"stopped by {name}: the checkpoint of step {kept[0]} is in "
+                        f"{tmp_path / 'checkpoints'}; run the same command to resume")
+    else:  # the signal came before the first step ended
+        assert when == "compiling" and last == (f"stopped by {name}: before the first step; "
+                                                f"nothing was trained")
+    rerun = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (f"Resumed from {tmp_path / 'checkpoints'} at step {kept[0]}" in rerun.stderr
+            if kept else "Resumed" not in rerun.stderr)
+    assert [s for s, *_ in _losses(tmp_path)] == list(range(1, STEPS + 1))

@@ -17,6 +17,7 @@ import math
 import os
 import pathlib
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -306,6 +307,8 @@ def execute(run: Run, compile_cache: pathlib.Path | None) -> bool:
                             stderr=subprocess.STDOUT, env=env).returncode
     if rc == 0 and run.finished:
         return True
+    if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # stopped, not failed: it resumes
+        raise KeyboardInterrupt
     error.write_text(f"exit status {rc}\n{_tail(log)}\n")
     return False
 

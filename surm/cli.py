@@ -1,0 +1,110 @@
+"""One way out of every command line: a user's mistake is one ``error:`` line and a non-zero
+exit status, never a Python traceback; Ctrl-C and SIGTERM stop a run at a step boundary.
+
+    if __name__ == "__main__":
+        app.run(main, flags_parser=cli.parse_flags)   # absl commands
+
+    with cli.stop_on_signals():                      # SIGINT/SIGTERM set a flag, nothing more
+        for step in ...:
+            ...
+            cli.raise_if_stopped(step, "run the same command to resume")
+
+Exit statuses: 1 for an error the user can fix, 2 for a command line that does not parse, 130
+after SIGINT and 143 after SIGTERM (128 + the signal, the shell's convention).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import signal
+import sys
+import threading
+from typing import Iterator, Sequence
+
+from absl import flags
+
+USAGE = 2
+
+
+class Stopped(Exception):
+    """A run stopped on a signal at a step boundary; ``exit_status`` is 128 + the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_status = 128 + signum
+
+
+def fail(message: str, status: int = 1) -> None:
+    """Prints ``error: message`` (its last line only: never a traceback) and exits."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    print(f"error: {lines[-1] if lines else message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """``flags.FLAGS(argv)`` with a bad flag, a config file that fails (an unknown ``:k=v``
+    argument) or an override of a field the config does not have (``--config.typo=1``) said
+    in one line."""
+    try:
+        return flags.FLAGS(list(argv))
+    except flags.Error as e:
+        text = [line.strip() for line in str(e).splitlines() if line.strip()]
+        last = text[-1] if text else str(e)
+        for prefix in ("ValueError: ", "FileNotFoundError: ", "KeyError: ", "TypeError: "):
+            last = last.removeprefix(prefix)
+        fail(last if len(text) > 1 else " ".join(text), USAGE)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
+        name = str(e).strip("\"' ")
+        fail(f"a --config.KEY=VALUE override names no field of the config: {name}; check its "
+             f"spelling (python -m surm.inspect --config FILE shows the config)", USAGE)
+    raise AssertionError("unreachable")
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for a failed file operation: the cause and the path."""
+    why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+           errno.EACCES: "permission denied", errno.EPERM: "not permitted",
+           errno.ENOTDIR: "a part of the path is a file, not a folder",
+           errno.EISDIR: "it is a folder, not a file", errno.ELOOP: "a symbolic link loop",
+           errno.ENAMETOOLONG: "the name is too long", errno.EDQUOT: "the disk quota is used up",
+           errno.ENOENT: "no such file or folder"}.get(e.errno, e.strerror or str(e))
+    where = e.filename if e.filename is not None else ""
+    return f"{why}: {where}" if where else why
+
+
+_stop = threading.Event()
+_signal = [0]
+
+
+def _handler(signum, frame):
+    del frame
+    _signal[0] = signum
+    _stop.set()
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While held, SIGINT and SIGTERM only ask the run to stop (``stopped``); the loop stops at
+    its next step boundary. No exception is raised inside the compiler or a checkpoint write.
+    A second Ctrl-C while stopping still waits for the write to end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, _handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    _stop.clear()
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def stopped() -> bool:
+    return _stop.is_set()
+
+
+def raise_if_stopped(what: str) -> None:
+    """Raises Stopped (saying ``what`` and the signal) once a stop was asked for."""
+    if _stop.is_set():
+        name = signal.Signals(_signal[0]).name
+        raise Stopped(f"stopped by {name}: {what}", _signal[0])
