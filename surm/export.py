@@ -31,6 +31,7 @@ import shutil
 import sys
 
 import jax
+import numpy as np
 from absl import app, flags
 
 from surm import peft, runs
@@ -49,6 +50,12 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict[str, st
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)
     _check_out(out)
     run = runs.load_run(workdir)
+    bad = [name for name, leaf in peft.tree.flatten(run.trainable).items()
+           if not np.all(np.isfinite(np.asarray(leaf)))]
+    if bad:
+        raise ValueError(f"{workdir / 'adapters'} holds NaN/Inf in {len(bad)} tensor(s) (e.g. "
+                         f"{bad[0]}): merging them would break the model; export a run that "
+                         f"trained without diverging")
     merged = None
     if run.spec.mergeable:
         if run.entry.save is None:

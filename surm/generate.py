@@ -21,6 +21,7 @@ no adapter cost per token); ``--unmerged`` runs the model with the adapters appl
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 import sys
 
@@ -83,7 +84,8 @@ class Generator:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m surm.generate",
+                                description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--workdir", required=True)
@@ -98,6 +100,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.max_tokens < 1:
         p.error("--max_tokens must be >= 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        p.error(f"--temperature must be a finite number >= 0 (0: greedy), got "
+                f"{args.temperature}")
+    if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        p.error(f"--top_p must be in (0, 1], got {args.top_p}")
     allocator.configure()
     try:
         gen = Generator.from_workdir(args.workdir, merged=not args.unmerged)

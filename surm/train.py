@@ -86,6 +86,7 @@ def check_config(config, workdir: pathlib.Path,
             raise ConfigError(f"config has no {key!r}; every config defines total_steps, "
                               f"input.batch_size, seed, peft.family, eval_every, ckpt_every")
     config_fields.check(config)
+    check_workdir_path(workdir)
     unknown = [k for k in allow_resume_change if k not in config_fields.resumable_on_request()]
     if unknown:
         raise ConfigError(f"--allow_resume_change: {', '.join(unknown)} may not change on "
@@ -112,6 +113,17 @@ def check_config(config, workdir: pathlib.Path,
         workdir_lock.check_free(workdir)  # refused now, not after loading the model
     check_workdir(config, workdir, allow_resume_change=allow_resume_change)
     return spec, data_spec
+
+
+def check_workdir_path(workdir: pathlib.Path) -> None:
+    """That ``workdir`` is, or can become, a folder this process may write into."""
+    existing = next((p for p in (workdir, *workdir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"--workdir {workdir}: {existing} is a file, not a folder; give "
+                          f"another --workdir")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir {workdir}: {existing} cannot be written by this user "
+                          f"(read-only or not ours); give another --workdir")
 
 
 def resume_changes(config, workdir: pathlib.Path,
@@ -553,9 +565,9 @@ def _initialize_distributed() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required, e.g. "
-                             "--config configs/default.py --workdir runs/default")
+    if _CONFIG.value is None or not _WORKDIR.value:
+        cli.fail("--config and --workdir are required (a workdir is a folder of its own, never "
+                 "''), e.g. --config configs/default.py --workdir runs/default", cli.USAGE)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO
     allocator.configure()  # before XLA's threads exist: see surm/allocator.py

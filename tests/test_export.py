@@ -225,12 +225,19 @@ def test_export_errors_are_one_line(csv_run, tmp_path, capsys):
     cfg["model"]["bert"]["hidden_size"] = 16
     (wrong / "config.json").write_text(json.dumps(cfg))
     cases.append((wrong, tmp_path / "o3", "does not fit"))
+    diverged = tmp_path / "diverged"  # NaN adapters are never merged into a model
+    shutil.copytree(csv_run, diverged)
+    from surm.peft import io as peft_io
+    flat = peft_io.read_tensors(diverged / "adapters" / peft_io.WEIGHTS)
+    flat = {k: np.full_like(v, np.nan) for k, v in flat.items()}
+    safetensors.numpy.save_file(flat, str(diverged / "adapters" / peft_io.WEIGHTS))
+    cases.append((diverged, tmp_path / "o4", "holds NaN/Inf"))
     for workdir, out, message in cases:
         assert export.run_cli(str(workdir), str(out)) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
-    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4"))
 
 
 def test_cls_pooling_saves_as_a_pipeline_and_loads_back(tmp_path):

@@ -73,3 +73,27 @@ def test_old_folders_and_views_load(tmp_path):
     assert not (tmp_path / peft_io.BASE).exists()
     loaded, _ = peft_io.load(tmp_path, with_leaf(base, "pooler/dense/bias", lambda v: v + 1))
     np.testing.assert_array_equal(loaded["base"]["classifier"]["kernel"], kernel)
+
+
+def test_a_damaged_or_cut_adapters_file_is_one_error_naming_it(tmp_path):
+    """The tensors' sha256 rides in the file's metadata: a flipped bit in a tensor is found at
+    load; a cut or garbage file, or a broken spec, is a ValueError naming the file."""
+    _, base, _ = tiny_bert()
+    trainable = randomize(peft.init(base, SPEC, jax.random.PRNGKey(0))[0])
+    peft_io.save(tmp_path, trainable, SPEC)
+    weights = tmp_path / peft_io.WEIGHTS
+    good = weights.read_bytes()
+    peft_io.load(tmp_path, base)  # intact: loads
+    flipped = bytearray(good)
+    flipped[-5] ^= 0x10  # a bit of the last tensor's data
+    for damaged, message in ((bytes(flipped), "does not match the checksum"),
+                             (good[:len(good) // 2], "not a readable safetensors file"),
+                             (b"\x00" * 64, "not a readable safetensors file")):
+        weights.write_bytes(damaged)
+        with pytest.raises(ValueError, match=message) as e:
+            peft_io.load(tmp_path, base)
+        assert str(weights) in str(e.value) and "\n" not in str(e.value)
+    weights.write_bytes(good)
+    (tmp_path / peft_io.SPEC).write_text("{not json")
+    with pytest.raises(ValueError, match=r"peft_spec.json is not a PEFT spec"):
+        peft_io.load(tmp_path, base)

@@ -1,7 +1,8 @@
 """Adapter-only files: the trainable tree as safetensors, the spec as JSON, the base's identity.
 
 ``save(folder, trainable, spec, base=...)`` writes ``adapters.safetensors`` (flat '/'-joined
-names), ``peft_spec.json`` and, when given the identity of the base model the adapters were
+names, with a sha256 of its tensors in the file's metadata, which ``load`` verifies: a flipped
+bit or a cut copy is an error, never a silently different adapter), ``peft_spec.json`` and, when given the identity of the base model the adapters were
 trained on (``base_identity``), ``base.json``. ``load(folder, base_params)`` rebuilds the tree's
 structure from the spec on a freshly loaded base and fills it from the file; a missing,
 unexpected or mis-shaped tensor is an error naming it, and so is a base whose identity is not
@@ -55,6 +56,39 @@ def base_identity(base_params: Mapping, spec: PeftSpec, name: str | None = None)
     return {"name": name, "sha256": base_hash(base_params, spec)}
 
 
+CHECKSUM = "surm_sha256"  # the metadata key of the tensors' checksum
+
+
+def tensors_hash(flat: Mapping[str, np.ndarray]) -> str:
+    """sha256 over the tensors in name order: name, dtype, shape, then the bytes."""
+    h = hashlib.sha256()
+    for name in sorted(flat):
+        arr = np.asarray(flat[name], order="C")
+        h.update(f"{name}\0{arr.dtype.name}\0{arr.shape}\0".encode())
+        h.update(arr.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The tensors of an adapters file, checked against the checksum it carries (files from
+    before the checksum load unchecked); ValueError naming the file when it is cut, not a
+    safetensors file, or not what was written."""
+    try:
+        with safetensors.safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
+        raise ValueError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}"
+                         f"): it is damaged or cut short; save the adapters again") from None
+    want = metadata.get(CHECKSUM)
+    if want is not None and tensors_hash(flat) != want:
+        raise ValueError(f"{path} does not match the checksum it was saved with: its bytes "
+                         f"changed after saving (a damaged copy); save the adapters again")
+    return flat
+
+
 def _write(folder: pathlib.Path, name: str, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
     os.close(fd)
@@ -72,7 +106,8 @@ def save(folder: str | os.PathLike, trainable: Mapping, spec: PeftSpec, *,
     # scrambled.
     flat = {k: np.asarray(jax.device_get(v), order="C")
             for k, v in tree.flatten(trainable).items()}
-    _write(folder, WEIGHTS, lambda p: safetensors.numpy.save_file(flat, p))
+    _write(folder, WEIGHTS, lambda p: safetensors.numpy.save_file(
+        flat, p, metadata={CHECKSUM: tensors_hash(flat)}))
     _write(folder, SPEC, lambda p: pathlib.Path(p).write_text(spec.to_json()))
     if base is not None:
         _write(folder, BASE, lambda p: pathlib.Path(p).write_text(json.dumps(dict(base))))
@@ -120,10 +155,14 @@ def load(folder: str | os.PathLike, base_params: Mapping, layers: Mapping | None
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} not found: an adapter folder holds "
                                     f"{WEIGHTS} and {SPEC} (written by surm.peft.io.save)")
-    spec = PeftSpec.from_json((folder / SPEC).read_text())
+    try:
+        spec = PeftSpec.from_json((folder / SPEC).read_text())
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{folder / SPEC} is not a PEFT spec written by surm.peft.io.save "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     template, _ = surgery.init(base_params, spec, jax.random.PRNGKey(0), layers)
     want = {k: np.shape(v) for k, v in tree.flatten(template).items()}
-    got = safetensors.numpy.load_file(str(folder / WEIGHTS))
+    got = read_tensors(folder / WEIGHTS)
     problems = mismatches(want, got)
     if problems:
         raise ValueError(f"{folder / WEIGHTS} does not fit this base model and spec:\n  "

@@ -86,6 +86,7 @@ import pathlib
 import sys
 from typing import Any, Sequence
 
+from surm import cli
 from surm.sweep import records as records_lib
 from surm.sweep import runner
 from surm.sweep.api import match_config_budget, write_results
@@ -246,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not root:
         raise SweepError("give --root DIR: where the runs' workdirs and the results go")
+    if pathlib.Path(root).exists() and not pathlib.Path(root).is_dir():
+        raise SweepError(f"--root {root} is a file; give a folder for the runs' workdirs")
     runs = runner.plan(grid, root, methods)
     runner.check_records(runs)
     records = records_lib.read_records(args.records)
@@ -311,6 +314,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     except (SweepError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a root that is a file, a full or read-only disk
+        print(f"error: {cli.describe_os_error(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
