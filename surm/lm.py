@@ -22,7 +22,8 @@ length, so a training step compiles once.
 Text sources (``text_records``): a dataset's text field (e.g. the embedded ``bbc_news``
 articles, split as the dataset splits them), or a local file: ``.txt`` (documents separated by
 blank lines) or ``.jsonl`` (``text``, or ``prompt`` and ``response``, fields per line), split
-into train / validation / test by a fixed hash of each record (90 / 5 / 5 %).
+into train / validation / test by a fixed hash of each record (90 / 5 / 5 %); a file too small
+to give every split a record is refused, never split with overlap. Fields must be JSON strings.
 """
 from __future__ import annotations
 
@@ -119,6 +120,10 @@ def read_local(path: str | os.PathLike) -> dict[str, list[dict]]:
                                                or {"prompt", "response"} <= set(r)):
                 raise ValueError(f"{path}:{n}: each line needs a 'text' field, or 'prompt' "
                                  f"and 'response' fields")
+            for key in ("text", "prompt", "response"):
+                if key in r and not isinstance(r[key], str):
+                    raise ValueError(f"{path}:{n}: '{key}' is {json.dumps(r[key])[:40]}, not "
+                                     f"text; write it as a JSON string")
             records.append(r)
     elif path.suffix == ".txt":
         docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n")]
@@ -134,9 +139,12 @@ def read_local(path: str | os.PathLike) -> dict[str, list[dict]]:
     splits = {role: [] for role, _ in LOCAL_SPLITS}
     for r in records:
         splits[_split_of(json.dumps(r, sort_keys=True))].append(r)
-    for role, rs in splits.items():
-        if not rs:  # a tiny file: every split gets at least one record
-            splits[role] = records[:1]
+    empty = [role for role, rs in splits.items() if not rs]
+    if empty:  # never the training text reused as validation or test
+        raise ValueError(f"{path} holds {len(records)} record(s), too few to split by hash "
+                         f"into train / validation / test (90 / 5 / 5%): no {' or '.join(empty)} "
+                         f"record; give more records (about 60 or more; in a .txt, documents "
+                         f"separated by blank lines)")
     return splits
 
 

@@ -139,8 +139,10 @@ def test_low_resource_subsets():
         assert [again[i]["id"] for i in range(len(again))] == ids  # reproducible
         draws[seed] = tuple(ids)
     assert len(set(draws.values())) > 1  # each seed draws its own subset
-    short = subsets.k_per_class(SOURCE[:4], 2, "label", num_classes=3, seed=0)
-    assert len(short) == 4  # Class 2 has only one example there.
+    with pytest.raises(ValueError, match=r"2 examples per class asked, but the split has only "
+                                         r"1 of class 1, 1 of class 2; ask for at most 1 "
+                                         r"\(input.shots\)"):
+        subsets.k_per_class(SOURCE[:4], 2, "label", num_classes=3, seed=0)
     assert [subsets.first(SOURCE, 3)[i]["id"] for i in range(3)] == [0, 1, 2]
     assert len(subsets.first(SOURCE, 10**6)) == len(SOURCE)
     part = subsets.first_fraction(SOURCE, 0.25)

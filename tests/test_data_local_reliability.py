@@ -148,3 +148,40 @@ def test_an_encoding_that_contradicts_the_byte_order_mark_is_refused(tmp_path):
     bare = tmp_path / "bare.csv"
     rows_file(bare, 30, encoding="utf-16-be")  # utf-16 takes the byte order the NULs show.
     assert total(data.get_dataset(f"csv:{bare}?encoding=utf-16")) == 30
+
+
+# ---- nothing reinterpreted silently -------------------------------------------------------------
+
+def test_a_column_named_twice_is_refused(tmp_path):
+    path = tmp_path / "twice.csv"
+    path.write_text("text,label,label\n" + "".join(f"row {i},a,b\n" for i in range(30)))
+    with pytest.raises(local.LocalDataError, match=r"twice.csv: the header names 'label' more "
+                                                   r"than once \(line 1\)"):
+        data.get_dataset(f"csv:{path}")
+
+
+def test_numeric_labels_are_one_class_however_they_are_written(tmp_path):
+    """0, 0.0, "0" and 0.00 (JSONL, CSV) are the class '0': two classes here, not six."""
+    import json
+    jsonl = tmp_path / "n.jsonl"
+    values = [0, 0.0, "0", 1, 1.0, "1.00"]
+    jsonl.write_text("".join(json.dumps({"text": f"row {i}", "label": values[i % 6]}) + "\n"
+                             for i in range(60)))
+    csv_path = tmp_path / "n.csv"
+    csv_path.write_text("text,label\n" + "".join(f"row {i},{('0', '0.0', '1', '1.00')[i % 4]}\n"
+                                                 for i in range(60)))
+    for spec in (f"jsonl:{jsonl}", f"csv:{csv_path}"):
+        ds = data.get_dataset(spec)
+        assert ds.metadata["label_map"] == {"0": 0, "1": 1}, spec
+        assert ds.label_names() == ["0", "1"]
+
+
+def test_a_class_too_small_to_reach_a_carved_split_is_named(tmp_path, capsys):
+    path = tmp_path / "rare.csv"
+    path.write_text("text,label\n" + "".join(f"row {i},{'ab'[i % 2]}\n" for i in range(60))
+                    + "the only one,rare\n")
+    ds = data.get_dataset(f"csv:{path}")
+    assert ds.metadata["class_counts"]["test"]["rare"] == 0
+    err = capsys.readouterr().err
+    assert "class 'rare' (1 example) too small to reach the carved validation split" in err
+    assert "carved test split" in err

@@ -90,6 +90,15 @@ def test_read_local_splits_files_and_names_bad_lines(tmp_path):
     bad.write_text('{"text": "t"}\n{"prompt": "p", "response": "r"}\n')
     with pytest.raises(ValueError, match="mixes"):
         lm.read_local(bad)
+    for value in ("null", "3", '{"a": 1}'):  # never trained on as "None", "3", "{'a': 1}"
+        bad.write_text('{"prompt": "p", "response": "r"}\n'
+                       f'{{"prompt": "p", "response": {value}}}\n')
+        with pytest.raises(ValueError, match=rf"b.jsonl:2: 'response' is .*, not text"):
+            lm.read_local(bad)
+    small = tmp_path / "small.txt"  # too few documents: refused, never split with overlap
+    small.write_text("one document\n\nand another")
+    with pytest.raises(ValueError, match=r"holds 2 record\(s\), too few to split.*no "):
+        lm.read_local(small)
     odd = tmp_path / "c.csv"
     odd.write_text("x")
     with pytest.raises(ValueError, match=r"is \.txt .* or \.jsonl"):

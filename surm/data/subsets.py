@@ -33,9 +33,9 @@ class Subset:
 
 def k_per_class(source: Sequence[Any], k: int, label_key: str, num_classes: int,
                 seed: int) -> Subset:
-    """``k`` examples of every class (all of a class that has fewer), drawn at random: the
-    first ``k`` of each class in an order of the split shuffled by ``seed``. The subset keeps
-    the split's order.
+    """``k`` examples of every class, drawn at random: the first ``k`` of each class in an
+    order of the split shuffled by ``seed``. The subset keeps the split's order. A class with
+    fewer than ``k`` examples is an error naming it (a "k-shot" run is never quietly fewer).
 
     The scan stops as soon as every one of the ``num_classes`` classes has ``k`` examples.
     """
@@ -50,6 +50,12 @@ def k_per_class(source: Sequence[Any], k: int, label_key: str, num_classes: int,
             chosen.append(int(index))
             if len(chosen) == k * num_classes:
                 break
+    short = {c: n for c, n in enumerate(counts) if n < k}
+    if short:
+        raise ValueError(f"{k} examples per class asked, but the split has only "
+                         + ", ".join(f"{n} of class {c}" for c, n in list(short.items())[:5])
+                         + f"{' ...' if len(short) > 5 else ''}; ask for at most "
+                         f"{min(short.values())} (input.shots)")
     return Subset(source, sorted(chosen))
 
 

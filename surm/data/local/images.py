@@ -109,7 +109,7 @@ def convert_folder(spec: LocalSpec) -> Conversion:
              for split, classes in found.items()}
     train, fractions = items["train"], spec.fractions()
     splits = labels.assign(items, [ids[c] for _, _, c in train], [i for i, _, _ in train],
-                           fractions, name=spec.name, main=str(spec.path))
+                           fractions, name=spec.name, main=str(spec.path), classes=ids)
     counts = {s: collections.Counter() for s in splits}
 
     def examples(split):
@@ -232,7 +232,7 @@ def convert_npz(spec: LocalSpec) -> Conversion:
     splits = labels.assign(items, [ids[item[3]] for item in train],
                            [hashlib.sha256(images[i].tobytes()).hexdigest()
                             for _, images, i, _ in train],
-                           fractions, name=spec.name, main=str(spec.path))
+                           fractions, name=spec.name, main=str(spec.path), classes=ids)
     counts = {s: collections.Counter(item[3] for item in v) for s, v in splits.items()}
 
     def examples(split):

@@ -1,5 +1,9 @@
 """Class ids for label values, and held-out splits carved from one file.
 
+Label values that read as numbers are numbers (``canonical``): ``1``, ``1.0``, ``"1"`` and
+``1.00`` are one class, named ``1``, in CSV, TSV and JSONL alike (and ``0.50`` is ``0.5``);
+every other value is its text, case and all.
+
 Class ids: the distinct label values, sorted (by value when every one is an integer, so
 ``0..K-1`` keep their ids and ``2 < 10``; otherwise by code point), get ids 0, 1, ...
 The mapping depends only on the set of values, never on the order of the rows.
@@ -12,7 +16,10 @@ fewer, so that every bin holds at least one example of the smallest held-out fra
 """
 from __future__ import annotations
 
+import collections
+import math
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 from surm.data.embedded import stratify
@@ -21,6 +28,18 @@ from surm.data.local.problems import LocalDataError, excerpt
 SALT = "surm.local"
 MAX_STRATA = 10
 _INTEGER = re.compile(r"[+-]?\d+")
+
+
+def canonical(value: str) -> str:
+    """A label's class name: a finite number written one way (an integral one as an integer,
+    another by its shortest repr), any other text as it is."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if not math.isfinite(number):
+        return value
+    return str(int(number)) if number.is_integer() and abs(number) < 2 ** 53 else repr(number)
 
 
 def sorted_names(values: Iterable[str]) -> list[str]:
@@ -54,7 +73,8 @@ def regression_strata(values: Sequence[float], fractions: Mapping[str, float]) -
 
 
 def assign(items: Mapping[str, list], strata: Sequence, keys: Sequence[str],
-           fractions: Mapping[str, float], *, name: str, main: str) -> dict[str, list]:
+           fractions: Mapping[str, float], *, name: str, main: str,
+           classes: Mapping[str, int] | None = None) -> dict[str, list]:
     """Split -> items, for train, validation and test.
 
     Args:
@@ -62,17 +82,37 @@ def assign(items: Mapping[str, list], strata: Sequence, keys: Sequence[str],
       strata, keys: of the main file's items (class or value bin; content), for carving.
       fractions: held-out role -> fraction of every stratum of the main file.
       name, main: the spec and the main path, for the error when a carved split is empty.
+      classes: the label map, when ``strata`` are class ids: a class too small to reach a
+        carved split is named in a note (its accuracy there is not measured).
     """
     splits = dict(items)
     train = splits.pop("train")
     if fractions:
         carved = stratify.stratified_split(strata, keys, fractions, salt=SALT)
         splits.update({split: [train[i] for i in idx] for split, idx in carved.items()})
+        if classes is not None:
+            _note_unreached(strata, carved, classes, name)
     else:
         splits["train"] = list(train)
     splits = {split: splits[split] for split in ("train", "validation", "test")}
     check_sizes({split: len(v) for split, v in splits.items()}, name, fractions, main)
     return splits
+
+
+def _note_unreached(strata: Sequence[int], carved: Mapping[str, Sequence[int]],
+                    classes: Mapping[str, int], name: str) -> None:
+    """Prints a note naming the classes with no example in a carved split."""
+    names = {i: n for n, i in classes.items()}
+    size = collections.Counter(strata)
+    for split, idx in carved.items():
+        missing = sorted(set(size) - {strata[i] for i in idx})
+        if missing:
+            shown = ", ".join(f"{excerpt(names[c])} ({size[c]} example"
+                              f"{'s' if size[c] != 1 else ''})" for c in missing[:5])
+            print(f"note: {name}: class{'es' if len(missing) > 1 else ''} {shown}"
+                  f"{' ...' if len(missing) > 5 else ''} too small to reach the carved {split} "
+                  f"split: not measured there; give more examples or a {split}=PATH file",
+                  file=sys.stderr)
 
 
 def check_sizes(sizes: Mapping[str, int], name: str, fractions: Mapping[str, float],

@@ -161,6 +161,11 @@ def _csv_records(spec: LocalSpec, path: pathlib.Path, problems: Problems):
             continue
         if header is None:
             header = row
+            twice = sorted({c for c in header if header.count(c) > 1})
+            if twice:
+                raise LocalDataError(f"{path}: the header names {', '.join(map(excerpt, twice))} "
+                                     f"more than once (line {first}); give every column its "
+                                     f"own name")
             _missing_columns(spec, path, header, "column")
         elif not row:
             problems.add(path, first, "empty line")
@@ -230,6 +235,8 @@ def _read_file(spec: LocalSpec, path: pathlib.Path, problems: Problems) -> list[
                            "number (regression=true)")
             elif "\n" in label or "\r" in label:
                 why = f"label {excerpt(label)} holds a line break"
+            else:
+                label = labels.canonical(label)
         if why:
             problems.add(path, line, why)
             continue
@@ -259,7 +266,7 @@ def convert(spec: LocalSpec) -> Conversion:
     strata = (labels.regression_strata([r["label"] for r in train], fractions)
               if spec.regression else [ids[r["label"]] for r in train])
     splits = labels.assign(rows, strata, ["\x1f".join(r["texts"]) for r in train], fractions,
-                           name=spec.name, main=str(spec.path))
+                           name=spec.name, main=str(spec.path), classes=ids)
 
     keys = text_keys(len(spec.text_columns))
 
