@@ -176,6 +176,32 @@ def test_loader_maps_every_tensor_and_caches(tmp_path, tiny):
     assert tok.decode([5, 7]) == "ab ab"
 
 
+def test_a_damaged_model_cache_is_converted_again_and_an_empty_gguf_is_named(tmp_path, tiny,
+                                                                           capsys):
+    """A cut, a garbage or a bit-flipped cache file (the zip's CRC) is never loaded, nor
+    loaded unsafely: it is converted again from the GGUF file, with a note."""
+    _, params = tiny
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, gguf_metadata(), gguf_tensors(params))
+    want = flax.traverse_util.flatten_dict(params, sep="/")
+    npz = llama.cached_npz(path, directory=tmp_path / "c")
+    good = npz.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x01
+    for damaged in (good[:len(good) // 3], b"junk" * 100, bytes(flipped)):
+        npz.write_bytes(damaged)
+        _, loaded, _ = llama.load_gguf(path, directory=tmp_path / "c")
+        got = flax.traverse_util.flatten_dict(loaded, sep="/")
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+        assert "is damaged" in capsys.readouterr().err
+        assert npz.read_bytes() == good
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.gguf is not a GGUF file: 0 bytes"):
+        llama.load_gguf(empty, directory=tmp_path / "c")
+
+
 def dataclasses_equal(a, b):
     return all(getattr(a, f) == getattr(b, f) for f in
                ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",

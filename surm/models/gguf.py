@@ -118,6 +118,9 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        if os.path.getsize(self.path) < 24:  # magic, version and two counts
+            raise GGUFError(f"{self.path} is not a GGUF file: {os.path.getsize(self.path)} "
+                            f"bytes (empty or cut short)")
         self._buf = np.memmap(self.path, dtype=np.uint8, mode="r")
         cur = _Cursor(self._buf, self.path)
         if bytes(self._buf[:4]) != MAGIC:

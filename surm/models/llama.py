@@ -31,7 +31,9 @@ import json
 import logging
 import os
 import pathlib
+import sys
 import time
+import zipfile
 from typing import Any
 
 import flax
@@ -375,6 +377,20 @@ def cached_npz(path: str | os.PathLike, dtype=np.float32,
     return out
 
 
+# What reading a damaged .npz raises: never loaded any other way (no pickle, ever)
+_DAMAGED = (zipfile.BadZipFile, ValueError, EOFError, KeyError, TypeError, OSError)
+
+
+def _read_cache(npz: pathlib.Path, bf16: bool) -> tuple[LlamaConfig, dict]:
+    """(config, flat params) of a cache file; every array read whole, so that the zip's CRC
+    checks every byte."""
+    with np.load(npz, allow_pickle=False) as data:
+        fields = json.loads(data[_CONFIG_KEY].tobytes().decode())
+        flat = {k: (data[k].view(jnp.bfloat16) if bf16 else data[k])
+                for k in data.files if k != _CONFIG_KEY}
+    return LlamaConfig(**fields), flat
+
+
 def load_gguf(path: str | os.PathLike, dtype=np.float32, cache: bool = True,
               directory: str | os.PathLike | None = None):
     """(config, params, tokenizer) from a GGUF file: the parameters dequantised to ``dtype``
@@ -383,11 +399,13 @@ def load_gguf(path: str | os.PathLike, dtype=np.float32, cache: bool = True,
     bf16 = np.dtype(dtype) == np.dtype(jnp.bfloat16)
     if cache:
         npz = cached_npz(path, dtype, directory)
-        with np.load(npz, allow_pickle=False) as data:
-            fields = json.loads(data[_CONFIG_KEY].tobytes().decode())
-            flat = {k: (data[k].view(jnp.bfloat16) if bf16 else data[k])
-                    for k in data.files if k != _CONFIG_KEY}
-        config = LlamaConfig(**fields)
+        try:
+            config, flat = _read_cache(npz, bf16)
+        except _DAMAGED as e:  # cut short, overwritten, a bit flipped (zip CRC): convert again
+            print(f"note: the model cache {npz} is damaged ({str(e).splitlines()[0]}); "
+                  f"converting {path} again", file=sys.stderr)
+            npz.unlink(missing_ok=True)
+            config, flat = _read_cache(cached_npz(path, dtype, directory), bf16)
     else:
         config, flat = convert_gguf(path, dtype)
     log.info("Loaded %s in %.1f s", path, time.perf_counter() - start)
