@@ -107,9 +107,15 @@ def read_local(path: str | os.PathLike) -> dict[str, list[dict]]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path} is not UTF-8 (line {line}, byte {e.start}); save it as UTF-8"
+                         ) from None
     if path.suffix == ".jsonl":
         records = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -126,7 +132,7 @@ def read_local(path: str | os.PathLike) -> dict[str, list[dict]]:
                                      f"text; write it as a JSON string")
             records.append(r)
     elif path.suffix == ".txt":
-        docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n")]
+        docs = [d.strip() for d in text.split("\n\n")]
         records = [{"text": d} for d in docs if d]
     else:
         raise ValueError(f"{path}: a causal-LM text file is .txt (documents separated by blank "

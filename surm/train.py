@@ -360,6 +360,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     # Model, pretrained weights, surgery (a target that matches nothing fails here).
     model, params, _ = factory.build(config.model, data_spec.num_classes)
+    limit = entry.max_length(model)
+    if limit is not None and config.input.get("max_length", 0) > limit:
+        raise ConfigError(f"input.max_length={config.input.max_length} is longer than "
+                          f"{config.model.name} takes ({limit} positions); set e.g. "
+                          f"--config.input.max_length={min(limit, 128)}")
     rng = jax.random.PRNGKey(config.seed)
     init_rng, train_rng = jax.random.split(rng)
     trainable, frozen = peft.init(params, spec, init_rng)

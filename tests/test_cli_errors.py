@@ -30,6 +30,14 @@ def _cases(tmp: pathlib.Path):
         "train: a NaN scale": (
             [*TRAIN, "--workdir", str(tmp / "w"), "--config.peft.scale=nan"], 1,
             "peft.scale=nan must be a finite number"),
+        "train: a max_length past the model's positions": (
+            ["-m", "surm.train", "--config",
+             "configs/default.py:checkpoint=random,dataset=bbc_news,max_length=1000",
+             "--workdir", str(tmp / "w")], 1, "longer than bert takes (512 positions)"),
+        "train: causal-LM text that is not UTF-8": (
+            ["-m", "surm.train", "--config",
+             f"configs/causal_lm.py:checkpoint=random,dataset=text:{tmp / 'latin1.txt'}",
+             "--workdir", str(tmp / "w")], 1, "latin1.txt is not UTF-8"),
         "train: an empty workdir": ([*TRAIN, "--workdir", ""], 2, "--workdir are required"),
         "train: a workdir that is a file": (
             [*TRAIN, "--workdir", str(file)], 1, "is a file, not a folder"),
@@ -61,10 +69,13 @@ CASES = sorted(_cases(pathlib.Path("/tmp")))
 @pytest.mark.parametrize("case", CASES)
 def test_a_bad_input_is_one_error_line_and_its_exit_status(case, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "latin1.txt").write_bytes("café crème\n\n".encode("latin-1") * 100)
     argv, status, message = _cases(tmp_path)[case]
+    (tmp_path / "cache").mkdir()  # datasets prepared on first use go here, not in the run
     before = sorted(p.name for p in tmp_path.iterdir())
     done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "SURM_DATA_DIR": str(tmp_path)})
+                          timeout=300,
+                          env={**os.environ, "SURM_DATA_DIR": str(tmp_path / "cache")})
     err = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == status, done.stderr[-2000:]
     assert "Traceback" not in done.stderr + done.stdout

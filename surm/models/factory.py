@@ -97,6 +97,9 @@ class BertEntry(_Pretrained):
     def tokenizer(self, cfg, max_length):
         return bert.load_tokenizer(self.tokenizer_folder(cfg), max_length)
 
+    def max_length(self, model) -> int:
+        return model.config.max_position_embeddings
+
     def save(self, folder, run, params):
         """A folder that transformers or sentence-transformers run, in the layout the run's
         pooling calls for (`bert.save`), with the tokenizer of the run's checkpoint."""
@@ -200,6 +203,9 @@ class LlamaEntry(registry.ModelEntry):
         config, params, _ = llama.load_gguf(path)
         config = dataclasses.replace(config, dtype=jnp.dtype(dtype))
         return llama.Llama(config), params, (tokens,)
+
+    def max_length(self, model) -> int:
+        return model.config.max_len
 
     def tokenizer(self, cfg, max_length):
         del max_length  # blocks are cut by `surm.lm`, not by the tokenizer

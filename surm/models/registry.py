@@ -69,6 +69,12 @@ class ModelEntry:
     def check(self, cfg: Mapping[str, Any]) -> None:
         pass
 
+    def max_length(self, model) -> int | None:
+        """The longest token sequence the built ``model`` takes (None: no limit, or no
+        tokens); a config asking for more is refused before anything is written."""
+        del model
+        return None
+
     def __repr__(self) -> str:
         return f"<model {self.name!r}: {self.modality}, inputs {self.input_keys}>"
 
