@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from surm import cli
 from surm.data.dataset import Dataset, default_data_dir, get_dataset, get_spec
 from surm.data.embedded.package_files import MissingPackageError
 from surm.data.local import LocalDataError, is_local
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (DatasetNotPreparedError, MissingPackageError, LocalDataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full or read-only disk, a symbolic link loop, a denied folder
+        print(f"error: {cli.describe_os_error(e)}", file=sys.stderr)
         return 1
     return 0
 
