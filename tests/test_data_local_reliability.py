@@ -185,3 +185,22 @@ def test_a_class_too_small_to_reach_a_carved_split_is_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "class 'rare' (1 example) too small to reach the carved validation split" in err
     assert "carved test split" in err
+
+
+def test_a_damaged_conversion_cache_is_converted_again_never_read(tmp_path, capsys, user_cache):
+    path = tmp_path / "ok.csv"
+    rows_file(path, 60)
+    first = data.get_dataset(f"csv:{path}")
+    sizes = first.split_sizes()
+    capsys.readouterr()
+    again = data.get_dataset(f"csv:{path}")  # intact: reused as it is, without a word
+    assert again.data_dir == first.data_dir and "damaged" not in capsys.readouterr().err
+    shard = next(p for p in first.data_dir.rglob("*train.array_record*"))
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    rebuilt = data.get_dataset(f"csv:{path}")
+    assert "is damaged" in capsys.readouterr().err
+    assert rebuilt.split_sizes() == sizes
+    assert data.get_dataset(f"csv:{path}").data_dir == rebuilt.data_dir
+    assert "damaged" not in capsys.readouterr().err

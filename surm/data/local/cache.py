@@ -24,7 +24,9 @@ saved again with the same content gets a new folder but the same digest.
 A conversion writes into ``.incomplete-*`` in the same cache folder and renames it into place
 only when every split and the metadata are written, so a crash or a kill never leaves a folder
 that is read. When two processes convert at once, the first rename wins and the other copy is
-removed.
+removed. The metadata lists every file of the converted dataset with its size and SHA-256
+(``written``); a cache folder whose files no longer match (a damaged disk, a file edited or
+cut) is deleted and converted again, with a note, never read.
 """
 from __future__ import annotations
 
@@ -48,8 +50,9 @@ from surm.data.local.spec import LocalSpec
 
 CACHE_FOLDER = ".surm_cache"
 METADATA = "surm_local.json"
-# Bump when the conversion changes what it writes, so that old caches are not reused.
-FORMAT_VERSION = 2
+# Bump when the conversion changes what it writes, so that old caches are not reused (3:
+# numeric labels written one way; the files' checksums recorded).
+FORMAT_VERSION = 3
 
 _LOCAL_ONLY = tfds.download.DownloadConfig(try_download_gcs=False)
 
@@ -139,9 +142,46 @@ def root(spec: LocalSpec) -> pathlib.Path:
 
 
 def find(spec: LocalSpec, name: str) -> pathlib.Path | None:
-    """The complete cache folder ``name``, if there is one."""
+    """The complete, intact cache folder ``name``, if there is one (a damaged one is deleted:
+    the caller converts again)."""
     folder = root(spec) / name
-    return folder if (folder / METADATA).is_file() else None
+    if not (folder / METADATA).is_file():
+        return None
+    why = damage(folder)
+    if why is None:
+        return folder
+    print(f"note: the converted cache {folder} is damaged ({why}); converting {spec.name} "
+          f"again", file=sys.stderr)
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def _written(folder: pathlib.Path) -> dict[str, list]:
+    """{path under the cache folder: [size, sha256]} of the converted dataset's files."""
+    out = {}
+    for path in sorted(p for p in version_dir(folder).rglob("*") if p.is_file()):
+        sha = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                sha.update(chunk)
+        out[path.relative_to(folder).as_posix()] = [path.stat().st_size, sha.hexdigest()]
+    return out
+
+
+def damage(folder: pathlib.Path) -> str | None:
+    """What is wrong with a complete cache folder's files, or None when they are as written."""
+    try:
+        recorded = json.loads((folder / METADATA).read_text())["written"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{METADATA} is unreadable or lacks its file list"
+    now = _written(folder)
+    for rel, (size, sha) in recorded.items():
+        if rel not in now:
+            return f"{rel} is missing"
+        if now[rel] != [size, sha]:
+            return f"{rel} changed since it was written"
+    extra = sorted(set(now) - set(recorded))
+    return f"{extra[0]} was added" if extra else None
 
 
 def _incomplete_folder(spec: LocalSpec, name: str) -> pathlib.Path:
@@ -192,6 +232,7 @@ def build(spec: LocalSpec, name: str, convert: Callable[[LocalSpec], Conversion]
         metadata["content_sha256"] = hashlib.sha256(
             "".join(digests[s].hexdigest() for s in sorted(digests)).encode()).hexdigest()
         shutil.rmtree(incomplete / "downloads", ignore_errors=True)
+        metadata["written"] = _written(incomplete)
         (incomplete / METADATA).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
         incomplete.chmod(0o755)  # mkdtemp made it private.
         try:
