@@ -393,3 +393,32 @@ def test_a_signal_stops_at_a_step_boundary_and_the_rerun_resumes(tmp_path, tmp_p
     assert (f"Resumed from {tmp_path / 'checkpoints'} at step {kept[0]}" in rerun.stderr
             if kept else "Resumed" not in rerun.stderr)
     assert [s for s, *_ in _losses(tmp_path)] == list(range(1, STEPS + 1))
+
+
+DISK_FULL = """
+import errno, sys
+from absl import app
+from surm import cli, train
+from surm.checkpointing import Checkpoints
+real = Checkpoints.save
+def save(self, step, *args, **kwargs):
+    if step >= 4:  # the disk fills up at the second save
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.directory / str(step)))
+    return real(self, step, *args, **kwargs)
+Checkpoints.save = save
+sys.argv = ["surm.train", *sys.argv[1:]]
+app.run(train.main, flags_parser=cli.parse_flags)
+"""
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, tmp_path_factory):
+    data_dir = prepared_dir("bbc_news", tmp_path_factory)
+    args = [a.replace("--config.ckpt_every=1", "--config.ckpt_every=2")
+            for a in _cli(tmp_path, data_dir)[3:]]  # the flags of surm.train
+    done = subprocess.run([sys.executable, "-c", DISK_FULL, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == f"error: the disk is full: {tmp_path / 'checkpoints' / '4'}", last
+    assert kept_steps(tmp_path) == [2]
