@@ -1,4 +1,4 @@
-"""Checks surm.peft.c3a against Hugging Face PEFT's own C3A, both ways, on a real BERT.
+"""Checks surm.interop.c3a against Hugging Face PEFT's own C3A, both ways, on a real BERT.
 
     python scripts/check_c3a.py [--base FOLDER] [--tolerance 1e-4]
 
@@ -16,10 +16,10 @@ Then, on the same token ids:
 
 * surm -> PEFT: random non-zero adapters (block_circulant on every linear layer, circulant on
   the attention projections, with scale != 1) and a random head are written by
-  ``surm.peft.c3a.to_c3a`` (float64 and float32 kernels), loaded with
+  ``surm.interop.c3a.to_c3a`` (float64 and float32 kernels), loaded with
   ``PeftModel.from_pretrained`` and run unmerged and merged (``merge_and_unload``);
 * PEFT -> surm: ``get_peft_model`` with a ``C3AConfig`` (random kernels, a random head), saved
-  with ``save_pretrained``, read by ``surm.peft.c3a.from_c3a`` and run with ``peft.apply``.
+  with ``save_pretrained``, read by ``surm.interop.c3a.from_c3a`` and run with ``peft.apply``.
 
 Prints the largest absolute logits difference of each case next to how far the adapters move
 the logits; exits 1 when a difference is above --tolerance, 2 when torch, transformers or peft
@@ -78,7 +78,7 @@ def main() -> int:
 
     from surm import peft
     from surm.models import bert
-    from surm.peft import c3a
+    from surm.interop import c3a
 
     source = args.base or bert.minilm_l6_path()
     config, base = bert.load(source, num_labels=NUM_LABELS, pooling="pooler")

@@ -112,7 +112,8 @@ def main() -> int:
         print(INSTALL, file=sys.stderr)
         return 2
     import numpy as np
-    from surm import export, runs
+    from surm import runs
+    from surm.interop import export
     from surm.models import bert
 
     out = args.out or pathlib.Path(tempfile.mkdtemp(prefix="surm-hf-check-")) / "export"

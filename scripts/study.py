@@ -264,7 +264,10 @@ def write_defaults() -> int:
         return part_rows(BY_NAME[name]) if name in BY_NAME else sweep.read_csv(
             RECORDS / f"{name}.csv")
 
-    table = defaults.derive({kind: [(name, rows(name), TUNE_SEED) for name in names]
+    def chosen(name: str) -> dict:
+        return {k: c.values for k, c in sweep.choices(rows(name), TUNE_SEED).items()}
+
+    table = defaults.derive({kind: [(name, chosen(name)) for name in names]
                              for kind, names in DEFAULT_SOURCES.items()})
     defaults.FILE.write_text(json.dumps(table, indent=1) + "\n")
     print(f"wrote {defaults.FILE}: " + ", ".join(

@@ -167,6 +167,9 @@ FIELDS: dict[str, Field] = {
 # random model's architecture (the model's config class); checked when those are built, still
 # before anything is written.
 OWNED = ("peft.hparams", "model.bert", "model.llama")
+# A model of your own (surm.models.register) may read fields of its own under ``model.``: not
+# in the table, they are its entry's to check (and never change on resume).
+MODEL_OWNED = "model."
 
 
 class ConfigError(ValueError):
@@ -193,6 +196,8 @@ def check(config: Mapping[str, Any]) -> None:
                 raise ConfigError(f"{key}={value!r} must be a mapping of hyper-parameters")
             continue
         field = FIELDS.get(key)
+        if field is None and key.startswith(MODEL_OWNED):
+            continue  # a registered model's own field: its entry checks it when it builds
         if field is None:
             raise ConfigError(f"unknown config field {key!r}; the fields a config may hold "
                               f"are listed in surm/config_fields.py")

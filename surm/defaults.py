@@ -82,24 +82,23 @@ def _where(pick: Mapping) -> str:
             f"head {pick['head_lr']:g}")
 
 
-def derive(parts: Mapping[str, Iterable[tuple[str, Sequence[dict], int]]]) -> dict:
-    """The table from the study's results: {kind: [(part name, its rows, its tune seed)]}.
-    Rows of planned runs that have not finished must be there (status other than done), so that
-    a method still tuning is left out rather than chosen among the lrs that ran."""
-    from surm import sweep
-
+def derive(parts: Mapping[str, Iterable[tuple[str, Mapping[tuple, Mapping[str, float]]]]]
+           ) -> dict:
+    """The table from the study's choices: {kind: [(part name, {(dataset, family, mode,
+    hparams, seed): {"lr", "head_lr"}})]}, the values each method's tuning chose on validation
+    (``surm.sweep.choices``: a method still tuning has none, rather than one chosen among the
+    lrs that ran)."""
     table = {}
     for kind, kind_parts in parts.items():
         chosen: dict[str, list[dict]] = {}
         names = []
-        for name, rows, tune_seed in kind_parts:
-            picked = sweep.choices(rows, tune_seed)
+        for name, picked in kind_parts:
             if picked:
                 names.append(name)
-            for (dataset, family, mode, hparams, _), choice in picked.items():
+            for (dataset, family, mode, hparams, _), values in picked.items():
                 key = method_key(family, mode if mode != "-" else "lora")
                 chosen.setdefault(key, []).append(
-                    {"part": name, "dataset": dataset, "hparams": hparams, **choice.values})
+                    {"part": name, "dataset": dataset, "hparams": hparams, **values})
         methods = {}
         for key, picks in sorted(chosen.items()):
             lr = _lower_log_median([p["lr"] for p in picks])

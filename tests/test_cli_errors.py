@@ -58,7 +58,7 @@ def _cases(tmp: pathlib.Path):
             ["-m", "surm.sweep", "--config", "configs/default.py", "--base", "checkpoint=random",
              "--families", "circulant", "--root", str(file)], 2, "is a file"),
         "c3a export: a folder without a run": (
-            ["-m", "surm.peft.c3a", "export", str(tmp), str(tmp / "c")], 1,
+            ["-m", "surm.interop.c3a", "export", str(tmp), str(tmp / "c")], 1,
             "not a finished surm.train workdir"),
     }
 

@@ -32,6 +32,9 @@ def test_every_field_of_every_config_is_declared(name, arg):
     config_fields.check(config)  # the shipped configs are valid
     for key, _ in config_fields.leaves(config):
         assert key in config_fields.FIELDS or key in config_fields.OWNED, key
+    with pytest.raises(config_fields.ConfigError, match="unknown config field 'input.typo'"):
+        config_fields.check(_with(config, "input.typo", 1))
+    config_fields.check(_with(config, "model.my_own_width", 7))  # a registered model's own
 
 
 @pytest.mark.parametrize("name,arg", CONFIGS)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from surm import data, export, peft, runs, train
+from surm import data, peft, runs, train
+from surm.interop import export
 from surm.models import bert, factory, vit
 from surm.peft import io as peft_io
 from test_train import TINY_BERT, load_config

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from surm import export, models, peft, runs
+from surm import models, peft, runs
+from surm.interop import export
 from surm.models import bert, factory, registry, vit
 from test_data_local import make_image_folder
 from test_export import fabricate_run

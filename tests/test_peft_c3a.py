@@ -10,7 +10,8 @@ import safetensors.numpy
 
 from surm import peft, structured
 from surm.models import bert
-from surm.peft import c3a, tree
+from surm.interop import c3a
+from surm.peft import tree
 from surm.peft import io as peft_io
 from test_export import fabricate_run
 from test_peft import randomize, tiny_bert

@@ -11,13 +11,9 @@ import tensorflow_datasets as tfds
 
 from surm.data import embedded, local, registry, standard, subsets
 from surm.data.image import ImagePreprocess
+from surm.data.paths import default_data_dir
 from surm.data.registry import ROLES, DatasetSpec
 from surm.data.text import TextPreprocess
-
-
-def default_data_dir() -> pathlib.Path:
-    """``$SURM_DATA_DIR``, else ``~/.cache/surm/datasets``."""
-    return pathlib.Path(os.environ.get("SURM_DATA_DIR") or "~/.cache/surm/datasets").expanduser()
 
 
 class Dataset:

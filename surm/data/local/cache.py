@@ -46,6 +46,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from surm.data.local.problems import LocalDataError
+from surm.data.paths import default_data_dir
 from surm.data.local.spec import LocalSpec
 
 CACHE_FOLDER = ".surm_cache"
@@ -137,7 +138,6 @@ def root(spec: LocalSpec) -> pathlib.Path:
     """The folder that holds the cache folders of ``spec`` (see the module docstring)."""
     if spec.cache_beside:
         return spec.path.parent / CACHE_FOLDER
-    from surm.data.dataset import default_data_dir  # Not at import: dataset imports us.
     return default_data_dir() / "local"
 
 

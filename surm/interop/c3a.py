@@ -1,8 +1,8 @@
 """Hugging Face PEFT's C3A adapter folders <-> surm's lora-mode ``block_circulant`` and
 ``circulant`` adapters on BERT, both ways.
 
-    python -m surm.peft.c3a export WORKDIR OUT [--no-head] [--dtype float32]
-    python -m surm.peft.c3a import C3A_FOLDER BERT_FOLDER OUT [--family circulant]
+    python -m surm.interop.c3a export WORKDIR OUT [--no-head] [--dtype float32]
+    python -m surm.interop.c3a import C3A_FOLDER BERT_FOLDER OUT [--family circulant]
                                   [--num_labels N] [--pooling P]
 
 ``export`` writes a finished run's adapters as a C3A folder that
@@ -311,7 +311,7 @@ def _import(args) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m surm.peft.c3a",
+    parser = argparse.ArgumentParser(prog="python -m surm.interop.c3a",
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("export", help="a finished BERT run -> a C3A folder")
