@@ -12,7 +12,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from surm import data, peft
+from surm import cli, data, peft
 from surm.models import factory
 
 def describe(config) -> dict:
@@ -35,9 +35,14 @@ def main(argv):
         print(json.dumps(counts))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The command line (``python -m surm.inspect``, ``surm-inspect``)."""
     # Defined here, not at import, so that importing describe() next to surm.train is fine.
     config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:args]).",
                                     lock_config=True)
     flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == "__main__":
+    run()

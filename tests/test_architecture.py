@@ -103,3 +103,13 @@ def test_the_import_graph_has_no_cycle():
     for node in sorted(modules()):
         if node not in state:
             visit(node)
+
+
+def test_every_console_script_names_a_callable():
+    import importlib
+    import tomllib
+    scripts = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"surm-train", "surm-sweep", "surm-export", "surm-generate"} <= set(scripts)
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name
