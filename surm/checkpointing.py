@@ -20,6 +20,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from surm import workdir as workdir_files
+
 
 class CorruptCheckpointError(RuntimeError):
     pass
@@ -27,7 +29,7 @@ class CorruptCheckpointError(RuntimeError):
 
 def kept_steps(workdir: str | os.PathLike) -> list[int]:
     """The steps of the checkpoints kept in ``workdir`` (ascending), read without writing."""
-    directory = pathlib.Path(workdir) / "checkpoints"
+    directory = pathlib.Path(workdir) / workdir_files.CHECKPOINTS
     return sorted(ocp.path.step.checkpoint_steps(directory)) if directory.is_dir() else []
 
 
@@ -68,7 +70,7 @@ class _RestoreNoise:
 
 class Checkpoints:
     def __init__(self, workdir: str | pathlib.Path, keep: int = 2):
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.directory = pathlib.Path(workdir).absolute() / workdir_files.CHECKPOINTS
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,

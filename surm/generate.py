@@ -31,7 +31,6 @@ import numpy as np
 
 from surm import allocator, models, peft, runs
 from surm.models import llama
-from surm.peft import io as peft_io
 
 
 class Generator:
@@ -59,14 +58,12 @@ class Generator:
     def from_workdir(cls, workdir: str | pathlib.Path, *, merged: bool = True) -> "Generator":
         workdir = pathlib.Path(workdir)
         config = runs.finished_config(workdir)
-        entry = models.get(config.model.name)
-        if not models.is_causal_lm(entry):
+        if not models.is_causal_lm(models.get(config.model.name)):
             raise ValueError(f"{workdir} trained model.name={config.model.name!r}, a "
                              f"classifier; surm.generate continues text with a causal LM "
                              f"(configs/causal_lm.py)")
-        model, base, _ = entry.build(config.model, 0, jax.random.PRNGKey(0))
-        trainable, spec = peft_io.load(workdir / "adapters", base)
-        return cls(config, model, base, trainable, spec, merged=merged)
+        run = runs.load_run(workdir)
+        return cls(run.config, run.model, run.base, run.trainable, run.spec, merged=merged)
 
     def __call__(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, chat: bool = False) -> str:

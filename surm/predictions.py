@@ -28,8 +28,9 @@ from typing import Mapping
 import numpy as np
 
 from surm import metrics as metrics_lib
+from surm import workdir as workdir_files
 
-FOLDER = "predictions"
+FOLDER = workdir_files.PREDICTIONS
 KINDS = ("classification", "regression", "causal_lm")
 _ARRAYS = {"classification": ("label", "logits"), "regression": ("label", "value"),
            "causal_lm": ("nll", "tokens")}

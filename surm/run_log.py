@@ -15,17 +15,19 @@ from typing import Any, Mapping
 import tqdm
 from tensorboardX import SummaryWriter
 
+from surm import workdir as workdir_files
+
 
 class RunLog:
     def __init__(self, workdir: pathlib.Path, *, enabled: bool, resume_step: int,
                  total_steps: int):
         self.enabled = enabled
-        self.path = workdir / "metrics.jsonl"
+        self.path = workdir / workdir_files.METRICS
         if not enabled:
             return
         self._truncate_after(resume_step)
         self.file = open(self.path, "a")
-        self.tb = SummaryWriter(str(workdir / "tb"))
+        self.tb = SummaryWriter(str(workdir / workdir_files.TENSORBOARD))
         self.bar = tqdm.tqdm(total=total_steps, initial=resume_step, file=sys.stderr,
                              dynamic_ncols=True, mininterval=2.0, desc="train")
 

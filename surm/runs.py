@@ -21,10 +21,11 @@ from typing import Any
 import ml_collections
 
 from surm import data, peft
+from surm import workdir as workdir_files
 from surm.data import local, registry
 from surm.peft import io as peft_io
 
-RECORD = "outputs.json"
+RECORD = workdir_files.OUTPUTS
 
 
 def write_record(workdir: str | pathlib.Path, data_spec: data.DatasetSpec,
@@ -126,7 +127,8 @@ def finished_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     """The config of the finished run in ``workdir``; FileNotFoundError when it holds none
     (a run writes ``config.json`` first and ``adapters/`` at its end)."""
     workdir = pathlib.Path(workdir)
-    config_file, adapters = workdir / "config.json", workdir / "adapters"
+    config_file = workdir / workdir_files.CONFIG
+    adapters = workdir / workdir_files.ADAPTERS
     if not config_file.is_file() or not (adapters / peft_io.WEIGHTS).is_file():
         raise FileNotFoundError(f"{workdir} is not a finished surm.train workdir (it needs "
                                 f"{config_file.name} and adapters/{peft_io.WEIGHTS}, written at "
@@ -140,9 +142,15 @@ def load_run(workdir: str | pathlib.Path) -> Run:
     must be registered first."""
     from surm.models import factory
 
+    from surm import models
+
     workdir = pathlib.Path(workdir)
     config = finished_config(workdir)
-    record = read_record(workdir, config)
+    if models.is_causal_lm(models.get(config.model.name)):  # no classes: next-token logits
+        record = {"dataset": config.input.dataset, "modality": "text", "num_classes": 0,
+                  "regression": False, "labels": None}
+    else:
+        record = read_record(workdir, config)
     model, base, _ = factory.build(config.model, record["num_classes"])
-    trainable, spec = peft_io.load(workdir / "adapters", base)
+    trainable, spec = peft_io.load(workdir / workdir_files.ADAPTERS, base)
     return Run(workdir, config, model, base, trainable, spec, record)

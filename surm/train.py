@@ -40,7 +40,7 @@ from ml_collections import config_flags
 
 from surm import (allocator, cli, config_fields, data, lm, metrics, models, optim, peft,
                   predictions, runs, sharding)
-from surm import workdir as workdir_lock
+from surm import workdir as workdir_files
 from surm.checkpointing import Checkpoints, CorruptCheckpointError, kept_steps
 from surm.models import factory
 from surm.peft import io as peft_io
@@ -110,7 +110,7 @@ def check_config(config, workdir: pathlib.Path,
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if jax.process_index() == 0:  # the process that holds the workdir during the run
-        workdir_lock.check_free(workdir)  # refused now, not after loading the model
+        workdir_files.check_free(workdir)  # refused now, not after loading the model
     check_workdir(config, workdir, allow_resume_change=allow_resume_change)
     return spec, data_spec
 
@@ -131,7 +131,7 @@ def resume_changes(config, workdir: pathlib.Path,
     """The fields in which ``config`` differs from the run ``workdir`` holds that the resumed
     run takes (``surm.config_fields``: free ones, and those allowed on request); ConfigError,
     naming each other difference (old -> new) and the fix, when there is any."""
-    saved = workdir / "config.json"
+    saved = workdir / workdir_files.CONFIG
     if not saved.exists():
         return {}
     try:
@@ -379,16 +379,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     # The workdir: taken (only process 0 writes), checked again now that no other run can
     # change it, then written.
-    with (workdir_lock.hold(workdir) if main else contextlib.nullcontext()):
+    with (workdir_files.hold(workdir) if main else contextlib.nullcontext()):
         if main:
             check_workdir(config, workdir, None if causal else dataset, allow_resume_change)
             changes = resume_changes(config, workdir, allow_resume_change)
             if changes:  # what the resumed run does differently, and from where
-                with (workdir / "config_changes.jsonl").open("a") as f:
+                with (workdir / workdir_files.CONFIG_CHANGES).open("a") as f:
                     f.write(json.dumps({"from_step": max(kept_steps(workdir), default=0),
                                         "changes": {k: list(v) for k, v in changes.items()}})
                             + "\n")
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+            (workdir / workdir_files.CONFIG).write_text(config.to_json_best_effort(indent=2))
             print(peft.format_report(counts), flush=True)
         if not causal:  # Local files: label map etc. in dataset.json.
             dataset.record_run(workdir, write=main)
@@ -539,9 +539,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if main:
             if not causal:  # a classifier's outputs, for exports
                 runs.write_record(workdir, data_spec, label_names)
-            peft_io.save(workdir / "adapters", jax.device_get(state["trainable"]), spec,
+            peft_io.save(workdir / workdir_files.ADAPTERS, jax.device_get(state["trainable"]), spec,
                          base=base_id)
-            (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+            (workdir / workdir_files.SUMMARY).write_text(json.dumps(summary, indent=2))
             head = f"test_{data_spec.metrics[0]}"
             val = (f" best {headline}={best[headline]:.4f} (step {best['step']})" if best else "")
             print(f"final: {head}={test[head]:.4f}{val} "
@@ -584,7 +584,7 @@ def main(argv):
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(e.exit_status)
     except (ValueError, FileNotFoundError, FloatingPointError, CorruptCheckpointError,
-            workdir_lock.WorkdirBusyError, OSError) as e:
+            workdir_files.WorkdirBusyError, OSError) as e:
         # an operating system's error (disk full, read-only, a file for a folder): its cause
         # and path; the project's own errors say themselves
         message = (cli.describe_os_error(e) if isinstance(e, OSError) and e.errno is not None

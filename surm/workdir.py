@@ -1,6 +1,21 @@
-"""A run's workdir belongs to one run at a time: an OS lock on ``WORKDIR/.lock``.
+"""A run's workdir: the name of every file in it, and its lock (one run at a time).
 
-The lock is ``fcntl.flock`` on a file in the workdir, held for the run's life. The operating
+Files (every module that reads or writes a workdir takes the names from here)::
+
+    config.json            the run's config, as it runs now (CONFIG)
+    config_changes.jsonl   what a resumed run changed on purpose, and from which step
+    metrics.jsonl          one JSON object per log, eval and test line (surm.run_log)
+    predictions/           per-example predictions of every evaluation (surm.predictions)
+    checkpoints/           orbax checkpoints (surm.checkpointing)
+    tb/                    TensorBoard events
+    dataset.json           a local dataset's record (what content the run saw)
+    outputs.json           what the model outputs (surm.runs)
+    adapters/              the final adapters (surm.peft.io)
+    summary.json           written last: the run has finished
+    run.json, train.log, error.txt   a sweep's record of the run, its log, its failure
+    .lock                  held by the run that owns the workdir
+
+The lock is ``fcntl.flock`` on ``.lock`` in the workdir, held for the run's life. The operating
 system releases it when the holding process ends however it ends (an exception, SIGKILL, a
 crash), so a killed run never leaves a workdir stuck; the file itself stays and is harmless.
 The holder writes its pid into the file, so that a refused run can say who holds it.
@@ -16,6 +31,19 @@ import tempfile
 from typing import Iterator
 
 LOCK = ".lock"
+CONFIG = "config.json"
+CONFIG_CHANGES = "config_changes.jsonl"
+METRICS = "metrics.jsonl"
+PREDICTIONS = "predictions"
+CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tb"
+DATASET = "dataset.json"
+OUTPUTS = "outputs.json"
+ADAPTERS = "adapters"
+SUMMARY = "summary.json"
+SWEEP_RECORD = "run.json"
+SWEEP_LOG = "train.log"
+SWEEP_ERROR = "error.txt"
 
 
 class WorkdirBusyError(RuntimeError):

@@ -35,6 +35,7 @@ import numpy as np
 from absl import app, flags
 
 from surm import cli, peft, runs
+from surm import workdir as workdir_files
 from surm.workdir import staged_folder
 
 
@@ -77,8 +78,8 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict[str, st
 def _write(run: runs.Run, merged: dict | None, folder: pathlib.Path) -> pathlib.Path | None:
     """Writes the export into ``folder``; returns where the merged model is, relative to it
     (what ``model.checkpoint`` takes), or None without one."""
-    shutil.copytree(run.workdir / "adapters", folder / "adapters")
-    shutil.copyfile(run.workdir / "config.json", folder / "config.json")
+    shutil.copytree(run.workdir / workdir_files.ADAPTERS, folder / workdir_files.ADAPTERS)
+    shutil.copyfile(run.workdir / workdir_files.CONFIG, folder / workdir_files.CONFIG)
     (folder / runs.RECORD).write_text(json.dumps(run.record, indent=2, ensure_ascii=False))
     if merged is None:
         return None

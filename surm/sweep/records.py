@@ -17,6 +17,7 @@ import os
 import pathlib
 from typing import Any, Iterable, Mapping, Sequence
 
+from surm import workdir as workdir_files
 from surm.sweep.grid import SweepError, last_line
 
 KEY = ("dataset", "family", "mode", "hparams", "lr", "head_lr", "seed")
@@ -37,12 +38,12 @@ def run_key(row: Mapping[str, Any]) -> tuple[str, ...]:
 
 def write_record(workdir: pathlib.Path, meta: Mapping[str, Any], settings: Sequence[str]) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "run.json").write_text(json.dumps({**meta, "settings": list(settings)}, indent=2))
+    (workdir / workdir_files.SWEEP_RECORD).write_text(json.dumps({**meta, "settings": list(settings)}, indent=2))
 
 
 def check_workdir(workdir: pathlib.Path, settings: Sequence[str]) -> None:
     """Refuse to reuse a workdir whose run.json records different settings."""
-    record = workdir / "run.json"
+    record = workdir / workdir_files.SWEEP_RECORD
     if record.exists():
         old = json.loads(record.read_text())["settings"]
         if tuple(old) != tuple(settings):
@@ -53,7 +54,7 @@ def check_workdir(workdir: pathlib.Path, settings: Sequence[str]) -> None:
 
 
 def _log(workdir: pathlib.Path) -> list[dict]:
-    path = workdir / "metrics.jsonl"
+    path = workdir / workdir_files.METRICS
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
         if path.exists() else []
 
@@ -83,7 +84,7 @@ def read_run(record: pathlib.Path) -> dict:
     row = {k: meta[k] for k in (*KEY, "metric")}
     row["workdir"] = str(workdir)
     row["settings"] = json.dumps(meta["settings"])
-    summary_path = workdir / "summary.json"
+    summary_path = workdir / workdir_files.SUMMARY
     metric = meta["metric"]
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -99,8 +100,9 @@ def read_run(record: pathlib.Path) -> dict:
                    **{k: summary[k] for k in ("trainable", "adapter", "base", "wall_seconds")},
                    **{k: v for k, v in summary.items() if k.startswith("test_")},
                    **{f"best_{k}": v for k, v in best.items() if k.startswith("validation_")})
-    elif (workdir / "error.txt").exists():
-        row.update(status="failed", error=last_line((workdir / "error.txt").read_text()))
+    elif (workdir / workdir_files.SWEEP_ERROR).exists():
+        row.update(status="failed",
+                   error=last_line((workdir / workdir_files.SWEEP_ERROR).read_text()))
     else:
         row["status"] = "pending"
     return row
@@ -110,7 +112,7 @@ def collect(root: str | os.PathLike, records: Mapping[tuple, dict] | None = None
     """A row per run under ``root`` (its workdirs' run.json) and per run of ``records``
     (``read_records``) that no workdir has finished (done or failed)."""
     root = pathlib.Path(root)
-    rows = [read_run(r) for r in sorted(root.rglob("run.json"))] if root.exists() else []
+    rows = [read_run(r) for r in sorted(root.rglob(workdir_files.SWEEP_RECORD))] if root.exists() else []
     if not rows and not records:
         raise SweepError(f"no runs under {root} (no run.json in any workdir); run a sweep into "
                          f"this --root first")

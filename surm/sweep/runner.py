@@ -23,6 +23,7 @@ import sys
 import time
 from typing import Callable, Mapping, Sequence
 
+from surm import workdir as workdir_files
 from surm.sweep import selection
 from surm.sweep.grid import (TUNED, Grid, Method, SweepError, describe, format_hparams,
                              grid_methods, last_line, load_config, train_config_flags)
@@ -43,7 +44,7 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return (self.workdir / "summary.json").exists()
+        return (self.workdir / workdir_files.SUMMARY).exists()
 
     @property
     def label(self) -> str:
@@ -281,7 +282,7 @@ def record_planned(runs: Sequence[Run],
     """Write the run.json of every run not started yet, so that results made before they all
     finish see them as pending (and never choose an lr among the finished ones alone)."""
     for run in runs:
-        if run.workdir not in (recorded or {}) and not (run.workdir / "run.json").exists():
+        if run.workdir not in (recorded or {}) and not (run.workdir / workdir_files.SWEEP_RECORD).exists():
             write_record(run.workdir, run.meta, run.settings)
 
 
@@ -295,13 +296,13 @@ def _tail(log: pathlib.Path, lines: int = ERROR_TAIL_LINES) -> str:
 def execute(run: Run, compile_cache: pathlib.Path | None) -> bool:
     """Run one training subprocess; True if it finished. A failure leaves error.txt."""
     write_record(run.workdir, run.meta, run.settings)
-    error = run.workdir / "error.txt"
+    error = run.workdir / workdir_files.SWEEP_ERROR
     error.unlink(missing_ok=True)
     env = dict(os.environ)
     if compile_cache is not None:  # runs differing only in seed or lr reuse compiled programs
         env.setdefault("JAX_COMPILATION_CACHE_DIR", str(compile_cache))
         env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    log = run.workdir / "train.log"
+    log = run.workdir / workdir_files.SWEEP_LOG
     with log.open("w") as out:
         rc = subprocess.run([sys.executable, "-m", "surm.train", *run.argv], stdout=out,
                             stderr=subprocess.STDOUT, env=env).returncode
@@ -330,7 +331,7 @@ def run_all(runs: Sequence[Run], compile_cache: pathlib.Path | None = None,
             continue
         start = time.time()
         if execute(run, compile_cache):
-            summary = json.loads((run.workdir / "summary.json").read_text())
+            summary = json.loads((run.workdir / workdir_files.SUMMARY).read_text())
             metric = run.meta["metric"]
             val = summary.get("validation", {}).get(f"validation_{metric}")
             print(f"{prefix} done in {time.time() - start:.0f}s, test_{metric}="
@@ -338,7 +339,7 @@ def run_all(runs: Sequence[Run], compile_cache: pathlib.Path | None = None,
                   + (f", validation_{metric}={val:.4f}" if val is not None else ""), flush=True)
         else:
             failed.append(run)
-            tail = (run.workdir / "error.txt").read_text().strip().splitlines()[-1]
+            tail = (run.workdir / workdir_files.SWEEP_ERROR).read_text().strip().splitlines()[-1]
             print(f"{prefix} FAILED ({run.workdir / 'error.txt'}): {tail}", flush=True)
         if on_finish is not None:
             on_finish(run)

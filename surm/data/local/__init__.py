@@ -64,6 +64,7 @@ import pathlib
 
 import tensorflow_datasets as tfds
 
+from surm import workdir as workdir_files
 from surm.data.local import cache, images, text_files
 from surm.data.local.problems import (BadRowsError, LocalDataError, MissingColumnError,
                                       SpecError)
@@ -76,7 +77,7 @@ __all__ = ["BadRowsError", "LocalDataError", "LocalDataset", "MissingColumnError
 _CONVERTERS = {"csv": text_files.convert, "tsv": text_files.convert,
                "jsonl": text_files.convert, "folder": images.convert_folder,
                "npz": images.convert_npz}
-RUN_METADATA = "dataset.json"
+RUN_METADATA = workdir_files.DATASET
 
 
 @dataclasses.dataclass(frozen=True)
