@@ -1,0 +1,63 @@
+"""What an earlier surm wrote still loads: a classifier's and a causal LM's workdir (config,
+adapters with their base identity, outputs, predictions), and a sweep's results.csv.
+
+The fixtures under tests/fixtures/v1 were written by surm's trainer and sweep (tiny random
+models: a 2-step circulant run on bbc_news in a sweep, a 2-step causal-LM run on a text file)
+before the trainer and the task interface were restructured; they are never rewritten. They
+were written under the tests' XLA flags (conftest.py): a random base's weights depend on XLA's
+optimisation level in their last bits, and the adapters record their base's exact hash."""
+import json
+import pathlib
+import shutil
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from surm import config_fields, predictions, runs, sweep
+from surm.interop import export
+from surm.sweep import results, selection
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "v1"
+
+
+def _copy(name, tmp_path):
+    return pathlib.Path(shutil.copytree(FIXTURES / name, tmp_path / name))
+
+
+def test_an_earlier_classifier_workdir_loads_exports_and_its_predictions_hold(tmp_path):
+    workdir = _copy("classifier", tmp_path)
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config_fields.check(config)  # its config is still a valid config
+    run = runs.load_run(workdir)
+    assert run.num_classes == 5 and run.spec.family == "circulant"
+    tokens = jnp.ones((2, 32), jnp.int32)
+    from surm import peft
+    logits = peft.apply(run.model, run.frozen, run.trainable, run.spec, tokens, tokens * 0 + 1)
+    assert logits.shape == (2, 5) and np.isfinite(np.asarray(logits)).all()
+    written = export.export(workdir, tmp_path / "out")
+    assert pathlib.Path(written["merged"]).is_dir()
+    lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    test = next(l for l in lines if "test_accuracy" in l)
+    pred = predictions.read(predictions.path(workdir, "test", test["step"]))
+    assert predictions.metrics(pred)["accuracy"] == test["test_accuracy"]
+
+
+def test_an_earlier_causal_lm_workdir_generates(tmp_path):
+    from surm.generate import Generator
+    workdir = _copy("lm", tmp_path)
+    config = json.loads((workdir / "config.json").read_text())
+    config["input"]["dataset"] = f"text:{FIXTURES / 'lm_text.txt'}"
+    (workdir / "config.json").write_text(json.dumps(config))
+    gen = Generator.from_workdir(workdir)
+    assert isinstance(gen("document", max_tokens=3), str)
+
+
+def test_an_earlier_sweep_record_reads_chooses_and_compares(tmp_path):
+    rows = sweep.read_csv(FIXTURES / "sweep_results.csv")
+    assert len(rows) == 1 and rows[0]["status"] == "done"
+    (picked,) = selection.select(rows)
+    assert picked["family"] == "circulant" and picked["tried"] == 1
+    results.write_markdown(rows, tmp_path / "results.md")
+    assert "| bbc_news | circulant |" in (tmp_path / "results.md").read_text()
+    assert sweep.read_records([FIXTURES / "sweep_results.csv"])  # usable as --records
