@@ -121,11 +121,11 @@ def _is_layer(module, method_name: str) -> bool:
 def layer_outputs(run: Run, examples: int = 512, batch_size: int = 64) -> list[np.ndarray]:
     """The output of every encoder layer on the first ``examples`` validation examples, one
     (examples, width) array per layer (text: mean over real tokens; images: over tokens)."""
-    from surm import train  # the trainer's preprocessing
+    from surm import config_fields, tasks  # the trainer's preprocessing
 
     dataset = data.get_dataset(run.config.input.dataset,
                                run.config.input.get("data_dir") or None)
-    prep = train.preprocessors(run.config, dataset)[1]
+    prep = tasks.preprocessors(config_fields.complete(run.config), dataset)[1]
     source = dataset.source("validation", first=examples)
     modality = run.data_spec.modality
     frozen = run.frozen

@@ -1,5 +1,6 @@
-"""Every field a training config may hold, in one table: its type, its domain, and whether it
-may differ when a run resumes from its workdir.
+"""Every field a training config may hold, in one table: its type, its domain, whether it
+may differ when a run resumes from its workdir, and, for the optional ones, the value a config
+that leaves it out runs with (``complete``: the only defaults the trainer knows).
 
 ``check(config)`` refuses a config with one line naming the field, the bad value and a good one,
 before the trainer loads anything or writes anything; ``resume_changes(old, new)`` says which
@@ -42,6 +43,8 @@ class Field:
     none: bool = False
     resume: str = FIXED
     example: str = ""
+    default: Any = dataclasses.field(default=None, compare=False)
+    optional: bool = False  # a config may leave it out: ``complete`` fills in ``default``
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with ``value``, or None."""
@@ -99,11 +102,12 @@ FIELDS: dict[str, Field] = {
     "seed": _int(0, 2 ** 31 - 1, example="0"),
     "total_steps": _int(1, resume=ON_REQUEST, example="600"),
     "eval_every": _int(0, resume=ON_REQUEST, example="300 (0: only the final test)"),
-    "eval_at_start": _bool(resume=ON_REQUEST, example="false"),
+    "eval_at_start": _bool(resume=ON_REQUEST, example="false", optional=True, default=False),
     "ckpt_every": _int(1, resume=FREE, example="300"),
-    "keep_checkpoints": _int(1, 10 ** 6, resume=FREE, example="2"),
-    "restore_step": _int(0, resume=FREE, example="0 (the latest)"),
-    "log_every": _int(1, resume=FREE, example="20"),
+    "keep_checkpoints": _int(1, 10 ** 6, resume=FREE, example="2", optional=True, default=2),
+    "restore_step": _int(0, resume=FREE, example="0 (the latest)", optional=True,
+                         default=0),
+    "log_every": _int(1, resume=FREE, example="20", optional=True, default=20),
     # model: the registry entry and the model module check names, checkpoints, poolings
     "model.name": _str(example="bert"),
     "model.checkpoint": _str(example="minilm_l6"),
@@ -115,20 +119,23 @@ FIELDS: dict[str, Field] = {
     "model.depth": _int(1, 10_000, example="12"),
     # input
     "input.dataset": _str(example="tweet_sentiment"),
-    "input.data_dir": _str(resume=FREE, example="~/tensorflow_datasets"),
+    "input.data_dir": _str(resume=FREE, example="~/tensorflow_datasets", optional=True,
+                           default=""),
     "input.batch_size": _int(1, 10 ** 7, example="32"),
-    "input.eval_batch_size": _int(1, 10 ** 7, resume=FREE, example="128"),
+    "input.eval_batch_size": _int(1, 10 ** 7, resume=FREE, example="128", optional=True,
+                                  default=128),
     "input.max_length": _int(2, 10 ** 7, example="64"),
-    "input.shots": _int(0, example="0 (all)"),
-    "input.validation_examples": _int(0, example="0 (all)"),
-    "input.test_examples": _int(0, example="0 (all)"),
-    "input.num_workers": _int(0, 1024, resume=FREE, example="0"),
+    "input.shots": _int(0, example="0 (all)", optional=True, default=0),
+    "input.validation_examples": _int(0, example="0 (all)", optional=True, default=0),
+    "input.test_examples": _int(0, example="0 (all)", optional=True, default=0),
+    "input.num_workers": _int(0, 1024, resume=FREE, example="0", optional=True, default=0),
     "input.normalization": _str("minus_one_to_one", "zero_one", "imagenet",
-                                example="minus_one_to_one"),
-    "input.crop_scale": Field("pair", 1e-6, 1.0, none=True, example="0.08,1.0"),
-    "input.hflip": _bool(example="true"),
-    "input.central_crop": _float(1e-6, 1.0, none=True, example="0.875"),
-    "input.prompt_template": _str(example="'{prompt}'"),
+                                example="minus_one_to_one", optional=True,
+                                default="minus_one_to_one"),
+    "input.crop_scale": Field("pair", 1e-6, 1.0, none=True, example="0.08,1.0", optional=True),
+    "input.hflip": _bool(example="true", optional=True, default=False),
+    "input.central_crop": _float(1e-6, 1.0, none=True, example="0.875", optional=True),
+    "input.prompt_template": _str(example="'{prompt}'", optional=True, default="{prompt}"),
     # peft: the spec checks the family, targets and hyper-parameters
     "peft.family": _str(example="circulant"),
     "peft.mode": _str("lora", "adapter", example="lora"),
@@ -142,7 +149,8 @@ FIELDS: dict[str, Field] = {
     "peft.train_layernorm": _bool(example="false"),
     "peft.train_extra": Field("list", example="ln_f"),
     "peft.heads": Field("list", example="head"),
-    "peft.lora_path": _str("auto", "structured", "dense", "mixed", resume=FREE, example="auto"),
+    "peft.lora_path": _str("auto", "structured", "dense", "mixed", resume=FREE, example="auto",
+                            optional=True, default="auto"),
     # optimizer (surm.optim)
     "optimizer.name": _str("adamw", "sgd", example="adamw"),
     # a huge lr is legal: the run stops at the first NaN (surm.train)
@@ -161,7 +169,7 @@ FIELDS: dict[str, Field] = {
     # the device mesh (surm.sharding)
     "mesh.data": _int(-1, 1_000_000, resume=FREE, example="-1 (every device)"),
     "mesh.model": _int(1, 1_000_000, resume=FREE, example="1"),
-    "mesh.fsdp": _bool(resume=FREE, example="false"),
+    "mesh.fsdp": _bool(resume=FREE, example="false", optional=True, default=False),
 }
 # Subtrees whose keys belong to their owner: a family's hyper-parameters (the PEFT spec), a
 # random model's architecture (the model's config class); checked when those are built, still
@@ -207,6 +215,30 @@ def check(config: Mapping[str, Any]) -> None:
                               f"{field.example}")
 
 
+def complete(config: Mapping[str, Any]) -> Any:
+    """A copy of ``config`` with every optional field it leaves out set to its default (of a
+    block it has: a ``model`` block gains no image size), so that the trainer reads fields,
+    never guesses them."""
+    import ml_collections
+    d = config.to_dict() if hasattr(config, "to_dict") else json_copy(config)
+    for key, field in FIELDS.items():
+        if not field.optional:
+            continue
+        *parents, leaf = key.split(".")
+        node = d
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict) and leaf not in node:
+            node[leaf] = field.default
+    return ml_collections.ConfigDict(d)
+
+
+def json_copy(config: Mapping[str, Any]) -> dict:
+    return {k: json_copy(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -218,7 +250,8 @@ def resume_changes(old: Mapping[str, Any], new: Mapping[str, Any],
     and ``new``, as {key: (old, new)}, split into those a resumed run may take (FREE, and
     ON_REQUEST when in ``allow``) and those it may not."""
     allow = set(allow)
-    a, b = dict(leaves(old)), dict(leaves(new))
+    # a field a config leaves out is its default
+    a, b = dict(leaves(complete(old))), dict(leaves(complete(new)))
     taken, refused = {}, {}
     for key in sorted(set(a) | set(b)):
         if _same(a.get(key), b.get(key)):

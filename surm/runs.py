@@ -30,14 +30,9 @@ RECORD = workdir_files.OUTPUTS
 
 def write_record(workdir: str | pathlib.Path, data_spec: data.DatasetSpec,
                  labels: list[str] | None) -> None:
-    """Writes ``workdir/outputs.json``: what the model's outputs are (module docstring)."""
-    record = {"dataset": data_spec.name, "modality": data_spec.modality,
-              "num_classes": data_spec.num_classes, "regression": data_spec.regression,
-              "labels": list(labels) if labels else None}
-    path = pathlib.Path(workdir) / RECORD
-    tmp = path.with_name(f".{RECORD}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False))
-    tmp.replace(path)
+    """Writes ``workdir/outputs.json`` (``surm.tasks.classification.write_outputs``)."""
+    from surm.tasks.classification import write_outputs
+    write_outputs(workdir, data_spec, labels)
 
 
 def read_record(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> dict:

@@ -28,8 +28,9 @@ class TrainStep:
         tx, _ = optim.make(optimizer, total_steps, trainable)
         # A copy: the step donates its state, which must not alias ``params``.
         self.state = jax.tree.map(jnp.copy, initial_state(trainable, tx, jax.random.PRNGKey(2)))
-        step, _ = make_step_fns(model, spec, tx, inputs, regression=False, lora_path=lora_path,
-                                causal_lm=causal_lm)
+        from surm import tasks
+        task = tasks.TASKS["causal_lm" if causal_lm else "classification"]
+        step, _ = make_step_fns(model, spec, tx, inputs, task, lora_path=lora_path)
         self.compiled = jax.jit(step, donate_argnums=(0,)).lower(
             self.state, self.frozen, batch).compile()
         self.batch = batch

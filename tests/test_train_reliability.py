@@ -20,7 +20,9 @@ import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
 
-from surm import train, workdir as workdir_lock
+from surm import data, optim, train, workdir as workdir_lock
+from surm.models import factory
+from surm.train import step as train_step
 from surm.checkpointing import CorruptCheckpointError, kept_steps
 from data_testing import prepared_dir
 from test_data_local import sentiment_rows, write_table
@@ -66,13 +68,13 @@ def _poison(where):
 
 @pytest.mark.parametrize("where", ["params", "opt_state"])
 def test_a_non_finite_update_is_never_saved(tmp_path, tmp_path_factory, monkeypatch, where):
-    make = train.optim.make
+    make = optim.make
 
     def poisoned(cfg, total_steps, trainable):
         tx, schedules = make(cfg, total_steps, trainable)
         return optax.chain(tx, _poison(where)), schedules
 
-    monkeypatch.setattr(train.optim, "make", poisoned)
+    monkeypatch.setattr(optim, "make", poisoned)
     kw = bbc_overrides(tmp_path_factory, **{"total_steps": 3, "ckpt_every": 1,
                                            "eval_every": 100})
     cfg = load_config("default", "dataset=bbc_news", **kw)
@@ -89,21 +91,21 @@ def test_a_non_finite_update_is_never_saved(tmp_path, tmp_path_factory, monkeypa
 def test_a_checkpoint_holding_nan_is_refused_on_resume(tmp_path, tmp_path_factory, monkeypatch):
     """Checkpoints from before the step checked the new state may hold NaN: resuming from one
     is refused, naming the earlier kept steps, instead of failing again one step later."""
-    make = train.optim.make
+    make = optim.make
 
     def poisoned(cfg, total_steps, trainable):
         tx, schedules = make(cfg, total_steps, trainable)
         return optax.chain(tx, _poison("params")), schedules
 
-    monkeypatch.setattr(train.optim, "make", poisoned)
-    all_finite = train._all_finite
-    monkeypatch.setattr(train, "_all_finite", lambda tree: True)  # the older step check
+    monkeypatch.setattr(optim, "make", poisoned)
+    all_finite = train_step._all_finite
+    monkeypatch.setattr(train_step, "_all_finite", lambda tree: True)  # the older step check
     kw = bbc_overrides(tmp_path_factory, **{"total_steps": 3, "ckpt_every": 1,
                                            "eval_every": 100})
     with pytest.raises(FloatingPointError, match="at step 3"):
         train.train_and_evaluate(load_config("default", "dataset=bbc_news", **kw), str(tmp_path))
     assert kept_steps(tmp_path) == [1, 2]  # step 2 holds NaN
-    monkeypatch.setattr(train, "_all_finite", all_finite)
+    monkeypatch.setattr(train_step, "_all_finite", all_finite)
     with pytest.raises(CorruptCheckpointError, match=r"checkpoints/2 holds NaN/Inf values .* "
                                                      r"--config.restore_step=N \(kept: 1\)"):
         train.train_and_evaluate(load_config("default", "dataset=bbc_news", **kw), str(tmp_path))
@@ -111,7 +113,7 @@ def test_a_checkpoint_holding_nan_is_refused_on_resume(tmp_path, tmp_path_factor
 
 def test_bad_optimizer_numbers_are_refused_before_anything_is_built(tmp_path, tmp_path_factory,
                                                                     monkeypatch):
-    monkeypatch.setattr(train.factory, "build", _unbuildable)
+    monkeypatch.setattr(factory, "build", _unbuildable)
     base = bbc_overrides(tmp_path_factory)
     cases = [("lr", math.nan), ("lr", -1e-3), ("lr", 1e39), ("head_lr", math.inf),
              ("weight_decay", -0.1), ("weight_decay", math.nan), ("warmup_frac", 1.5),
@@ -149,7 +151,7 @@ def test_refused_runs_leave_the_workdir_as_it_was(tmp_path, tmp_path_factory, mo
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
-    train.data.get_dataset(f"csv:{csv}").record_run(workdir)
+    data.get_dataset(f"csv:{csv}").record_run(workdir)
     time.sleep(0.01)  # a rewrite would show in the mtimes
     before = snapshot(workdir)
     write_table(csv, sentiment_rows()[:-1])
@@ -157,7 +159,7 @@ def test_refused_runs_leave_the_workdir_as_it_was(tmp_path, tmp_path_factory, mo
         train.train_and_evaluate(cfg, str(workdir))
     assert snapshot(workdir) == before
     write_table(csv, sentiment_rows())
-    monkeypatch.setattr(train.factory, "build", _unbuildable)
+    monkeypatch.setattr(factory, "build", _unbuildable)
     for arg, extra, message in (("family=ldr,rank=2", {}, r"another config \(peft.family"),
                                 ("", {"restore_step": 4}, r"restore_step=4 is not a checkpoint "
                                                           r"kept in .* \(kept: none\)")):
@@ -188,7 +190,7 @@ def test_a_held_workdir_refuses_a_second_run_and_a_killed_holder_frees_it(
         assert holder.stdout.readline().strip() == "held"
         before = snapshot(workdir)
         busy = rf"^{re.escape(str(workdir))} is in use by another run \(pid {holder.pid}\)"
-        monkeypatch.setattr(train.factory, "build", _unbuildable)
+        monkeypatch.setattr(factory, "build", _unbuildable)
         cfg = load_config("default", "dataset=bbc_news", **bbc_overrides(tmp_path_factory))
         start = time.time()
         with pytest.raises(workdir_lock.WorkdirBusyError, match=busy):
@@ -398,7 +400,8 @@ def test_a_signal_stops_at_a_step_boundary_and_the_rerun_resumes(tmp_path, tmp_p
 DISK_FULL = """
 import errno, sys
 from absl import app
-from surm import cli, train
+from surm import cli
+from surm.train.__main__ import main
 from surm.checkpointing import Checkpoints
 real = Checkpoints.save
 def save(self, step, *args, **kwargs):
@@ -407,7 +410,7 @@ def save(self, step, *args, **kwargs):
     return real(self, step, *args, **kwargs)
 Checkpoints.save = save
 sys.argv = ["surm.train", *sys.argv[1:]]
-app.run(train.main, flags_parser=cli.parse_flags)
+app.run(main, flags_parser=cli.parse_flags)
 """
 
 
