@@ -1,8 +1,8 @@
 """Default learning rates per method, taken from the study's runs tuned on validation.
 
 Every config's lr and head lr, when not given, come from ``surm/tuned_lrs.json``, which
-``derive`` writes from the study's record (``docs/results/<part>.csv``; ``python
-scripts/study.py defaults``). For each kind of model (``text``: the BERT configs; ``image``: the
+``derive`` writes from the study's record (``docs/results/<part>.csv``; ``python -m
+surm.study defaults``). For each kind of model (``text``: the BERT configs; ``image``: the
 ViT config; ``lm``: the causal-LM config) and each method (``family/mode``, or the baseline's
 name), the default is the median, on a log scale, of the learning rates the method's tuning
 chose across the datasets and regimes of that kind (the lower of the two middle ones), so it is
@@ -39,7 +39,7 @@ def load(path: pathlib.Path = FILE) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise FileNotFoundError(f"{path}: the tuned learning rates cannot be read ({e}); "
-                                f"rebuild it with `python scripts/study.py defaults`") from None
+                                f"rebuild it with `python -m surm.study defaults`") from None
 
 
 def lookup(kind: str, family: str, mode: str, table: Mapping | None = None) -> dict:
@@ -68,7 +68,7 @@ def lookup(kind: str, family: str, mode: str, table: Mapping | None = None) -> d
                     entry["from"] = f"{candidate} ({'; '.join(notes)}): {entry['from']}"
                 return entry
     raise KeyError(f"no tuned learning rate for {key} in {FILE}: give lr= (and head_lr=), or run "
-                   f"the study's tuning of it and `python scripts/study.py defaults`")
+                   f"the study's tuning of it and `python -m surm.study defaults`")
 
 
 def _lower_log_median(values: Sequence[float]) -> float:

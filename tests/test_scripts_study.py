@@ -1,5 +1,5 @@
 """surm.cka with scripts/cka.py, scripts/bench_train.py, scripts/bench_lora_path.py and
-scripts/study.py."""
+surm.study."""
 import importlib.util
 import json
 import pathlib
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from surm import cka, sweep
+from surm.study import parts as study_parts, report as study_report, run as study_run
 from surm.sweep.__main__ import main as sweep_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,7 +25,6 @@ def _script(name):
 cka_script = _script("cka")
 bench_train = _script("bench_train")
 bench_lora_path = _script("bench_lora_path")
-study = _script("study")
 
 
 def _gram_cka(x, y):
@@ -142,8 +142,8 @@ def test_bench_lora_path_checks_the_paths_agree_and_reports_the_crossover(capsys
 def test_study_parts_are_valid_grids(tmp_path, monkeypatch):
     """Every run the study plans resolves through its config (a typo fails here, not hours in),
     each method at each of its lrs, and the seeds the comparisons need."""
-    monkeypatch.setattr(study, "ROOT", tmp_path)
-    counts = {part.name: len(study._planned(part, [])) for part in study.PARTS}
+    monkeypatch.setattr(study_parts, "ROOT", tmp_path)
+    counts = {part.name: len(study_run._planned(part, [])) for part in study_parts.PARTS}
     # few-shot: LoRA r=1 and three SURM families at equal budgets, and the probe, 3 lrs each
     assert counts["vit_k5"] == counts["vit_k10"] == counts["vit_k50"] == 5 * 3
     # bbc: circulant and block-circulant in both modes, Houlsby, LoRA r=1/r=8, probe at 3 lrs;
@@ -151,11 +151,11 @@ def test_study_parts_are_valid_grids(tmp_path, monkeypatch):
     assert counts["text_bbc"] == 8 * 3 + 6
     assert counts["text_tweets"] == 5 * 3
     assert counts["lm_bbc5"] == 8  # the lrs lm_bbc chose: one each
-    seeds = {part.name: len(part.seeds) for part in study.PARTS}
+    seeds = {part.name: len(part.seeds) for part in study_parts.PARTS}
     assert seeds["vit_k5"] == seeds["vit_k10"] == 10 and min(seeds.values()) == 5
     # every comparison the report judges names methods the parts run
-    names = {p.name: {study.display(r.meta) for r in study._planned(p, [])} for p in study.PARTS}
-    for _, _, pairs in study._tables():
+    names = {p.name: {study_report.display(r.meta) for r in study_run._planned(p, [])} for p in study_parts.PARTS}
+    for _, _, pairs in study_report._tables():
         for part, ours, theirs in pairs:
             assert {ours, theirs} <= names[part], (part, ours, theirs)
 
@@ -169,7 +169,7 @@ def _fake_record(part, rows_for, tmp_path, n=400):
     rng = np.random.default_rng(0)
     label = rng.integers(0, 10, n)
     rows = []
-    for run in study._planned(part, []):
+    for run in study_run._planned(part, []):
         val, acc = rows_for(run.meta)
         if val is None:  # not finished
             continue
@@ -198,11 +198,11 @@ def test_study_report_rebuilds_from_its_record(tmp_path, monkeypatch):
     """A fresh clone has the record (CSV and archived test predictions) and no workdirs: the
     report chooses each method's lr on validation, judges every SURM method against LoRA r=1
     paired by seed over seeds and test examples, Holm-corrected, and says what it found."""
-    monkeypatch.setattr(study, "ROOT", tmp_path / "sweeps")
-    monkeypatch.setattr(study, "RECORDS", tmp_path / "records")
-    monkeypatch.setattr(study, "DOC", tmp_path / "RESULTS.md")
-    study.RECORDS.mkdir()
-    part = study.BY_NAME["vit_k5"]
+    monkeypatch.setattr(study_parts, "ROOT", tmp_path / "sweeps")
+    monkeypatch.setattr(study_parts, "RECORDS", tmp_path / "records")
+    monkeypatch.setattr(study_parts, "DOC", tmp_path / "RESULTS.md")
+    study_parts.RECORDS.mkdir()
+    part = study_parts.BY_NAME["vit_k5"]
     lift = {"circulant": 0.25, "symmetric_toeplitz": 0.0, "ldr": -0.25}  # true differences
 
     def rows_for(meta):  # the middle lr of each grid is best on validation; ldr still tuning
@@ -213,8 +213,8 @@ def test_study_report_rebuilds_from_its_record(tmp_path, monkeypatch):
         return 0.7, lambda seed: 0.5 + lift.get(meta["family"], 0.0) + 0.01 * seed
 
     rows = _fake_record(part, rows_for, tmp_path)
-    study.report([part])
-    doc = study.DOC.read_text()
+    study_report.report([part])
+    doc = study_parts.DOC.read_text()
     table = doc.split("## Low-resource images")[1]
     lora = next(line for line in table.splitlines() if line.startswith("| LoRA r=1 |"))
     assert "(lr 0.003)" in lora and "[10 seeds]" not in lora
@@ -229,7 +229,7 @@ def test_study_report_rebuilds_from_its_record(tmp_path, monkeypatch):
     assert "Holm-corrected over the 2 comparisons" in table
     assert "bootstrap over seeds x examples" in table  # from the archived predictions
     assert "circulant C(a·b) vs LoRA r=1 (vit_k5): win (+0.2" in doc  # the claims table
-    assert (study.RECORDS / "curves_vit_k5.png").exists()
+    assert (study_parts.RECORDS / "curves_vit_k5.png").exists()
     # the record is the study's: rewritten with the same finished runs
     assert len(sweep.read_records([part.record])) == len(rows)
 
@@ -237,23 +237,23 @@ def test_study_report_rebuilds_from_its_record(tmp_path, monkeypatch):
 def test_study_table_of_a_language_model_ranks_perplexity_lowest_first(tmp_path, monkeypatch):
     """lm_bbc5: a lower test perplexity wins, judged paired by seed (the t-test alone where no
     predictions are kept), and the untouched model's perplexity comes from the record."""
-    monkeypatch.setattr(study, "ROOT", tmp_path)
-    monkeypatch.setattr(study, "RECORDS", tmp_path / "records")
-    part = study.BY_NAME["lm_bbc5"]
+    monkeypatch.setattr(study_parts, "ROOT", tmp_path)
+    monkeypatch.setattr(study_parts, "RECORDS", tmp_path / "records")
+    part = study_parts.BY_NAME["lm_bbc5"]
     test = {"circulant": 28.0, "toeplitz": 33.0, "lowrank": 31.0}
     rows = [dict(r.meta, seed=seed, status="done", validation=test[r.meta["family"]],
                  validation_loss=1.0, test=test[r.meta["family"]] + 0.1 * seed
                  + 0.01 * (seed % 2) * (r.meta["family"] == "toeplitz"), trainable=10,
                  adapter=10, base=1000, wall_seconds=5.0, workdir="gone", settings="[]",
                  curve=json.dumps([[0, 47.7], [8, 40.0], [32, 30.0]]))
-            for r in study._planned(part, []) if r.meta["family"] in test
+            for r in study_run._planned(part, []) if r.meta["family"] in test
             and r.meta["hparams"] in ("", "rank=1") for seed in part.seeds]
-    judged = study.judge([(part, "circulant [lora]", "LoRA r=1"),
+    judged = study_report.judge([(part, "circulant [lora]", "LoRA r=1"),
                           (part, "Toeplitz [lora]", "LoRA r=1")], {part.name: rows})
     assert [(j.ours, j.verdict.outcome) for j in judged] == [("circulant [lora]", "win"),
                                                              ("Toeplitz [lora]", "loss")]
     assert judged[0].verdict.comparison.test == "paired t over seeds"
-    assert study._untouched(rows) == 47.7
+    assert study_report._untouched(rows) == 47.7
 
 
 def test_bench_train_times_a_causal_lm_without_probe_or_bitfit(capsys):
