@@ -4,6 +4,7 @@ Files (every module that reads or writes a workdir takes the names from here)::
 
     config.json            the run's config, as it runs now (CONFIG)
     config_changes.jsonl   what a resumed run changed on purpose, and from which step
+    lora_plan.json         how each lora-mode update is computed, in training and evaluation
     metrics.jsonl          one JSON object per log, eval and test line (surm.run_log)
     predictions/           per-example predictions of every evaluation (surm.predictions)
     checkpoints/           orbax checkpoints (surm.checkpointing)
@@ -33,6 +34,7 @@ from typing import Iterator
 LOCK = ".lock"
 CONFIG = "config.json"
 CONFIG_CHANGES = "config_changes.jsonl"
+LORA_PLAN = "lora_plan.json"
 METRICS = "metrics.jsonl"
 PREDICTIONS = "predictions"
 CHECKPOINTS = "checkpoints"

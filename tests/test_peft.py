@@ -218,6 +218,28 @@ def test_auto_lora_path_folds_per_target(monkeypatch):
         np.testing.assert_allclose(b, a, atol=1e-4 * (float(jnp.abs(a).max()) + 1e-6))
 
 
+def test_a_lora_path_plan_is_made_before_tracing_and_apply_follows_it(monkeypatch):
+    """The trainer's plan: decided once, eagerly (auto compiles each product to count its
+    flops); a traced apply given the plan decides nothing."""
+    from surm.peft import surgery
+    model, params, inputs = tiny_bert()
+    spec = peft.PeftSpec.create(family="circulant", targets="all-linear")
+    trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(0))
+    nodes = tree.flatten(trainable["adapters"], stop=lambda d: "S" in d)
+    plan = peft.plan_lora_paths(spec, trainable, "auto", train=True)
+    assert set(plan) == set(nodes) and set(plan.values()) <= {"dense", "mixed"}
+    assert set(peft.plan_lora_paths(spec, trainable, "auto").values()) == {"dense"}  # eval
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a lora path decided while tracing")
+    monkeypatch.setattr(surgery, "lora_path_for", refuse)
+    monkeypatch.setattr(surgery, "flops_per_row", refuse)
+    jax.jit(lambda tr: peft.apply(model, frozen, tr, spec, *inputs, train=True,
+                                  lora_path=plan)).lower(trainable)
+    with pytest.raises(ValueError, match="does not fit these adapters"):
+        peft.apply(model, frozen, trainable, spec, *inputs, lora_path=dict(list(plan.items())[:1]))
+
+
 def test_learned_scale_and_adapter_mode_merge_errors():
     _, params, _ = tiny_bert()
     spec = peft.PeftSpec.create(family="circulant", learn_scale=True, scale=0.5)

@@ -87,6 +87,8 @@ def test_one_step_and_eval_under_mock_data(tmp_path, config, arg, dataset, metri
     assert any(f"validation_{metric}" in l for l in lines)
     assert (tmp_path / "run" / "adapters" / "adapters.safetensors").exists()
     assert_predictions_reproduce_metrics(tmp_path / "run")
+    plan = json.loads((tmp_path / "run" / "lora_plan.json").read_text())  # decided before jit
+    assert plan["backend"] == "cpu" and set(plan["train"]) == set(plan["eval"])
 
 
 def bbc_overrides(tmp_path_factory, **extra):

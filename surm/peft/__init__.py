@@ -15,7 +15,8 @@ from surm.peft.spec import (BASELINES, METHODS, MODES, PRESETS, PeftSpec, Target
                             match_targets)
 from surm.peft.surgery import (LORA_PATHS, MATMUL_OVER_FFT_RATE, apply, check_lora_path,
                                flops_per_row, full_params, init, inject, linear_modules,
-                               lora_path_for, merge, split, target_layouts, targets, unmerge)
+                               lora_path_for, merge, plan_lora_paths, split, target_layouts,
+                               targets, unmerge)
 
 
 
@@ -29,5 +30,5 @@ def __getattr__(name):
 __all__ = ["BASELINES", "LORA_PATHS", "MATMUL_OVER_FFT_RATE", "METHODS", "MODES", "PRESETS",
            "PeftSpec", "Target", "apply", "check_lora_path", "config_to_spec", "count",
            "flops_per_row", "format_report", "full_params", "init", "inject", "layers",
-           "linear_modules", "lora_path_for", "match_targets", "merge", "methods", "split",
-           "target_layouts", "targets", "unmerge"]
+           "linear_modules", "lora_path_for", "match_targets", "merge", "methods",
+           "plan_lora_paths", "split", "target_layouts", "targets", "unmerge"]

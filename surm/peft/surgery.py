@@ -279,7 +279,8 @@ def flops_per_row(S: structured.Params) -> float | None:
     return _flops_per_row(S.family, S.d_in, S.d_out, S.hp, arrays)
 
 
-def lora_path_for(spec: PeftSpec, S, path: str = "auto", train: bool = False) -> str:
+def lora_path_for(spec: PeftSpec, S, path: str = "auto", train: bool = False,
+                  backend: str | None = None) -> str:
     """How ``apply`` computes the lora-mode update of one structured matrix ``S``:
     ``"structured"``, ``"dense"`` or ``"mixed"``.
 
@@ -312,11 +313,26 @@ def lora_path_for(spec: PeftSpec, S, path: str = "auto", train: bool = False) ->
         return "dense"
     if S.family == "lowrank" or spec.dropout > 0:
         return "structured"
-    ratio = MATMUL_OVER_FFT_RATE.get(jax.default_backend())
+    ratio = MATMUL_OVER_FFT_RATE.get(backend or jax.default_backend())
     per_row = flops_per_row(S)
     if ratio is None or not per_row:
         return "mixed"
     return "dense" if 2 * S.d_in * S.d_out <= ratio * per_row else "mixed"
+
+
+PLANNED = ("structured", "dense", "mixed")
+
+
+def plan_lora_paths(spec: PeftSpec, trainable: Mapping, path: str = "auto",
+                    train: bool = False, backend: str | None = None) -> dict[str, str]:
+    """{target path: "structured" | "dense" | "mixed"}: how ``apply`` computes each lora-mode
+    update (``lora_path_for``), decided once, outside any trace (``auto`` compiles each family's
+    product to count its flops), for ``backend`` (default: JAX's). A trainer makes the plan
+    before it jits its steps, records it, and passes it to ``apply`` as ``lora_path``."""
+    check_lora_path(spec, path, train)
+    nodes = tree.flatten(trainable.get("adapters", {}), stop=_is_target)
+    return {p: (lora_path_for(spec, n["S"], path, train, backend) if spec.mergeable
+                else "structured") for p, n in nodes.items()}
 
 
 def _training(training: bool | None, kwargs: Mapping) -> bool:
@@ -330,25 +346,34 @@ def _training(training: bool | None, kwargs: Mapping) -> bool:
 
 
 def apply(model: nn.Module, frozen: Mapping, trainable: Mapping, spec: PeftSpec, *args,
-          rng=None, training: bool | None = None, method=None, lora_path: str = "auto",
-          **kwargs):
+          rng=None, training: bool | None = None, method=None,
+          lora_path: str | Mapping[str, str] = "auto", **kwargs):
     """Run ``model`` with the base parameters and the adapters of ``trainable``:
     ``model.apply({"params": ...}, *args, method=method, **kwargs)``, every argument passed on
     as given (``rngs=`` for the model's own dropout, ``mutable=``, the model's flags).
 
     ``training`` (default: the call's ``train``, else ``not deterministic``, else False)
     switches the adapters' dropout, for which ``rng`` is the key, and picks the lora path.
-    ``lora_path`` picks how a lora-mode update is computed, per target (see ``lora_path_for``);
-    every path gives the same outputs and gradients up to float rounding."""
+    ``lora_path`` picks how a lora-mode update is computed, per target: one of ``LORA_PATHS``
+    for all (``auto`` decided here, per target: ``lora_path_for``), or a plan
+    (``plan_lora_paths``) made before tracing; every path gives the same outputs and gradients
+    up to float rounding."""
     training = _training(training, kwargs)
     if training and rng is None and spec.dropout > 0:
         raise ValueError("apply in training with adapter dropout needs an rng "
                          "(rng=<a PRNG key>)")
-    check_lora_path(spec, lora_path, training)
     params = full_params(frozen, trainable)
     nodes = tree.flatten(trainable.get("adapters", {}), stop=_is_target)
-    how = {p: (lora_path_for(spec, n["S"], lora_path, training) if spec.mergeable
-               else "structured") for p, n in nodes.items()}
+    if isinstance(lora_path, Mapping):
+        how = dict(lora_path)
+        if set(how) != set(nodes) or not set(how.values()) <= set(PLANNED):
+            raise ValueError(f"the lora-path plan does not fit these adapters: it names "
+                             f"{len(how)} targets for {len(nodes)}; make it with "
+                             f"peft.plan_lora_paths on this trainable tree")
+        if any(h != "structured" for h in how.values()):
+            check_lora_path(spec, "dense", training)
+    else:
+        how = plan_lora_paths(spec, trainable, lora_path, training)
     dense = {p: nodes[p] for p, h in how.items() if h == "dense"}
     mixed = {p: nodes[p] for p, h in how.items() if h == "mixed"}
     if dense:

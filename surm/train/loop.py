@@ -126,8 +126,16 @@ class _Run:
         batch_sh = sharding.batch_sharding(mesh)
         self.state = jax.device_put(state, state_sh)
         self.frozen = jax.device_put(frozen, frozen_sh)
+        # How each lora-mode update is computed, decided once, before anything is traced.
+        plans = {role: peft.plan_lora_paths(spec, state["trainable"], config.peft.lora_path,
+                                            train=role == "train")
+                 for role in ("train", "eval")}
+        if main:
+            (workdir / workdir_files.LORA_PLAN).write_text(json.dumps(
+                {"backend": jax.default_backend(), **plans}, indent=1))
         train_step, eval_step = step_lib.make_step_fns(model, spec, tx, entry.inputs, task,
-                                                       data_spec, config.peft.lora_path)
+                                                       data_spec, plans["train"],
+                                                       plans["eval"])
         self.batch_keys, self.eval_keys = task.batch_keys(entry), task.eval_keys(entry)
         self.train_step = jax.jit(
             train_step, in_shardings=(state_sh, frozen_sh, {k: batch_sh for k in self.batch_keys}),

@@ -2,7 +2,7 @@
 checkpoint relies on) and the eval step, for any task (``surm.tasks``)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +31,17 @@ def initial_state(trainable, tx: optax.GradientTransformation, rng: jax.Array) -
 
 def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
                   inputs: Callable[[dict], tuple], task: tasks.Task,
-                  data_spec: data.DatasetSpec | None = None, lora_path: str = "auto"):
+                  data_spec: data.DatasetSpec | None = None,
+                  lora_path: str | Mapping[str, str] = "auto",
+                  eval_lora_path: str | Mapping[str, str] | None = None):
     """The (unjitted) train step ``(state, frozen, batch) -> (state, metrics)`` and eval step
     ``(trainable, frozen, batch) -> per-example outputs`` of a model under a PEFT spec.
     ``inputs``: the model call's positional inputs from a batch (its registry entry's
-    ``inputs``); the loss and the eval reduction are the ``task``'s; ``lora_path``: how a
-    lora-mode update is computed (``peft.lora_path_for``)."""
+    ``inputs``); the loss and the eval reduction are the ``task``'s; ``lora_path`` (and
+    ``eval_lora_path``, by default the same): how each lora-mode update is computed, best a plan
+    made before tracing (``peft.plan_lora_paths``)."""
+    if eval_lora_path is None:
+        eval_lora_path = lora_path
 
     def train_step(state, frozen, batch):
         step_rng = jax.random.fold_in(state["rng"], state["step"])
@@ -63,7 +68,8 @@ def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
         return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     def eval_step(trainable, frozen, batch):
-        out = peft.apply(model, frozen, trainable, spec, *inputs(batch), lora_path=lora_path)
+        out = peft.apply(model, frozen, trainable, spec, *inputs(batch),
+                         lora_path=eval_lora_path)
         return task.eval_outputs(out, batch)
 
     return train_step, eval_step
