@@ -18,16 +18,16 @@ import optax
 
 from surm import peft
 from surm.data.embedded import tweet_sentiment
-from surm.models import bert
+from surm.models import bert, bert_io
 
 LABELS = ["negative", "neutral", "positive"]
 
 
 def main(folder=None, out="runs/hf_bert_example"):
-    folder = folder or bert.minilm_l6_path()
-    config, params = bert.load(folder, num_labels=len(LABELS), pooling="pooler")
+    folder = folder or bert_io.minilm_l6_path()
+    config, params = bert_io.load(folder, num_labels=len(LABELS), pooling="pooler")
     model = bert.BERT(config)
-    tokenizer = bert.load_tokenizer(folder, max_length=32)
+    tokenizer = bert_io.load_tokenizer(folder, max_length=32)
 
     rows = [r for r in tweet_sentiment.read_rows() if r["label"] in LABELS]
     rng = np.random.default_rng(0)
@@ -72,7 +72,7 @@ def main(folder=None, out="runs/hf_bert_example"):
     merged = peft.merge(peft.full_params(frozen, trainable), trainable["adapters"], spec)
     plain = model.apply({"params": merged}, ids_test, mask_test)
     gap = float(jnp.abs(plain - predict(trainable, ids_test, mask_test)).max())
-    bert.save(out, config, merged, source=folder, labels=LABELS, max_length=32)
+    bert_io.save(out, config, merged, source=folder, labels=LABELS, max_length=32)
     print(f"merged: max |merged - adapted| = {gap:.2e}; written to {out} "
           "(transformers: AutoModelForSequenceClassification.from_pretrained)")
 

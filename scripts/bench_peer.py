@@ -150,11 +150,11 @@ def main(argv=None) -> int:
     import numpy as np
 
     from surm import models
-    from surm.models import bert
+    from surm.models import bert, bert_io
     from surm.timing import TrainStep, interleaved_medians
 
-    source = bert.minilm_l6_path()
-    config, params = bert.load(source, num_labels=args.labels, pooling="pooler")
+    source = bert_io.minilm_l6_path()
+    config, params = bert_io.load(source, num_labels=args.labels, pooling="pooler")
     # A random head (a fresh one is zero), so that the inference check compares real logits.
     head = params["classifier"]["kernel"]
     params["classifier"]["kernel"] = 0.05 * np.random.default_rng(1).standard_normal(
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     model = bert.BERT(config)
     folder = pathlib.Path(tempfile.mkdtemp(prefix="surm-bench-peer-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the 90 MB model copy
-    bert.save(folder, config, params, source=source)
+    bert_io.save(folder, config, params, source=source)
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 20000, size=(args.batch, args.seq_len))
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),

@@ -77,16 +77,16 @@ def main() -> int:
     import numpy as np
 
     from surm import peft
-    from surm.models import bert
+    from surm.models import bert, bert_io
     from surm.interop import c3a
 
-    source = args.base or bert.minilm_l6_path()
-    config, base = bert.load(source, num_labels=NUM_LABELS, pooling="pooler")
+    source = args.base or bert_io.minilm_l6_path()
+    config, base = bert_io.load(source, num_labels=NUM_LABELS, pooling="pooler")
     model = bert.BERT(config)
     work = pathlib.Path(tempfile.mkdtemp(prefix="surm-c3a-check-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)  # model and adapter copies
-    bert.save(work / "base", config, base, source=source)
-    tokenizer = bert.load_tokenizer(work / "base", 32)
+    bert_io.save(work / "base", config, base, source=source)
+    tokenizer = bert_io.load_tokenizer(work / "base", 32)
     encodings = tokenizer.encode_batch(TEXTS)
     ids, mask, types = (np.asarray([getattr(e, key) for e in encodings], np.int64)
                         for key in ("ids", "attention_mask", "type_ids"))

@@ -114,7 +114,7 @@ def main() -> int:
     import numpy as np
     from surm import runs
     from surm.interop import export
-    from surm.models import bert
+    from surm.models import bert_io
 
     out = args.out or pathlib.Path(tempfile.mkdtemp(prefix="surm-hf-check-")) / "export"
     folder = pathlib.Path(export.export(args.workdir, out).get("merged", ""))
@@ -122,7 +122,7 @@ def main() -> int:
         print(f"error: {args.workdir} has no merged BERT export to check", file=sys.stderr)
         return 1
     run = runs.load_run(args.workdir)
-    tokenizer = bert.load_tokenizer(folder, run.config.input.max_length)
+    tokenizer = bert_io.load_tokenizer(folder, run.config.input.max_length)
     encodings = tokenizer.encode_batch(TEXTS)
     ids, mask, types = (np.asarray([getattr(e, key) for e in encodings], np.int64)
                         for key in ("ids", "attention_mask", "type_ids"))
@@ -130,7 +130,7 @@ def main() -> int:
     inputs = [torch.from_numpy(x) for x in (ids, mask, types)]
     hf = json.loads((folder / "config.json").read_text())
     routes = {}
-    if bert.HF_CLASSIFIER in hf.get("architectures", []):
+    if bert_io.HF_CLASSIFIER in hf.get("architectures", []):
         routes["transformers AutoModelForSequenceClassification"] = classifier_logits
     else:
         routes["transformers BertModel + 1_Pooling + 2_Dense"] = pipeline_logits

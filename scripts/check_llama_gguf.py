@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from surm.data.embedded import bbc_news, package_files, stratify
-from surm.models import llama
+from surm.models import llama, llama_generate, llama_gguf
 
 PROMPT = "Explain in two sentences why the sky is blue."
 
@@ -55,7 +55,7 @@ def perplexity(model, params, tokenizer, texts, max_tokens) -> tuple[float, int]
 
 
 CPP_PROMPTS = ["The capital of France is", "Shares in the bank fell sharply on Monday after",
-               llama.chat_prompt("Why is the sky blue?"),
+               llama_generate.chat_prompt("Why is the sky blue?"),
                "def fibonacci(n):\n    if n < 2:\n        return n\n"]
 
 
@@ -96,7 +96,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = args.gguf or default_gguf()
     start = time.perf_counter()
-    config, params, tokenizer = llama.load_gguf(path, directory=args.cache_dir)
+    config, params, tokenizer = llama_gguf.load_gguf(path, directory=args.cache_dir)
     print(f"loaded {path} in {time.perf_counter() - start:.1f} s: {config}")
     model = llama.Llama(config)
 
@@ -109,9 +109,9 @@ def main(argv=None):
     if args.llama_cpp:
         compare_llama_cpp(path, model, params, tokenizer)
 
-    prompt = llama.chat_prompt(PROMPT)
+    prompt = llama_generate.chat_prompt(PROMPT)
     start = time.perf_counter()
-    new = llama.generate(model, params, tokenizer.encode(prompt).ids, args.new_tokens,
+    new = llama_generate.generate(model, params, tokenizer.encode(prompt).ids, args.new_tokens,
                          eos_id=config.eos_id)
     print(f"greedy answer ({len(new)} tokens, {time.perf_counter() - start:.1f} s) to "
           f"{PROMPT!r}:\n{tokenizer.decode([int(t) for t in new])}")

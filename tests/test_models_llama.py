@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from surm import peft
-from surm.models import gguf, llama
+from surm.models import gguf, llama, llama_generate, llama_gguf
 
 # ------------------------------------------------------------ a GGUF v3 writer for the tests
 
@@ -145,7 +145,7 @@ def gguf_metadata(config=CONFIG):
 def gguf_tensors(params, config=CONFIG):
     flat = flax.traverse_util.flatten_dict(params, sep="/")
     out = []
-    for name, (path, transpose) in llama.tensor_map(config).items():
+    for name, (path, transpose) in llama_gguf.tensor_map(config).items():
         a = np.asarray(flat[path])
         out.append(f32(name, a.T if transpose else a))
     return out
@@ -162,14 +162,14 @@ def test_loader_maps_every_tensor_and_caches(tmp_path, tiny):
     write_gguf(path, gguf_metadata(), gguf_tensors(params))
     want = flax.traverse_util.flatten_dict(params, sep="/")
     for cache in (False, True, True):  # direct, converting into the cache, from the cache
-        config, loaded, tok = llama.load_gguf(path, cache=cache, directory=tmp_path / "c")
+        config, loaded, tok = llama_gguf.load_gguf(path, cache=cache, directory=tmp_path / "c")
         assert dataclasses_equal(config, CONFIG)
         got = flax.traverse_util.flatten_dict(loaded, sep="/")
         assert got.keys() == want.keys()
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     assert len(list((tmp_path / "c").glob("*.npz"))) == 1
-    _, half, _ = llama.load_gguf(path, dtype=jnp.bfloat16, directory=tmp_path / "c")
+    _, half, _ = llama_gguf.load_gguf(path, dtype=jnp.bfloat16, directory=tmp_path / "c")
     assert half["layers_0"]["attn"]["k_proj"]["kernel"].dtype == jnp.bfloat16
     assert tok.encode("ab ab").tokens == ["ab", "Ġab"]
     assert tok.encode("<s>a").ids == [0, 2]
@@ -184,13 +184,13 @@ def test_a_damaged_model_cache_is_converted_again_and_an_empty_gguf_is_named(tmp
     path = tmp_path / "tiny.gguf"
     write_gguf(path, gguf_metadata(), gguf_tensors(params))
     want = flax.traverse_util.flatten_dict(params, sep="/")
-    npz = llama.cached_npz(path, directory=tmp_path / "c")
+    npz = llama_gguf.cached_npz(path, directory=tmp_path / "c")
     good = npz.read_bytes()
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0x01
     for damaged in (good[:len(good) // 3], b"junk" * 100, bytes(flipped)):
         npz.write_bytes(damaged)
-        _, loaded, _ = llama.load_gguf(path, directory=tmp_path / "c")
+        _, loaded, _ = llama_gguf.load_gguf(path, directory=tmp_path / "c")
         got = flax.traverse_util.flatten_dict(loaded, sep="/")
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
@@ -199,7 +199,7 @@ def test_a_damaged_model_cache_is_converted_again_and_an_empty_gguf_is_named(tmp
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty.gguf is not a GGUF file: 0 bytes"):
-        llama.load_gguf(empty, directory=tmp_path / "c")
+        llama_gguf.load_gguf(empty, directory=tmp_path / "c")
 
 
 def dataclasses_equal(a, b):
@@ -226,7 +226,7 @@ def test_loader_errors_name_the_tensor(tmp_path, tiny, problem):
     path = tmp_path / "bad.gguf"
     write_gguf(path, gguf_metadata(), tensors)
     with pytest.raises(ValueError, match=match):
-        llama.load_gguf(path, cache=False)
+        llama_gguf.load_gguf(path, cache=False)
 
 
 def test_output_head_is_read_when_the_file_has_one(tmp_path, tiny):
@@ -234,7 +234,7 @@ def test_output_head_is_read_when_the_file_has_one(tmp_path, tiny):
     head = np.random.default_rng(1).standard_normal((CONFIG.vocab_size, CONFIG.dim))
     path = tmp_path / "untied.gguf"
     write_gguf(path, gguf_metadata(), gguf_tensors(params) + [f32("output.weight", head)])
-    config, loaded, _ = llama.load_gguf(path, cache=False)
+    config, loaded, _ = llama_gguf.load_gguf(path, cache=False)
     assert not config.tie_embeddings
     np.testing.assert_array_equal(loaded["lm_head"]["kernel"], head.T.astype(np.float32))
 
@@ -270,7 +270,7 @@ def test_causal_mask(tiny):
 def test_cached_decoding_equals_full_recomputation(tiny):
     model, params = tiny
     prompt = np.array([[3, 5, 2, 7], [9, 9, 4, 1]], np.int32)
-    new = llama.generate(model, params, prompt, 6)
+    new = llama_generate.generate(model, params, prompt, 6)
     # without a cache: the whole sequence each time (padded to one length; causal, so the
     # padding after position t does not change its logits)
     forward = jax.jit(lambda t: model.apply({"params": params}, t))
@@ -290,18 +290,18 @@ def test_cached_decoding_equals_full_recomputation(tiny):
 
 def test_generate_stops_at_eos_and_samples(tiny):
     model, params = tiny
-    greedy = llama.generate(model, params, [3, 5], 5)
+    greedy = llama_generate.generate(model, params, [3, 5], 5)
     eos = int(greedy[-1])
-    stop = llama.generate(model, params, [3, 5], 5, eos_id=eos)
+    stop = llama_generate.generate(model, params, [3, 5], 5, eos_id=eos)
     np.testing.assert_array_equal(stop, greedy[:list(greedy).index(eos) + 1])
-    sampled = llama.generate(model, params, [3, 5], 5, temperature=1.0, top_p=0.9,
+    sampled = llama_generate.generate(model, params, [3, 5], 5, temperature=1.0, top_p=0.9,
                              rng=jax.random.key(3))
     assert sampled.shape == (5,) and sampled.max() < CONFIG.vocab_size
     # top_p so small that only the most likely token is left: greedy again
-    np.testing.assert_array_equal(llama.generate(model, params, [3, 5], 5, temperature=1.0,
+    np.testing.assert_array_equal(llama_generate.generate(model, params, [3, 5], 5, temperature=1.0,
                                                  top_p=1e-6, rng=jax.random.key(3)), greedy)
     with pytest.raises(ValueError, match="needs an rng"):
-        llama.generate(model, params, [3, 5], 2, temperature=1.0)
+        llama_generate.generate(model, params, [3, 5], 2, temperature=1.0)
 
 
 def test_structured_adapters_on_rectangular_gqa_projections(tiny):

@@ -11,7 +11,7 @@ import pytest
 
 from surm import models, peft, runs
 from surm.interop import export
-from surm.models import bert, factory, registry, vit
+from surm.models import bert, bert_io, factory, registry, vit
 from test_data_local import make_image_folder
 from test_export import fabricate_run
 from test_train import ROOT, TINY_BERT, load_config, read_metrics
@@ -61,7 +61,7 @@ def test_the_bert_tokenizer_is_the_checkpoints():
     tok = models.get("bert").tokenizer({"checkpoint": "minilm_l6"}, 12)
     assert len(tok.encode("a short sentence").ids) == 12
     assert models.get("bert").tokenizer_folder({"checkpoint": "random"}) == str(
-        bert.minilm_l6_path())
+        bert_io.minilm_l6_path())
 
 
 def test_registration_is_checked(own_registry):

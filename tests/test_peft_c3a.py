@@ -9,7 +9,7 @@ import pytest
 import safetensors.numpy
 
 from surm import peft, structured
-from surm.models import bert
+from surm.models import bert, bert_io
 from surm.interop import c3a
 from surm.peft import tree
 from surm.peft import io as peft_io
@@ -182,7 +182,7 @@ def test_cli_export_then_import_gives_the_run_back(tmp_path, capsys):
     assert c3a.main(["export", str(workdir), str(tmp_path / "c3a")]) == 0
     from surm import runs
     run = runs.load_run(workdir)
-    bert.save(tmp_path / "base", run.model.config, run.base)
+    bert_io.save(tmp_path / "base", run.model.config, run.base)
     assert c3a.main(["import", str(tmp_path / "c3a"), str(tmp_path / "base"),
                      str(tmp_path / "back")]) == 0
     back, spec = peft_io.load(tmp_path / "back", run.base)

@@ -60,7 +60,7 @@ import numpy as np
 import safetensors.numpy
 
 from surm import structured
-from surm.models import bert
+from surm.models import bert, bert_io
 from surm.peft import io as peft_io
 from surm.peft import surgery, tree
 from surm.peft.spec import PeftSpec
@@ -114,7 +114,7 @@ def _base_model_of(config) -> str | None:
     ckpt = config.model.get("checkpoint") or "random"
     if ckpt == "random":
         return None
-    return os.fspath(bert.minilm_l6_path() if ckpt == "minilm_l6" else ckpt)
+    return os.fspath(bert_io.minilm_l6_path() if ckpt == "minilm_l6" else ckpt)
 
 
 def to_c3a(source: Mapping | str | os.PathLike, spec: PeftSpec | None,
@@ -149,7 +149,7 @@ def to_c3a(source: Mapping | str | os.PathLike, spec: PeftSpec | None,
                          f"circulant, mode lora)")
     tensors, block_sizes = {}, {}
     for path, node in tree.flatten(source["adapters"], stop=_is_target).items():
-        module = bert.hf_module(path, pooling)
+        module = bert_io.hf_module(path, pooling)
         scale = np.asarray(jax.device_get(node.get("scale", spec.update_scale)))
         w = kernel_of(node["S"], float(scale))
         tensors[f"{PREFIX}{module}.{KERNEL}"] = w.astype(dtype)
@@ -225,7 +225,7 @@ def from_c3a(c3a_folder: str | os.PathLike, base_params: Mapping, *,
         raise ValueError(f"{folder / CONFIG}: peft_type {config.get('peft_type')!r}, not 'C3A'")
     pooling = "pooler" if "pooler" in base_params else "mean"
     modules = surgery.linear_modules(base_params)
-    by_name = {bert.hf_module(p, pooling): p for p in modules if p.split("/")[0] != HEAD}
+    by_name = {bert_io.hf_module(p, pooling): p for p in modules if p.split("/")[0] != HEAD}
     tensors = safetensors.numpy.load_file(str(folder / WEIGHTS))
     kernels, head, problems = {}, {}, []
     for key, value in tensors.items():
@@ -299,7 +299,7 @@ def _import(args) -> list[str]:
     # Names of a BertForSequenceClassification ("bert." inside) call for its pooler.
     in_classifier = any(k.startswith(f"{PREFIX}bert.") for k in tensors)
     pooling = args.pooling or ("pooler" if in_classifier else None)
-    _, base = bert.load(args.base, num_labels=num_labels, pooling=pooling)
+    _, base = bert_io.load(args.base, num_labels=num_labels, pooling=pooling)
     trainable, spec = from_c3a(args.c3a, base, family=args.family)
     out = pathlib.Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from surm.models import bert, convert_onnx_vit, llama, registry, vit
+from surm.models import bert, bert_io, convert_onnx_vit, llama, llama_gguf, registry, vit
 
 # model.checkpoint values that are names, not paths.
 NAMED_CHECKPOINTS = ("random", "minilm_l6", convert_onnx_vit.NAME)
@@ -81,8 +81,8 @@ class BertEntry(_Pretrained):
                                      dtype=dtype, **dict(_get(cfg, "bert", {})))
             model = bert.BERT(config)
             return model, _init(model, rng, ids), (ids,)
-        folder = bert.minilm_l6_path() if ckpt == "minilm_l6" else ckpt
-        config, params = bert.load(folder, num_labels=num_classes, pooling=pooling, dtype=dtype,
+        folder = bert_io.minilm_l6_path() if ckpt == "minilm_l6" else ckpt
+        config, params = bert_io.load(folder, num_labels=num_classes, pooling=pooling, dtype=dtype,
                                    **dict(_get(cfg, "bert", {})))
         return bert.BERT(config), params, (ids,)
 
@@ -91,19 +91,19 @@ class BertEntry(_Pretrained):
         default MiniLM-L6's)."""
         ckpt = _get(cfg, "checkpoint", "random")
         if ckpt == "random":
-            return os.fspath(_get(cfg, "tokenizer", bert.minilm_l6_path()))
-        return os.fspath(bert.minilm_l6_path() if ckpt == "minilm_l6" else ckpt)
+            return os.fspath(_get(cfg, "tokenizer", bert_io.minilm_l6_path()))
+        return os.fspath(bert_io.minilm_l6_path() if ckpt == "minilm_l6" else ckpt)
 
     def tokenizer(self, cfg, max_length):
-        return bert.load_tokenizer(self.tokenizer_folder(cfg), max_length)
+        return bert_io.load_tokenizer(self.tokenizer_folder(cfg), max_length)
 
     def max_length(self, model) -> int:
         return model.config.max_position_embeddings
 
     def save(self, folder, run, params):
         """A folder that transformers or sentence-transformers run, in the layout the run's
-        pooling calls for (`bert.save`), with the tokenizer of the run's checkpoint."""
-        bert.save(folder, run.model.config, params,
+        pooling calls for (`bert_io.save`), with the tokenizer of the run's checkpoint."""
+        bert_io.save(folder, run.model.config, params,
                   source=self.tokenizer_folder(run.config.model), labels=run.labels,
                   max_length=run.config.input.get("max_length"))
         return pathlib.Path(folder)
@@ -200,7 +200,7 @@ class LlamaEntry(registry.ModelEntry):
             config = llama.LlamaConfig(**sizes, eos_id=self.eos_id(cfg), dtype=jnp.dtype(dtype))
             model = llama.Llama(config)
             return model, _init(model, rng, tokens), (tokens,)
-        config, params, _ = llama.load_gguf(path)
+        config, params, _ = llama_gguf.load_gguf(path)
         config = dataclasses.replace(config, dtype=jnp.dtype(dtype))
         return llama.Llama(config), params, (tokens,)
 
@@ -209,7 +209,7 @@ class LlamaEntry(registry.ModelEntry):
 
     def tokenizer(self, cfg, max_length):
         del max_length  # blocks are cut by `surm.lm`, not by the tokenizer
-        return llama.tokenizer_from_gguf(_gguf_metadata(self.gguf_path(cfg, for_tokenizer=True)))
+        return llama_gguf.tokenizer_from_gguf(_gguf_metadata(self.gguf_path(cfg, for_tokenizer=True)))
 
     def eos_id(self, cfg) -> int:
         """The end-of-text token documents are separated by (the file's EOS token)."""
