@@ -1,5 +1,6 @@
 """Surgery: inject, forward, merge/unmerge, gradients, counts, rules, adapter files."""
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -390,3 +391,28 @@ def test_report_format():
     assert counts["trainable"] == counts["adapter"] + 48 * 3 + 3
     text = peft.format_report(counts)
     assert "encoder/layer/1/attention/self/value" in text and "trainable%" in text
+
+
+def test_presets_take_each_registered_models_own_layer_names(monkeypatch):
+    """The presets name roles; a model's registry entry says which of its layers play them
+    (peft itself names no model), and one registered later joins the presets."""
+    from surm import models
+    from surm.peft import spec as spec_lib
+
+    class Mine(models.ModelEntry):
+        name, modality, input_keys = "presets_probe_model", "image", ("image",)
+        target_names = {"q": ("attn/wq",), "v": ("attn/wv",), "mlp_out": ("ffn/out",)}
+
+        def build(self, cfg, num_classes, rng):
+            raise NotImplementedError
+
+    rules = lambda preset: [p for _, p in spec_lib.expand_rules([preset])]  # noqa: E731
+    matches = lambda preset, path: any(spec_lib.rule_matches(p, path)  # noqa: E731
+                                       for p in rules(preset))
+    assert not matches("qv", "block_0/attn/wq")
+    monkeypatch.setitem(models.registry._ENTRIES, Mine.name, Mine())  # registered, then not
+    assert matches("qv", "block_0/attn/wq") and matches("qv", "block_3/attn/wv")
+    assert matches("houlsby", "block_0/ffn/out") and not matches("qv", "block_0/ffn/out")
+    assert matches("qv", "encoder/layer/0/attention/self/query")  # BERT's, from its entry
+    code = pathlib.Path(spec_lib.__file__).read_text()
+    assert "intermediate/dense" not in code and "q_proj" not in code  # no model's names

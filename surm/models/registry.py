@@ -56,6 +56,10 @@ class ModelEntry:
     # "causal_lm" (outputs: logits per token; the batch holds a ``loss_mask``: `surm.lm`).
     task: str = "classification"
 
+    # Which layers play each role of the PEFT target presets (surm.peft.spec.ROLES: q, k, v, o,
+    # mlp_in, mlp_out), as regexes of their paths' ends: presets like "qv" find them.
+    target_names: Mapping[str, tuple[str, ...]] = {}
+
     # Optional hooks: None where the model has none.
     tokenizer: Callable[[Mapping[str, Any], int], Any] | None = None
     save: Callable[[pathlib.Path, Any, dict], pathlib.Path] | None = None

@@ -11,7 +11,7 @@ NNX models: ``surm.peft.nnx`` (imported on first use: ``peft.nnx.inject(model, s
 """
 from surm.peft import layers, methods
 from surm.peft.report import count, format_report
-from surm.peft.spec import (BASELINES, METHODS, MODES, PRESETS, PeftSpec, Target, config_to_spec,
+from surm.peft.spec import (BASELINES, METHODS, MODES, PeftSpec, Target, config_to_spec,
                             match_targets)
 from surm.peft.surgery import (LORA_PATHS, MATMUL_OVER_FFT_RATE, apply, check_lora_path,
                                flops_per_row, full_params, init, inject, linear_modules,
@@ -21,6 +21,9 @@ from surm.peft.surgery import (LORA_PATHS, MATMUL_OVER_FFT_RATE, apply, check_lo
 
 
 def __getattr__(name):
+    if name == "PRESETS":  # computed on each use: a model registered later adds its names
+        from surm.peft.spec import presets
+        return presets()
     if name == "nnx":  # flax.nnx costs a second to import: only for those who use it
         import importlib
         return importlib.import_module("surm.peft.nnx")

@@ -47,24 +47,44 @@ RANKED = ("lowrank", "kronecker", "ldr")  # the families whose update alpha / ra
 MODES = ("lora", "adapter")
 ACTIVATIONS = ("gelu", "relu", "tanh", "identity")
 
-# Linear layers of the model families: ViT (google names), BERT (Hugging Face names) and the
-# Llama decoder (surm.models.llama: Hugging Face projection names; its MLP input is the gate
-# and the up projection).
-_Q = r"(.*/)?(attention/self/query|MultiHeadDotProductAttention_\d+/query|attn/q_proj)"
-_K = r"(.*/)?(attention/self/key|MultiHeadDotProductAttention_\d+/key|attn/k_proj)"
-_V = r"(.*/)?(attention/self/value|MultiHeadDotProductAttention_\d+/value|attn/v_proj)"
-_O = r"(.*/)?(attention/output/dense|MultiHeadDotProductAttention_\d+/out|attn/o_proj)"
-_MLP_IN = r"(.*/)?(layer/\d+/intermediate/dense|MlpBlock_\d+/Dense_0|mlp/(gate|up)_proj)"
-_MLP_OUT = r"(.*/)?(layer/\d+/output/dense|MlpBlock_\d+/Dense_1|mlp/down_proj)"
-PRESETS: dict[str, tuple[str, ...]] = {
-    "qv": (_Q, _V),
-    "qkv": (_Q, _K, _V),
-    "qkvo": (_Q, _K, _V, _O),
-    "mlp": (_MLP_IN, _MLP_OUT),
-    "all-linear": (_Q, _K, _V, _O, _MLP_IN, _MLP_OUT),
+# Target presets name roles (q, k, v, the attention output o, the MLP's input and output);
+# which layers play a role is what each registered model says (``ModelEntry.target_names``:
+# surm.models), and, for any Flax model, what flax.linen's own attention calls its layers.
+ROLES = ("q", "k", "v", "o", "mlp_in", "mlp_out")
+PRESET_ROLES: dict[str, tuple[str, ...]] = {
+    "qv": ("q", "v"),
+    "qkv": ("q", "k", "v"),
+    "qkvo": ("q", "k", "v", "o"),
+    "mlp": ("mlp_in", "mlp_out"),
+    "all-linear": ROLES,
     # Houlsby placement: after the attention-output and the MLP-output projections.
-    "houlsby": (_O, _MLP_OUT),
+    "houlsby": ("o", "mlp_out"),
 }
+FLAX_NAMES = {"q": (r"MultiHeadDotProductAttention_\d+/query",),
+              "k": (r"MultiHeadDotProductAttention_\d+/key",),
+              "v": (r"MultiHeadDotProductAttention_\d+/value",),
+              "o": (r"MultiHeadDotProductAttention_\d+/out",)}
+
+
+def presets() -> dict[str, tuple[str, ...]]:
+    """{preset: the regexes of its roles}: flax.linen's attention names and every registered
+    model's (``surm.models.register`` adds a model's own)."""
+    from surm import models  # models lie below peft; their entries name their layers
+    names = {role: list(FLAX_NAMES.get(role, ())) for role in ROLES}
+    for model in models.names():
+        for role, patterns in models.get(model).target_names.items():
+            names[role] += [p for p in patterns if p not in names[role]]
+    regex = {role: r"(.*/)?(" + "|".join(names[role]) + ")" for role in ROLES if names[role]}
+    return {preset: tuple(regex[r] for r in roles if r in regex)
+            for preset, roles in PRESET_ROLES.items()}
+
+
+def __getattr__(name: str):
+    if name == "PRESETS":  # computed: registered models add their names
+        return presets()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 HEAD_NAMES = ("head", "classifier")
 _LAYERNORM = re.compile(r"(.*/)?(LayerNorm(_\d+)?|encoder_norm)/(scale|bias)")
 
@@ -304,8 +324,8 @@ def expand_rules(rules: Iterable[str]) -> list[tuple[str, str]]:
     """(rule as written, pattern) pairs; presets expand to their regexes."""
     out = []
     for rule in rules:
-        if rule in PRESETS:
-            out += [(rule, "re:" + pattern) for pattern in PRESETS[rule]]
+        if rule in PRESET_ROLES:
+            out += [(rule, "re:" + pattern) for pattern in presets()[rule]]
         else:
             out.append((rule, rule))
     return out
