@@ -68,7 +68,8 @@ def _curve(log: Sequence[dict], metric: str) -> str:
     """The validation passes of a run as JSON ``[[step, value], ...]`` (the untouched model's
     at step 0 included when it was evaluated)."""
     key = f"validation_{metric}"
-    return json.dumps([[r["step"], r[key]] for r in log if key in r])
+    points = {r["step"]: r[key] for r in log if key in r}  # a step evaluated twice: the last
+    return json.dumps([[step, value] for step, value in sorted(points.items())])
 
 
 def _test_predictions(workdir: pathlib.Path, step: int) -> str:

@@ -119,7 +119,8 @@ def late_gain(runs: Sequence[Mapping]) -> float | None:
     after step 0."""
     gains = []
     for r in runs:
-        points = [(s, v) for s, v in json.loads(r.get("curve") or "[]") if s > 0]
+        points = sorted(dict((s, v) for s, v in json.loads(r.get("curve") or "[]")
+                             if s > 0).items())
         if len(points) < 2:
             continue
         last_step, last = points[-1]
