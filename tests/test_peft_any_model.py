@@ -265,3 +265,41 @@ def test_dense_general_contracting_an_inner_axis():
     assert_close(model.apply({"params": merged}, x),
                  peft.apply(model, frozen, trainable, spec, x, lora_path="structured"))
     assert not np.allclose(model.apply({"params": merged}, x), model.apply({"params": params}, x))
+
+
+@pytest.mark.parametrize("name,rule", [("scan", "blocks/mix"), ("einsum", "key")])
+def test_without_a_trace_a_kernel_of_three_axes_is_refused_never_misread(name, rule):
+    """A scanned Dense's stacked kernel (3, 16, 16) and an Einsum's (2, 16, 8), its input axis
+    in the middle, used to become a 3 -> 256 and a 32 -> 8 matrix, trained and evaluated
+    without a word; now the parameters alone refuse them, naming the trace, which reads them
+    right. (Where the bias spans the kernel's trailing axes, as the query Einsum's, the
+    parameters tell the layout and are read.)"""
+    params, layers = base(name)
+    spec = peft.PeftSpec.create(structure="circulant", targets=rule,
+                                heads=MODELS[name][2])
+    with pytest.raises(ValueError, match=r"pass layers=peft\.layers\.trace\(model, params"):
+        peft.init(params, spec, jax.random.PRNGKey(0))
+    trainable, _ = peft.init(params, spec, jax.random.PRNGKey(0), layers)
+    node = next(iter(tree.flatten(trainable["adapters"], stop=lambda d: "S" in d).values()))
+    assert (node["S"].d_in, node["S"].d_out) == (D, D)
+
+
+def test_an_adapter_for_another_matrix_is_an_error_at_the_call():
+    """Whatever made it, an adapter whose matrix is not the one its layer computes fails at the
+    first call (the layer's layout is read as it runs), never silently."""
+    model = MODELS["mlp"][0]
+    params, layers = base("mlp")
+    spec = spec_for("mlp", "circulant")
+    trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(0), layers)
+    flat = tree.flatten(trainable["adapters"], stop=lambda d: "S" in d)
+    path = next(iter(flat))
+    S = flat[path]["S"]
+    flat[path] = {**flat[path], "S": structured.get("circulant").init(
+        jax.random.PRNGKey(1), S.d_in // 2, S.d_out)}  # a misread width
+    trainable = {**trainable, "adapters": tree.unflatten(flat)}
+    x, _ = digits()
+    for train in (True, False):  # the product on the activations, and the folded kernel
+        with pytest.raises(ValueError, match=rf"{path}: its adapter was made for a "
+                                             rf"{S.d_in // 2} -> {S.d_out} matrix"):
+            peft.apply(model, frozen, trainable, spec, x[:2], training=train,
+                       lora_path="structured" if train else "dense")

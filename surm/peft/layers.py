@@ -99,20 +99,34 @@ def derive(kernel_shape: tuple[int, ...], d_in: int, d_out: int) -> Layout:
     return Layout(shape, tuple(range(k)), stack)
 
 
-def from_params(params: Mapping) -> dict[str, Layout]:
+def from_params(params: Mapping) -> dict[str, Layout | str]:
     """{module path: Layout} for every module with a 2-D or 3-D ``kernel`` (module docstring).
 
-    Convolutions (4-D kernels) and embedding tables are not linear layers here."""
-    out = {}
+    A 3-D kernel is read only where its bias says how: the bias spans the output axes, the
+    kernel's trailing ones (a DenseGeneral such as ViT's (D, heads, D/heads) attention). Any
+    other (no bias, as an Einsum; a bias that is not the kernel's trailing axes, as a layer
+    stacked by ``nn.scan``) maps to the reason a rule that selects it reports: its layout
+    needs ``trace``. Convolutions (4-D kernels) and embedding tables are not linear layers
+    here."""
+    out: dict[str, Layout | str] = {}
     flat = tree.flatten(params)
     for path, leaf in flat.items():
         module, _, name = path.rpartition("/")
         shape = tuple(int(s) for s in leaf.shape)  # arrays or jax.ShapeDtypeStruct alike
         if name != "kernel" or len(shape) not in (2, 3):
             continue
+        if len(shape) == 2:
+            out[module] = Layout(shape, (0,))
+            continue
         bias = flat.get(f"{module}/bias")
-        n_out = len(bias.shape) if bias is not None else 1
-        out[module] = Layout(shape, tuple(range(len(shape) - n_out)))
+        n_out = len(bias.shape) if bias is not None else 0
+        if 0 < n_out < len(shape) and tuple(int(s) for s in bias.shape) == shape[-n_out:]:
+            out[module] = Layout(shape, tuple(range(len(shape) - n_out)))
+        else:
+            out[module] = (f"{module}: its kernel {shape} has 3 axes that the parameters alone "
+                           "do not explain (an Einsum, a DenseGeneral without bias, or a layer "
+                           "under nn.scan / nn.vmap): pass layers=peft.layers.trace(model, "
+                           "params, *inputs) so that the layers are read as they run")
     return out
 
 

@@ -362,7 +362,9 @@ def match_targets(rules: Iterable[str], linear_paths: Iterable[str],
                 if rule_matches(pattern, p)}
         if not hits:
             shown = "\n  ".join(paths[:40]) + ("\n  ..." if len(paths) > 40 else "")
-            raise ValueError(f"target rule {rule!r} matches no linear module. Available "
+            raise ValueError(f"target rule {rule!r} matches no linear module (for layers "
+                             f"under nn.scan, Einsum or DenseGeneral, pass "
+                             f"layers=peft.layers.trace(model, params, *inputs)). Available "
                              f"paths ({len(paths)}):\n  {shown}")
         selected |= hits
     heads = tuple(heads)

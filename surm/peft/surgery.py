@@ -184,6 +184,20 @@ def _update_gradient_bwd(res, g):
 _update_gradient.defvjp(_update_gradient_fwd, _update_gradient_bwd)
 
 
+def _check_shape(path: str, node: Mapping, layout: Layout, method) -> None:
+    """An adapter made for another matrix than the one its layer calls for (a layout misread
+    from the parameters) is an error, never a silently different update."""
+    S = node.get("S")
+    if S is not None and (S.d_in, S.d_out) != method.matrix(layout.d_in, layout.d_out):
+        raise ValueError(_mismatch(path, S, f"{layout.d_in} -> {layout.d_out}"))
+
+
+def _mismatch(path: str, S, layer: str) -> str:
+    return (f"{path}: its adapter was made for a {S.d_in} -> {S.d_out} matrix, but the layer "
+            f"computes {layer}; make the adapters with layers=peft.layers.trace(model, params, "
+            f"*inputs), which reads the layers as they run")
+
+
 class _Interceptor:
     """Adds each targeted layer's update to its output; the nodes come from the layer's scope
     (``SCOPE_KEY``, ``GRADIENT_KEY``), sliced as the layer's kernel is."""
@@ -215,6 +229,7 @@ class _Interceptor:
         path = "/".join(module.path)
         target = self.spec.target(path)
         layout = layers_lib.call_layout(module, args, kwargs)
+        _check_shape(path, node if node is not None else folded, layout, self.method)
         x, back, forth = layers_lib.as_rows(module, args, kwargs, layout)
         if folded is not None:
             scale = jnp.asarray(methods.base.scale_of(folded, target), jnp.float32)
@@ -400,7 +415,11 @@ def _fold(base_params: Mapping, adapters: Mapping, spec: PeftSpec, sign: float,
     for path, node in tree.flatten(adapters, stop=_is_target).items():
         kernel = flat[f"{path}/kernel"]
         S = node["S"]
-        layout = node.get("layout") or layers_lib.derive(kernel.shape, S.d_in, S.d_out)
+        try:
+            layout = node.get("layout") or layers_lib.derive(kernel.shape, S.d_in, S.d_out)
+        except StopIteration:  # no reading of the kernel is a d_in x d_out matrix
+            raise ValueError(_mismatch(path, S, f"a kernel of shape {tuple(kernel.shape)}")
+                             ) from None
         target = spec.target(path)
 
         def delta(n):

@@ -454,6 +454,31 @@ def report(parts: Sequence[Part] = P.PARTS) -> None:
     lines += _cka_section() + _benchmark_sections()
     P.DOC.write_text("\n".join(lines) + "\n")
     print(f"wrote {P.DOC}")
+    headline = P.RECORDS / "headline.md"
+    headline.write_text("\n".join(headline_lines(judged, rows_by_part)) + "\n")
+    print(f"wrote {headline} (README's headline verdicts: paste them there)")
+
+
+def headline_lines(judged: Mapping[str, list[Judged]], rows_by_part: Mapping[str, list]
+                   ) -> list[str]:
+    """README's headline: every judged comparison, one line each, with its CI and corrected p
+    (the table each belongs to named), and what is not judged yet."""
+    lines = []
+    for title, names, _ in _tables():
+        if not any(n in rows_by_part for n in names):
+            continue
+        found = judged.get(title, [])
+        if not found:
+            lines.append(f"- {title}: not judged yet (the study has not finished its runs)")
+            continue
+        for j in found:
+            c = j.verdict.comparison
+            where = (f"k={dict(j.part.base)['shots']}" if "shots" in dict(j.part.base)
+                     else j.part.sweep_grids()[0].datasets[0])
+            lines.append(f"- {title}, {where} ({c.seeds} seeds): {j.ours} − {j.theirs} = "
+                         f"{c.delta:+.4f}, CI [{j.verdict.ci[0]:+.4f}, {j.verdict.ci[1]:+.4f}], "
+                         f"p_holm {j.verdict.p_holm:.2g}: **{j.verdict.outcome}**")
+    return lines
 
 
 def run_cka(part_name: str = "text_bbc", dataset: str = "bbc_news",

@@ -21,6 +21,9 @@ class Adapter(Method):
             node["scale"] = jnp.asarray(target.update_scale, jnp.float32)
         return node
 
+    def matrix(self, d_in, d_out):
+        return d_out, d_out  # on the layer's output
+
     def apply(self, node, spec, target, x, y, dropout):
         S = node["S"]
         act = ACTIVATIONS[spec.activation]

@@ -29,6 +29,10 @@ class Method:
         """The adapter node of one (d_in, d_out) layer."""
         raise NotImplementedError(f"{self.name} puts no adapter on a layer")
 
+    def matrix(self, d_in: int, d_out: int) -> tuple[int, int]:
+        """The (rows, columns) of the structured matrix ``S`` of a (d_in, d_out) layer's node."""
+        return d_in, d_out
+
     def apply(self, node: Mapping, spec: PeftSpec, target: Target, x, y,
               dropout: Callable[[Any], Any]):
         """The layer's output with the adapter, in rows: ``x`` (..., d_in) the layer's input,
