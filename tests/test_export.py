@@ -50,7 +50,7 @@ def fabricate_run(workdir, config, labels, modality):
     runs.write_record(workdir, data.DatasetSpec(name="made-up", tfds_name="made-up",
                                                 modality=modality, num_classes=len(labels),
                                                 splits={}), labels)
-    peft_io.save(workdir / "adapters", trainable, spec)
+    peft_io.save(workdir / "adapters", trainable, spec, base=None)
     return workdir
 
 

@@ -353,7 +353,7 @@ def test_adapter_files_round_trip(tmp_path):
     trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(0))
     trainable = randomize(trainable)
     trainable["base"]["classifier"]["bias"] = trainable["base"]["classifier"]["bias"] + 0.3
-    peft_io.save(tmp_path, trainable, spec)
+    peft_io.save(tmp_path, trainable, spec, base=params)
     loaded, spec2 = peft_io.load(tmp_path, params)
     assert spec2 == spec
     _, frozen2 = peft.split(params, spec2)
@@ -361,7 +361,8 @@ def test_adapter_files_round_trip(tmp_path):
                                   peft.apply(model, frozen, trainable, spec, *inputs))
     other = peft.PeftSpec.create(family="kronecker", hparams={"rank": 1}, targets="qkvo",
                                  learn_scale=True)
-    peft_io.save(tmp_path / "r1", peft.init(params, other, jax.random.PRNGKey(0))[0], other)
+    peft_io.save(tmp_path / "r1", peft.init(params, other, jax.random.PRNGKey(0))[0], other,
+                 base=None)
     (tmp_path / "r1" / "peft_spec.json").write_text(spec.to_json())
     with pytest.raises(ValueError, match="mis-shaped adapters/encoder/layer/0/attention/self/query/S/A"):
         peft_io.load(tmp_path / "r1", params)
@@ -391,6 +392,41 @@ def test_report_format():
     assert counts["trainable"] == counts["adapter"] + 48 * 3 + 3
     text = peft.format_report(counts)
     assert "encoder/layer/1/attention/self/value" in text and "trainable%" in text
+    assert text.startswith("PEFT lora, lowrank rank=2: 4 targeted modules")
+    # a mixed spec names each target's structure, not one for all
+    mixed = peft.PeftSpec.create(structure="circulant", targets="qv",
+                                 patterns={"value": {"structure": "lowrank", "rank": 2}})
+    text = peft.format_report(peft.count(params, peft.init(params, mixed,
+                                                           jax.random.PRNGKey(0))[0], mixed))
+    assert text.splitlines()[0] == ("PEFT lora, circulant on 2, lowrank rank=2 on 2: "
+                                    "4 targeted modules")
+    assert "encoder/layer/0/attention/self/value  lowrank rank=2" in text
+
+
+def test_the_everyday_surface_needs_no_extra_import_and_takes_comma_strings(tmp_path):
+    """peft.save / peft.load and peft.io work after ``from surm import peft`` alone; every
+    list-valued spec field takes "a,b" (train_extra="ln_f" used to train the modules 'l',
+    'n', '_' and 'f'); the base is recorded unless opted out, and checked."""
+    import subprocess
+    import sys
+    code = ("from surm import peft; assert callable(peft.save) and callable(peft.load) "
+            "and callable(peft.io.save)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    spec = peft.PeftSpec.create(structure="circulant", train_extra="pooler/dense,classifier",
+                                heads="classifier", targets="query,value")
+    assert spec.train_extra == ("pooler/dense", "classifier") and spec.heads == ("classifier",)
+    _, params, _ = tiny_bert()
+    trainable, _ = peft.init(params, spec, jax.random.PRNGKey(0))
+    assert "pooler" in trainable["base"]
+    with pytest.raises(TypeError, match="pass base=base_params"):
+        peft.save(tmp_path / "a", trainable, spec)
+    peft.save(tmp_path / "a", trainable, spec, base=params)  # the tree: its identity recorded
+    peft.load(tmp_path / "a", params)
+    other = jax.tree.map(lambda v: v + 1, params)
+    with pytest.raises(ValueError, match="frozen weights sha256"):
+        peft.load(tmp_path / "a", other)
+    peft.save(tmp_path / "b", trainable, spec, base=None)  # on purpose: nothing to check
+    peft.load(tmp_path / "b", other)
 
 
 def test_presets_take_each_registered_models_own_layer_names(monkeypatch):

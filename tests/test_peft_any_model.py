@@ -134,7 +134,7 @@ def test_own_model_trains_merges_and_round_trips(name, family, tmp_path):
     assert any(np.abs(a).max() > 0 for a in jax.tree_util.tree_leaves(tr["adapters"]))
     assert_close(merged, adapted)
 
-    peft_io.save(tmp_path, tr, spec)
+    peft_io.save(tmp_path, tr, spec, base=params)
     loaded, loaded_spec = peft_io.load(tmp_path, params, layers=layers)
     assert loaded_spec == spec
     assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(tr)

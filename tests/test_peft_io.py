@@ -69,7 +69,7 @@ def test_old_folders_and_views_load(tmp_path):
     trainable = peft.init(base, SPEC, jax.random.PRNGKey(0))[0]
     kernel = np.arange(48 * 3, dtype=np.float32).reshape(3, 48).T  # a transposed view
     trainable["base"]["classifier"]["kernel"] = kernel
-    peft_io.save(tmp_path, trainable, SPEC)  # no identity: nothing to check
+    peft_io.save(tmp_path, trainable, SPEC, base=None)  # no identity: nothing to check
     assert not (tmp_path / peft_io.BASE).exists()
     loaded, _ = peft_io.load(tmp_path, with_leaf(base, "pooler/dense/bias", lambda v: v + 1))
     np.testing.assert_array_equal(loaded["base"]["classifier"]["kernel"], kernel)
@@ -80,7 +80,7 @@ def test_a_damaged_or_cut_adapters_file_is_one_error_naming_it(tmp_path):
     load; a cut or garbage file, or a broken spec, is a ValueError naming the file."""
     _, base, _ = tiny_bert()
     trainable = randomize(peft.init(base, SPEC, jax.random.PRNGKey(0))[0])
-    peft_io.save(tmp_path, trainable, SPEC)
+    peft_io.save(tmp_path, trainable, SPEC, base=None)
     weights = tmp_path / peft_io.WEIGHTS
     good = weights.read_bytes()
     peft_io.load(tmp_path, base)  # intact: loads

@@ -192,6 +192,10 @@ def test_mnist_lora_training_then_files(mnist, tmp_path):
     fresh, loaded_spec = peft_nnx.load(tmp_path / "a", MLP(nnx.Rngs(0)))
     assert loaded_spec == spec
     np.testing.assert_array_equal(fresh(x), y)
+    # a model from another seed is another base: refused, unless asked not to check
+    with pytest.raises(ValueError, match="trained on other frozen weights"):
+        peft_nnx.load(tmp_path / "a", MLP(nnx.Rngs(7)))
+    peft_nnx.load(tmp_path / "a", MLP(nnx.Rngs(7)), check_base=False)
 
     # an adapted model can be filled again; a plain wider model cannot take these tensors
     again, _ = peft_nnx.load(tmp_path / "a", peft_nnx.inject(MLP(nnx.Rngs(0)), spec, 5))
@@ -309,7 +313,7 @@ def test_files_are_the_linen_surgery_files(tmp_path):
                                atol=1e-5, rtol=1e-5)
 
     trainable = jax.tree.map(lambda a: a + 0.1, trainable)
-    peft_io.save(tmp_path / "linen", trainable, spec)
+    peft_io.save(tmp_path / "linen", trainable, spec, base=params)
     twin, _ = peft_nnx.load(tmp_path / "linen", model)
     np.testing.assert_allclose(twin(x), peft.apply(LinenPair(), frozen, trainable, spec, x),
                                atol=1e-5, rtol=1e-5)

@@ -7,9 +7,12 @@
 
 Any Linen model: ``layers = peft.layers.trace(model, params, *inputs)`` finds its linear layers
 as they run (Dense, DenseGeneral, Einsum, scanned stacks); pass ``layers=layers`` to ``init``.
-NNX models: ``surm.peft.nnx`` (imported on first use: ``peft.nnx.inject(model, spec)``).
+Adapter files: ``peft.save(folder, trainable, spec, base=params)`` and ``peft.load(folder,
+params)`` (``surm.peft.io``). NNX models: ``surm.peft.nnx`` (imported on first use:
+``peft.nnx.inject(model, spec)``).
 """
-from surm.peft import layers, methods
+from surm.peft import io, layers, methods
+from surm.peft.io import load, save
 from surm.peft.report import count, format_report
 from surm.peft.spec import (BASELINES, METHODS, MODES, PeftSpec, Target, config_to_spec,
                             match_targets)
@@ -32,6 +35,7 @@ def __getattr__(name):
 
 __all__ = ["BASELINES", "LORA_PATHS", "MATMUL_OVER_FFT_RATE", "METHODS", "MODES", "PRESETS",
            "PeftSpec", "Target", "apply", "check_lora_path", "config_to_spec", "count",
-           "flops_per_row", "format_report", "full_params", "init", "inject", "layers",
+           "flops_per_row", "format_report", "full_params", "init", "inject", "io", "layers",
+           "load", "save",
            "linear_modules", "lora_path_for", "match_targets", "merge", "methods",
            "plan_lora_paths", "split", "target_layouts", "targets", "unmerge"]

@@ -96,10 +96,21 @@ def _write(folder: pathlib.Path, name: str, write) -> None:
     os.replace(tmp, folder / name)
 
 
+_REQUIRED = object()
+
+
 def save(folder: str | os.PathLike, trainable: Mapping, spec: PeftSpec, *,
-         base: Mapping | None = None) -> None:
+         base: Mapping | None = _REQUIRED) -> None:
     """Write atomically (temp files, then rename) so a crash never leaves a half-written file.
-    `base`: ``base_identity`` of the pretrained tree, taken before training."""
+    ``base``: the pretrained tree the adapters were trained on (its ``base_identity`` is
+    recorded, and ``load`` checks it), or that identity itself; ``base=None`` records none, on
+    purpose."""
+    if base is _REQUIRED:
+        raise TypeError("save(folder, trainable, spec, base=...): pass base=base_params (the "
+                        "pretrained tree the adapters belong to: recorded, and checked when "
+                        "they are loaded) or base=None to record none")
+    if base is not None and "sha256" not in base:  # the tree itself
+        base = base_identity(base, spec)
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # C order: safetensors writes an array's buffer as it lies, so a transposed view would be

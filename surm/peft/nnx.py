@@ -41,6 +41,7 @@ Layers stacked by ``nnx.vmap`` (one kernel per layer, for ``nnx.scan``) get stac
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pathlib
 from typing import Any, Iterator, Mapping
@@ -49,7 +50,6 @@ import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 from flax import nnx
 
 from surm.peft import io, methods, surgery, tree
@@ -197,10 +197,9 @@ class Adapted(nnx.Module):
 def _walk(model: Any) -> Iterator[tuple[str, tuple, Any]]:
     """(path, path parts, node) of every module and parameter; a wrapper's layer (``base``)
     has the wrapper's path, as it had before the wrapper."""
-    wrapped: set[tuple] = set()
-    for parts, node in nnx.iter_graph(model):
-        if isinstance(node, Adapted):
-            wrapped.add(tuple(parts))
+    graph = list(nnx.iter_graph(model))  # children may come before their wrapper
+    wrapped = {tuple(parts) for parts, node in graph if isinstance(node, Adapted)}
+    for parts, node in graph:
         if not isinstance(node, (nnx.Module, nnx.Param)):
             continue
         kept = [str(p) for i, p in enumerate(parts)
@@ -359,24 +358,39 @@ def unload(model: nnx.Module) -> nnx.Module:
 
 # ---- adapter files -----------------------------------------------------------------------------
 
-def save(folder: str | os.PathLike, model: nnx.Module, spec: PeftSpec | None = None) -> None:
+def base_identity(model: nnx.Module, spec: PeftSpec) -> dict:
+    """The identity of the model's frozen weights under ``spec``: the hash a Linen twin of the
+    model gives too (``surm.peft.io.base_identity``; the parameter paths are the same), so a
+    file moves between the two checked."""
+    params = tree.unflatten({path: np.asarray(var.get_value())
+                             for path, var in _params(model).items()})
+    return io.base_identity(params, spec, type(model).__name__)
+
+
+def save(folder: str | os.PathLike, model: nnx.Module, spec: PeftSpec | None = None, *,
+         base: bool = True) -> None:
     """Write the trainable state and the spec as ``surm.peft.io.save`` does (the same files a
-    Linen model's adapters make). ``spec``: the wrappers' own by default; needed for the
-    methods without adapters (bitfit, probe, full)."""
+    Linen model's adapters make), with the identity of the model's frozen weights, which
+    ``load`` checks (``base=False``: none). ``spec``: the wrappers' own by default; needed for
+    the methods without adapters (bitfit, probe, full)."""
     own = spec_of(model)
     if spec is None and own is None:
         raise ValueError("the model has no adapters, so its spec is not known: pass spec=")
     if spec is not None and own is not None and spec != own:
         raise ValueError("save: the spec given is not the one the model's adapters were made "
                          "with")
-    io.save(folder, trainable(model), spec or own)
+    io.save(folder, trainable(model), spec or own,
+            base=base_identity(model, spec or own) if base else None)
 
 
 def load(folder: str | os.PathLike, model: nnx.Module,
-         rngs: nnx.Rngs | int | jax.Array = 0) -> tuple[nnx.Module, PeftSpec]:
+         rngs: nnx.Rngs | int | jax.Array = 0, *, check_base: bool = True
+         ) -> tuple[nnx.Module, PeftSpec]:
     """(model, spec): ``save``'s files put into ``model``, in place. A plain model is injected
     with the file's spec first; an adapted one must have been made with it. A missing,
-    unexpected or mis-shaped tensor is an error naming it (and leaves a plain model plain)."""
+    unexpected or mis-shaped tensor, or a model whose frozen weights are not those the adapters
+    were trained on (``check_base=False`` loads anyway), is an error naming it (and leaves a
+    plain model plain)."""
     folder = pathlib.Path(folder)
     for name in (io.WEIGHTS, io.SPEC):
         if not (folder / name).is_file():
@@ -392,9 +406,20 @@ def load(folder: str | os.PathLike, model: nnx.Module,
         raise ValueError(f"{folder / io.SPEC} is not the spec the model's adapters were made "
                          f"with: unload the model, or load into a plain one")
     variables = _variables(model)
-    got = safetensors.numpy.load_file(str(folder / io.WEIGHTS))
+    got = io.read_tensors(folder / io.WEIGHTS)
     want = {k: tuple(v.shape) for k, v in variables.items()}
     problems = io.mismatches(want, got)
+    recorded = folder / io.BASE
+    if not problems and check_base and recorded.is_file():
+        try:
+            sha = json.loads(recorded.read_text())["sha256"]
+        except (ValueError, KeyError, TypeError):
+            sha = None
+        mine = base_identity(model, spec)["sha256"]
+        if sha != mine:
+            problems = [f"the adapters were trained on other frozen weights (sha256 {sha}, this "
+                        f"model's {mine}): load them into the model they were trained on, or "
+                        f"pass check_base=False"]
     if problems:
         if injected:
             unload(model)  # the model as it came

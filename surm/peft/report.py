@@ -25,18 +25,35 @@ def count(base_params: Mapping, trainable: Mapping, spec: PeftSpec) -> dict[str,
     base_trainable = _size(trainable.get("base", {}))
     base = _size(base_params)
     total = sum(per_module.values()) + base_trainable
-    return {"family": spec.family, "mode": spec.mode, "targets": list(per_module),
+    structures = {path: _structure_of(spec, path) for path in per_module}
+    return {"family": spec.family, "mode": spec.mode, "method": spec.method,
+            "targets": list(per_module), "structures": structures,
             "per_module": per_module, "adapter": structured_part,
             "adapters_total": sum(per_module.values()), "base_trainable": base_trainable,
             "trainable": total, "base": base, "share": total / base if base else 0.0}
 
 
+def _structure_of(spec: PeftSpec, path: str) -> str:
+    """A target's structure and its hyper-parameters ('lowrank rank=4'), or the method's name
+    where it has no structure (houlsby)."""
+    if spec.structure is None:
+        return spec.family
+    target = spec.target(path)
+    return " ".join([target.structure, *(f"{k}={v}" for k, v in target.hparams)])
+
+
 def format_report(counts: Mapping[str, Any]) -> str:
-    lines = [f"PEFT {counts['family']} ({counts['mode']} mode): "
+    structures = counts.get("structures") or {p: counts["family"] for p in counts["per_module"]}
+    kinds = sorted(set(structures.values()))
+    what = (kinds[0] if len(kinds) == 1 else
+            ", ".join(f"{k} on {sum(v == k for v in structures.values())}" for k in kinds))
+    lines = [f"PEFT {counts.get('method', counts['mode'])}, {what or counts['family']}: "
              f"{len(counts['targets'])} targeted modules"]
     width = max((len(p) for p in counts["per_module"]), default=10)
+    swidth = max((len(v) for v in structures.values()), default=0)
     for path, n in counts["per_module"].items():
-        lines.append(f"  {path:<{width}}  {n:>12,}")
+        shown = f"  {structures[path]:<{swidth}}" if len(kinds) > 1 else ""
+        lines.append(f"  {path:<{width}}{shown}  {n:>12,}")
     lines += [f"  {'adapters (structured matrices alone: ' + format(counts['adapter'], ',') + ')':<{width}}  "
               f"{counts['adapters_total']:>12,}",
               f"  {'base leaves trained in full (head, ...)':<{width}}  {counts['base_trainable']:>12,}",

@@ -218,7 +218,7 @@ class PeftSpec:
         kw["targets"] = _rules(targets)
         if kw.get("heads") is not None:
             kw["heads"] = _rules(kw["heads"])
-        kw["train_extra"] = tuple(kw.get("train_extra") or ())
+        kw["train_extra"] = _rules(kw.get("train_extra") or ())  # "ln_f,wte" or a list
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kw) - known)
         if unknown:
