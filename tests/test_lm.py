@@ -151,7 +151,7 @@ def test_generator_merged_and_unmerged_continue_alike_and_the_cli_prints(tmp_pat
     run = tmp_path / "run"
     (run / "adapters").mkdir(parents=True)
     (run / "config.json").write_text(config.to_json_best_effort())
-    peft_io.save(run / "adapters", jax.device_get(trainable), spec)
+    peft_io.save(run / "adapters", jax.device_get(trainable), spec, base=base)
     assert generate.main(["--workdir", str(run), "--prompt", "The bank said",
                           "--max_tokens", "12"]) == 0
     assert capsys.readouterr().out.strip() == a.strip()

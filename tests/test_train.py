@@ -91,6 +91,29 @@ def test_one_step_and_eval_under_mock_data(tmp_path, config, arg, dataset, metri
     assert plan["backend"] == "cpu" and set(plan["train"]) == set(plan["eval"])
 
 
+def test_the_last_checkpoint_comes_before_the_final_evaluation_and_test_can_be_limited(
+        tmp_path, tmp_path_factory, monkeypatch):
+    """A run stopped in its final evaluations keeps its last step; input.test_examples limits
+    a classifier's test split; the first step's compilation is not counted as a rate."""
+    from surm.checkpointing import kept_steps
+    from surm.train import loop
+    kw = bbc_overrides(tmp_path_factory, **{"total_steps": 3, "eval_every": 3, "ckpt_every": 3,
+                                           "log_every": 1, "input.test_examples": 20})
+    seen = []
+    real = loop._Run.evaluate
+
+    def evaluate(self, role, at_step, train_iter):
+        seen.append((role, kept_steps(self.workdir)))
+        return real(self, role, at_step, train_iter)
+    monkeypatch.setattr(loop._Run, "evaluate", evaluate)
+    train.train_and_evaluate(load_config("default", "dataset=bbc_news", **kw), str(tmp_path))
+    assert seen == [("validation", [3]), ("test", [3])]
+    from surm import predictions
+    assert len(predictions.read(predictions.path(tmp_path, "test", 3))["index"]) == 20
+    logs = [l for l in read_metrics(tmp_path) if "train_loss" in l]
+    assert "examples_per_sec" not in logs[0] and all("examples_per_sec" in l for l in logs[1:])
+
+
 def bbc_overrides(tmp_path_factory, **extra):
     return {**tiny_overrides(prepared_dir("bbc_news", tmp_path_factory)),
             "model.checkpoint": "random", "model.bert": TINY_BERT, "input.max_length": 32,

@@ -69,7 +69,7 @@ class Classification(Task):
         # Validation on the first N examples of the split (stored in a shuffled order).
         evaluation = {"validation": dataset.source(
             "validation", first=config.input.validation_examples or None),
-            "test": dataset.source("test")}
+            "test": dataset.source("test", first=config.input.test_examples or None)}
         return Sources(train, evaluation, train_prep, eval_prep, dataset.label_names(), dataset)
 
     def batch_keys(self, entry) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import pathlib
 import sys
 import time
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
+import tqdm
 
 from surm import (cli, config_fields, data, metrics, models, optim, peft, predictions,
                   sharding, tasks)
@@ -149,6 +151,7 @@ class _Run:
         self.pending: list[tuple[int, dict]] = []  # steps whose metrics are still on device
         self.window: list[float] = []
         self.window_start = time.time()
+        self.untimed = 0  # steps of the window before its clock started (the compile)
 
     # ---- restore and stop ------------------------------------------------------------------
 
@@ -208,12 +211,20 @@ class _Run:
             batch = sharding.global_batch({k: local[k] for k in self.batch_keys}, self.mesh)
             self.state, m = self.train_step(self.state, self.frozen, batch)
             self.pending.append((step, m))
+            if step == self.start + 1:  # compiled and run once: the rate counts from here
+                jax.block_until_ready(m["loss"])
+                self.window_start, self.untimed = time.time(), 1
             last = step == config.total_steps
             evaluate = config.eval_every and (step % config.eval_every == 0 or last)
             save = step % config.ckpt_every == 0 or last
             if step % config.log_every == 0 or last:
                 self.flush(step)
                 self.write_log(step, schedules)
+            if save:  # before the evaluation: a run stopped there keeps its last step
+                self.flush(step)
+                self.ckpts.save(step, self.state, train_iter)
+                if last:  # the final evaluations can take minutes: the step is on disk first
+                    self.ckpts.wait()
             if evaluate:
                 result = self.evaluate("validation", step, train_iter)
                 last_validation = {**result, "step": step}
@@ -221,9 +232,6 @@ class _Run:
                                               self.data_spec.metrics[0]):
                     best = {**result, "step": step}
                 self.log.write({"step": step, **result})
-            if save:
-                self.flush(step)
-                self.ckpts.save(step, self.state, train_iter)
         if config.eval_every and not last_validation:  # resumed after the last step
             last_validation = {**self.evaluate("validation", step, train_iter), "step": step}
             best = best or last_validation
@@ -263,12 +271,14 @@ class _Run:
 
     def write_log(self, step: int, schedules) -> None:
         elapsed = time.time() - self.window_start
-        self.log.write({"step": step, "train_loss": float(np.mean(self.window)),
-                        "learning_rate": float(schedules["adapters"](step - 1)),
-                        "grad_norm": float(self.last_metrics["grad_norm"]),
-                        "examples_per_sec":
-                            len(self.window) * self.config.input.batch_size / elapsed})
-        self.window, self.window_start = [], time.time()
+        timed = len(self.window) - self.untimed  # the first step's compile is not a rate
+        record = {"step": step, "train_loss": float(np.mean(self.window)),
+                  "learning_rate": float(schedules["adapters"](step - 1)),
+                  "grad_norm": float(self.last_metrics["grad_norm"])}
+        if timed > 0:
+            record["examples_per_sec"] = timed * self.config.input.batch_size / elapsed
+        self.log.write(record)
+        self.window, self.window_start, self.untimed = [], time.time(), 0
 
     # ---- evaluation ------------------------------------------------------------------------
 
@@ -279,9 +289,14 @@ class _Run:
         self.flush(at_step)
         outs, index, host = [], [], []
         keep_keys = self.task.host_keys()
-        for local in data.make_eval_batches(self.sources.evaluation[role],
-                                            self.sources.eval_prep,
-                                            global_batch_size=self.config.input.eval_batch_size):
+        source = self.sources.evaluation[role]
+        size = self.config.input.eval_batch_size
+        bar = tqdm.tqdm(total=math.ceil(len(source) / size), desc=role, leave=False,
+                        file=sys.stderr, dynamic_ncols=True, mininterval=2.0,
+                        disable=not self.main)
+        for local in data.make_eval_batches(source, self.sources.eval_prep,
+                                            global_batch_size=size):
+            bar.update()
             self.stop_if_asked(at_step, train_iter)
             batch = sharding.global_batch(
                 {k: local[k] for k in {*self.eval_keys, *keep_keys, "mask", "index"}},
@@ -292,6 +307,7 @@ class _Run:
             outs.append(np.asarray(out)[keep])
             index.append(np.asarray(_fetch(batch["index"]))[keep])
             host.append({k: np.asarray(_fetch(batch[k]))[keep] for k in keep_keys})
+        bar.close()
         pred = self.task.predictions(self.data_spec, np.concatenate(index),
                                      np.concatenate(outs), host)
         if self.main:
