@@ -1,5 +1,7 @@
-"""Text from a fine-tuned causal LM: ``python -m surm.generate --workdir W --prompt "..."``.
+"""Text from a causal LM: ``python -m surm.generate --workdir W --prompt "..."`` (a fine-tuned
+run) or ``--checkpoint smollm2`` (a base model, no training run).
 
+    python -m surm.generate --checkpoint smollm2 --prompt "Why is the sky blue?" --chat
     python -m surm.generate --workdir runs/lm --prompt "The bank said"
     python -m surm.generate --workdir runs/lm --prompt "Summarise: ..." --chat \\
         --temperature 0.7 --top_p 0.9 --max_tokens 80 --seed 1
@@ -16,7 +18,9 @@ its base model is rebuilt from the config (the same GGUF file), its adapters rea
 no adapter cost per token); ``--unmerged`` runs the model with the adapters applied instead
 (the same tokens up to float rounding). Decoding is greedy at temperature 0, else sampled
 (``--top_p`` < 1: nucleus sampling), and stops at the model's end-of-text token or after
-``--max_tokens``. ``--chat`` wraps the prompt in the model's chat format for one user turn.
+``--max_tokens``. ``--chat`` wraps the prompt in the model's chat template for one user turn
+(the GGUF file's ``tokenizer.chat_template``, else ChatML). The time to the first token and
+the tokens per second after it are printed to stderr.
 """
 from __future__ import annotations
 
@@ -34,25 +38,33 @@ from surm.models import llama_generate
 
 
 class Generator:
-    """A causal LM with its trained adapters, and its tokenizer."""
+    """A causal LM (with trained adapters, or a base model alone), and its tokenizer."""
 
-    def __init__(self, config: ml_collections.ConfigDict, model, base: dict, trainable: dict,
-                 spec: peft.PeftSpec, *, merged: bool = True):
+    def __init__(self, config: ml_collections.ConfigDict, model, base: dict,
+                 trainable: dict | None = None, spec: peft.PeftSpec | None = None, *,
+                 merged: bool = True):
         self.config, self.model, self.spec, self.merged = config, model, spec, merged
         entry = models.get(config.model.name)
         self.tokenizer = entry.tokenizer(config.model, config.input.max_length)
         self.eos_id = entry.eos_id(config.model)
-        _, frozen = peft.split(base, spec)
-        if merged:
+        self.chat_template = entry.chat_template(config.model)
+        self.stats: dict = {}  # of the last call: tokens, time to first token, tokens/s
+        self.apply_fn = None
+        if spec is None:  # the base model alone
+            self.params = base
+        elif merged:
+            _, frozen = peft.split(base, spec)
             self.params = peft.merge(peft.full_params(frozen, trainable), trainable["adapters"],
                                      spec)
-            self.apply_fn = None
         else:
+            _, frozen = peft.split(base, spec)
+            frozen = jax.device_put(frozen)
             self.params = trainable
 
             def apply_fn(tr, tokens, cache, index):
                 return peft.apply(model, frozen, tr, spec, tokens, cache, index)
             self.apply_fn = apply_fn
+        self.params = jax.device_put(self.params)  # once: never copied per token
 
     @classmethod
     def from_workdir(cls, workdir: str | pathlib.Path, *, merged: bool = True) -> "Generator":
@@ -65,15 +77,33 @@ class Generator:
         run = runs.load_run(workdir)
         return cls(run.config, run.model, run.base, run.trainable, run.spec, merged=merged)
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str = "smollm2", *, dtype: str = "float32",
+                        model: str = "llama") -> "Generator":
+        """A base model with no training run: ``checkpoint`` is what ``model.checkpoint``
+        takes (``smollm2``, a ``.gguf`` path)."""
+        entry = models.get(model)
+        if not models.is_causal_lm(entry):
+            raise ValueError(f"model {model!r} is not a causal language model")
+        config = ml_collections.ConfigDict({
+            "model": {"name": model, "checkpoint": checkpoint, "dtype": dtype},
+            "input": {"max_length": 0}})
+        entry.check(config.model)
+        built, base, _ = entry.build(config.model, 0, jax.random.PRNGKey(0))
+        return cls(config, built, base)
+
     def __call__(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, chat: bool = False) -> str:
-        text = llama_generate.chat_prompt(prompt) if chat else prompt
+        text = llama_generate.chat_prompt(prompt, template=self.chat_template) if chat else \
+            prompt
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         if not ids:
             raise ValueError("the prompt is empty")
+        self.stats = {}
         new = llama_generate.generate(self.model, self.params, np.asarray(ids), max_tokens,
-                             temperature=temperature, top_p=top_p, eos_id=self.eos_id,
-                             rng=jax.random.key(seed), apply_fn=self.apply_fn)
+                                      temperature=temperature, top_p=top_p, eos_id=self.eos_id,
+                                      rng=jax.random.key(seed), apply_fn=self.apply_fn,
+                                      stats=self.stats)
         new = [int(t) for t in new]
         if self.eos_id in new:
             new = new[:new.index(self.eos_id)]
@@ -85,7 +115,10 @@ def main(argv=None) -> int:
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--workdir", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a finished causal-LM run: its model and adapters")
+    source.add_argument("--checkpoint", help="a base model alone, no training run: smollm2 or "
+                        "a .gguf file")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -104,12 +137,17 @@ def main(argv=None) -> int:
         p.error(f"--top_p must be in (0, 1], got {args.top_p}")
     allocator.configure()
     try:
-        gen = Generator.from_workdir(args.workdir, merged=not args.unmerged)
+        gen = (Generator.from_checkpoint(args.checkpoint) if args.checkpoint else
+               Generator.from_workdir(args.workdir, merged=not args.unmerged))
         print(gen(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                   top_p=args.top_p, seed=args.seed, chat=args.chat))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    st = gen.stats
+    print(f"{st['prompt_tokens']} prompt tokens, {st['new_tokens']} new; first token after "
+          f"{st['first_token_s']:.2f} s (compiling included on a first call), then "
+          f"{st['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
     return 0
 
 

@@ -160,6 +160,14 @@ def test_generator_merged_and_unmerged_continue_alike_and_the_cli_prints(tmp_pat
 
 
 
+def test_generate_runs_a_base_model_with_no_training_run(capsys):
+    from surm import generate
+    assert generate.main(["--checkpoint", "random", "--prompt", "The bank said",
+                          "--max_tokens", "4"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and "tokens/s" in out.err and "first token after" in out.err
+
+
 def test_causal_lm_configs_name_bad_data_before_anything_is_built(tmp_path):
     missing = load_config("causal_lm", f"checkpoint=random,dataset=text:{tmp_path}/none.jsonl")
     with pytest.raises(FileNotFoundError, match="none.jsonl is not a file"):

@@ -304,6 +304,42 @@ def test_generate_stops_at_eos_and_samples(tiny):
         llama_generate.generate(model, params, [3, 5], 2, temperature=1.0)
 
 
+def test_new_prompt_lengths_and_token_counts_reuse_the_compiled_steps(tiny):
+    """Prompts and caches are padded to buckets: lengths 3 and 9, 4 and 7 new tokens, run the
+    same two compiled programs (prompt, then one token), and give what each alone gives."""
+    model, params = tiny
+    step = llama_generate._decode_step(model)
+    llama_generate.generate(model, params, [3, 5, 2], 4)
+    compiled = step._cache_size()
+    stats = {}
+    a = llama_generate.generate(model, params, [3, 5, 2, 7, 4, 1, 1, 2, 3], 7, stats=stats)
+    assert step._cache_size() == compiled == 2
+    assert stats["prompt_tokens"] == 9 and stats["new_tokens"] == 7 and stats["tokens_per_s"] > 0
+    # the padding is never seen: the same tokens as a cache of exactly the needed length
+    forward = jax.jit(lambda t: model.apply({"params": params}, t))
+    seq = np.zeros((1, 16), np.int32)
+    seq[0, :9] = [3, 5, 2, 7, 4, 1, 1, 2, 3]
+    for t in range(9, 16):
+        seq[0, t] = np.argmax(forward(jnp.asarray(seq))[0, t - 1])
+    np.testing.assert_array_equal(a, seq[0, 9:])
+
+
+def test_the_chat_template_of_the_file_is_rendered_as_hugging_face_does():
+    """SmolLM2's template (from its GGUF file) adds its default system turn when none is
+    given; the rendering is the one transformers' apply_chat_template gives for it."""
+    from surm.models import factory
+    entry = factory.registry.get("llama")
+    template = entry.chat_template({"checkpoint": "smollm2"})
+    assert llama_generate.chat_prompt("Hi", template=template) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+        "Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert llama_generate.chat_prompt("Hi", system="Be brief.", template=template) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    with pytest.raises(Exception):  # a template runs in a sandbox: no Python from a file
+        llama_generate.render_chat("{{ ''.__class__.__mro__[1].__subclasses__() }}", [])
+
+
 def test_structured_adapters_on_rectangular_gqa_projections(tiny):
     model, params = tiny
     tokens = jnp.asarray([[3, 5, 2, 7, 4]])

@@ -215,6 +215,10 @@ class LlamaEntry(registry.ModelEntry):
     def max_length(self, model) -> int:
         return model.config.max_len
 
+    def chat_template(self, cfg) -> str | None:
+        return _gguf_metadata(self.gguf_path(cfg, for_tokenizer=True)).get(
+            "tokenizer.chat_template")
+
     def tokenizer(self, cfg, max_length):
         del max_length  # blocks are cut by `surm.lm`, not by the tokenizer
         return llama_gguf.tokenizer_from_gguf(_gguf_metadata(self.gguf_path(cfg, for_tokenizer=True)))

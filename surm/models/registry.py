@@ -73,6 +73,11 @@ class ModelEntry:
     def check(self, cfg: Mapping[str, Any]) -> None:
         pass
 
+    def chat_template(self, cfg: Mapping[str, Any]) -> str | None:
+        """A causal LM's chat template (Jinja, as Hugging Face's); None where it has none."""
+        del cfg
+        return None
+
     def max_length(self, model) -> int | None:
         """The longest token sequence the built ``model`` takes (None: no limit, or no
         tokens); a config asking for more is refused before anything is written."""
