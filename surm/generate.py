@@ -61,8 +61,10 @@ class Generator:
             frozen = jax.device_put(frozen)
             self.params = trainable
 
-            def apply_fn(tr, tokens, cache, index):
-                return peft.apply(model, frozen, tr, spec, tokens, cache, index)
+            def apply_fn(tr, tokens, cache, index):  # a token's update by the fast product:
+                # folding every kernel again at each token would cost a matrix per layer
+                return peft.apply(model, frozen, tr, spec, tokens, cache, index,
+                                  lora_path="structured")
             self.apply_fn = apply_fn
         self.params = jax.device_put(self.params)  # once: never copied per token
 
