@@ -451,4 +451,35 @@ def test_presets_take_each_registered_models_own_layer_names(monkeypatch):
     assert matches("houlsby", "block_0/ffn/out") and not matches("qv", "block_0/ffn/out")
     assert matches("qv", "encoder/layer/0/attention/self/query")  # BERT's, from its entry
     code = pathlib.Path(spec_lib.__file__).read_text()
-    assert "intermediate/dense" not in code and "q_proj" not in code  # no model's names
+    assert r"layer/\\d+/intermediate" not in code  # BERT's MLP names: its entry's
+
+
+def test_disable_adapter_and_the_common_flax_names():
+    """``apply(..., disable_adapter=True)`` is the base model's call; presets find the names
+    Flax code commonly gives its layers (an ``attn`` module's query/value, an ``mlp``'s fc1)."""
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(8, name="query")(x) + nn.Dense(8, name="value")(x)
+            return nn.Dense(4, name="head")(nn.Dense(8, name="fc2")(nn.relu(
+                nn.Dense(16, name="fc1")(h))))
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            attn_out = Block(name="attn")(x)
+            return attn_out
+
+    model = Model()
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8))
+    params = model.init(jax.random.PRNGKey(1), x)["params"]
+    qv = peft.PeftSpec.create(structure="circulant", targets="qv", init="random")
+    assert sorted(peft.targets(params, qv)) == ["attn/query", "attn/value"]
+    trainable, frozen = peft.init(params, qv, jax.random.PRNGKey(2))
+    adapted = peft.apply(model, frozen, trainable, qv, x)
+    base = model.apply({"params": peft.full_params(frozen, trainable)}, x)
+    off = peft.apply(model, frozen, trainable, qv, x, disable_adapter=True)
+    np.testing.assert_allclose(off, base, atol=1e-6)
+    assert np.abs(np.asarray(adapted - base)).max() > 1e-4

@@ -317,3 +317,24 @@ def test_files_are_the_linen_surgery_files(tmp_path):
     twin, _ = peft_nnx.load(tmp_path / "linen", model)
     np.testing.assert_allclose(twin(x), peft.apply(LinenPair(), frozen, trainable, spec, x),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_disable_adapter_runs_the_base_model_and_report_counts():
+    """PEFT's everyday calls: ``disable_adapter`` gives the base model's outputs inside the
+    ``with`` and the adapted ones after; ``report`` is one line of trainable / all numbers."""
+    plain = MLP(nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(0), (4, 49))
+    want = plain(x)
+    spec = PeftSpec.create(method="lora", structure="circulant", targets=["re:layers/.*"],
+                           heads=["out"], init="random")
+    model = peft_nnx.inject(MLP(nnx.Rngs(0)), spec, nnx.Rngs(1))
+    adapted = model(x)
+    assert np.abs(np.asarray(adapted - want)).max() > 1e-4
+    with peft_nnx.disable_adapter(model):
+        np.testing.assert_allclose(model(x), want, atol=1e-6)
+    np.testing.assert_allclose(model(x), adapted, atol=1e-6)
+    line = peft_nnx.report(model)
+    train = sum(int(np.size(v)) for v in jax.tree.leaves(peft_nnx.trainable(model)))
+    total = sum(int(np.size(v)) for v in jax.tree.leaves(nnx.state(plain, nnx.Param)))
+    assert line == (f"trainable params: {train:,} || all params: {total + train - 10 * 28 - 10:,}"
+                    f" || trainable%: {100 * train / (total + train - 10 * 28 - 10):.4f}")

@@ -118,7 +118,6 @@ class ViTEntry(_Pretrained):
 
     name = "vit"
     modality = "image"
-    target_names = {"mlp_in": (r"MlpBlock_\d+/Dense_0",), "mlp_out": (r"MlpBlock_\d+/Dense_1",)}
     input_keys = ("image",)
 
     def build(self, cfg, num_classes, rng):

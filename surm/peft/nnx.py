@@ -40,6 +40,7 @@ Layers stacked by ``nnx.vmap`` (one kernel per layer, for ``nnx.scan``) get stac
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -159,6 +160,7 @@ class Adapted(nnx.Module):
         self.adapter = _nest({n: Adapter(v) for n, v in zip(self.names, leaves)})
         self.dropout = nnx.Dropout(spec.dropout, rngs=rngs) if spec.dropout > 0 else None
         self.merged = False
+        self.disabled = False  # disable_adapter(): the layer's call alone
 
     def adapter_variables(self) -> dict[str, Adapter]:
         """{name in the node ('S/c'): its variable}."""
@@ -176,7 +178,7 @@ class Adapted(nnx.Module):
 
     def __call__(self, inputs, *args, **kwargs):
         y = self.base(inputs, *args, **kwargs)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         equation = None
         if isinstance(self.base, nnx.Einsum):
@@ -342,6 +344,35 @@ def unmerge(model: nnx.Module) -> nnx.Module:
             _fold(w, -1.0)
             w.merged = False
     return model
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nnx.Module) -> Iterator[nnx.Module]:
+    """``with disable_adapter(model):`` the model runs without its adapters (PEFT's context of
+    the same name: the base model's outputs; leaves that train in full stay as trained). A
+    merged model has its update in its kernels: unmerge it first."""
+    ws = wrappers(model)
+    if any(w.merged for w in ws.values()):
+        raise ValueError("disable_adapter: the model is merged (its kernels hold the update); "
+                         "unmerge(model) first")
+    for w in ws.values():
+        w.disabled = True
+    try:
+        yield model
+    finally:
+        for w in ws.values():
+            w.disabled = False
+
+
+def report(model: nnx.Module) -> str:
+    """One line, as PEFT's ``print_trainable_parameters``: the trainable numbers (adapters and
+    the leaves that train in full), all of the model's, and the share."""
+    train = sum(int(np.size(v.get_value())) for v in _variables(model).values())
+    base = sum(int(np.size(v.get_value())) for v in _params(model).values()
+               if not isinstance(v, Trained))
+    total = train + base
+    return (f"trainable params: {train:,} || all params: {total:,} || "
+            f"trainable%: {100 * train / total if total else 0:.4f}")
 
 
 def unload(model: nnx.Module) -> nnx.Module:

@@ -49,7 +49,9 @@ ACTIVATIONS = ("gelu", "relu", "tanh", "identity")
 
 # Target presets name roles (q, k, v, the attention output o, the MLP's input and output);
 # which layers play a role is what each registered model says (``ModelEntry.target_names``:
-# surm.models), and, for any Flax model, what flax.linen's own attention calls its layers.
+# surm.models), and, for any Flax model, the names Flax code commonly gives them (flax.linen's
+# own attention, an ``attn``/``attention`` module's query/key/value/out, an ``mlp`` module's
+# fc1/fc2 or Dense_0/Dense_1).
 ROLES = ("q", "k", "v", "o", "mlp_in", "mlp_out")
 PRESET_ROLES: dict[str, tuple[str, ...]] = {
     "qv": ("q", "v"),
@@ -60,10 +62,11 @@ PRESET_ROLES: dict[str, tuple[str, ...]] = {
     # Houlsby placement: after the attention-output and the MLP-output projections.
     "houlsby": ("o", "mlp_out"),
 }
-FLAX_NAMES = {"q": (r"MultiHeadDotProductAttention_\d+/query",),
-              "k": (r"MultiHeadDotProductAttention_\d+/key",),
-              "v": (r"MultiHeadDotProductAttention_\d+/value",),
-              "o": (r"MultiHeadDotProductAttention_\d+/out",)}
+_ATTN = r"(MultiHeadDotProductAttention_\d+|attn|attention|self_attn|self_attention)"
+FLAX_NAMES = {"q": (_ATTN + "/(query|q_proj|q)",), "k": (_ATTN + "/(key|k_proj|k)",),
+              "v": (_ATTN + "/(value|v_proj|v)",), "o": (_ATTN + "/(out|o_proj|out_proj)",),
+              "mlp_in": (r"(mlp|MlpBlock_\d+)/(fc1|Dense_0|dense_0|wi|wi_0|wi_1|c_fc)",),
+              "mlp_out": (r"(mlp|MlpBlock_\d+)/(fc2|Dense_1|dense_1|wo|c_proj)",)}
 
 
 def presets() -> dict[str, tuple[str, ...]]:

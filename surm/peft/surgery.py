@@ -362,7 +362,8 @@ def _training(training: bool | None, kwargs: Mapping) -> bool:
 
 def apply(model: nn.Module, frozen: Mapping, trainable: Mapping, spec: PeftSpec, *args,
           rng=None, training: bool | None = None, method=None,
-          lora_path: str | Mapping[str, str] = "auto", **kwargs):
+          lora_path: str | Mapping[str, str] = "auto", disable_adapter: bool = False,
+          **kwargs):
     """Run ``model`` with the base parameters and the adapters of ``trainable``:
     ``model.apply({"params": ...}, *args, method=method, **kwargs)``, every argument passed on
     as given (``rngs=`` for the model's own dropout, ``mutable=``, the model's flags).
@@ -372,7 +373,13 @@ def apply(model: nn.Module, frozen: Mapping, trainable: Mapping, spec: PeftSpec,
     ``lora_path`` picks how a lora-mode update is computed, per target: one of ``LORA_PATHS``
     for all (``auto`` decided here, per target: ``lora_path_for``), or a plan
     (``plan_lora_paths``) made before tracing; every path gives the same outputs and gradients
-    up to float rounding."""
+    up to float rounding. ``disable_adapter=True`` runs the model without the adapters (PEFT's
+    ``disable_adapter``: the base model's outputs; leaves that train in full, the head, stay
+    as trained)."""
+    if disable_adapter:  # the base model as it was: no update (what trains in full stays)
+        extra = {"method": method} if method is not None else {}
+        return model.apply({"params": full_params(frozen, trainable)}, *args, **extra,
+                           **kwargs)
     training = _training(training, kwargs)
     if training and rng is None and spec.dropout > 0:
         raise ValueError("apply in training with adapter dropout needs an rng "
