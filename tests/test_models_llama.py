@@ -313,7 +313,9 @@ def test_new_prompt_lengths_and_token_counts_reuse_the_compiled_steps(tiny):
     compiled = step._cache_size()
     stats = {}
     a = llama_generate.generate(model, params, [3, 5, 2, 7, 4, 1, 1, 2, 3], 7, stats=stats)
-    assert step._cache_size() == compiled == 2
+    # (other tests in this process may have compiled sampling variants of the same step: count
+    # only what this call adds)
+    assert step._cache_size() == compiled
     assert stats["prompt_tokens"] == 9 and stats["new_tokens"] == 7 and stats["tokens_per_s"] > 0
     # the padding is never seen: the same tokens as a cache of exactly the needed length
     forward = jax.jit(lambda t: model.apply({"params": params}, t))
