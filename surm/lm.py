@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from surm.data import paths
 from surm.data.text import _as_str
 
 METRIC = "perplexity"  # a causal LM's headline metric (lower is better: surm.metrics)
@@ -105,8 +106,13 @@ def _split_of(text: str) -> str:
 def read_local(path: str | os.PathLike) -> dict[str, list[dict]]:
     """{role: records} of a ``.txt`` or ``.jsonl`` file (module docstring)."""
     path = pathlib.Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"text file {path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a .txt or .jsonl file")
+    problem = paths.not_plain(path)
+    if problem:
+        raise ValueError(problem)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -204,3 +204,44 @@ def test_a_damaged_conversion_cache_is_converted_again_never_read(tmp_path, caps
     assert rebuilt.split_sizes() == sizes
     assert data.get_dataset(f"csv:{path}").data_dir == rebuilt.data_dir
     assert "damaged" not in capsys.readouterr().err
+
+
+# ---- files that are not plain data -------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["gzip", "bzip2", "zip"])
+def test_a_compressed_data_file_is_named_with_the_command_that_opens_it(tmp_path, kind):
+    """A compressed CSV, JSONL or LM text file was read as undecodable lines ("is empty")."""
+    import bz2
+    import gzip
+    import zipfile
+    from surm import lm
+    plain = "text,label\n" + "".join(f"row {i},a\n" for i in range(30))
+    path = tmp_path / f"rows.csv.{kind}"
+    if kind == "gzip":
+        path.write_bytes(gzip.compress(plain.encode()))
+    elif kind == "bzip2":
+        path.write_bytes(bz2.compress(plain.encode()))
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("rows.csv", plain)
+    tool = {"gzip": "gunzip", "bzip2": "bunzip2", "zip": "unzip"}[kind]
+    for fmt in ("csv", "jsonl"):
+        with pytest.raises(local.SpecError, match=f"is a {kind}-compressed file; decompress it "
+                                                  f"first \\({tool} {path.name}\\)"):
+            data.get_dataset(f"{fmt}:{path}")
+    with pytest.raises(ValueError, match=f"is a {kind}-compressed file"):
+        lm.read_local(path)
+
+
+def test_a_named_pipe_is_named_as_one_never_read(tmp_path):
+    """Reading a FIFO blocks until a writer comes: it is refused as what it is (it was called
+    "a folder")."""
+    import os
+    from surm import lm
+    fifo = tmp_path / "rows.csv"
+    os.mkfifo(fifo)
+    for spec in (f"csv:{fifo}", f"folder:{fifo}"):
+        with pytest.raises(local.SpecError, match=r"is a named pipe \(FIFO\), not a regular"):
+            data.get_dataset(spec)
+    with pytest.raises(ValueError, match=r"is a named pipe \(FIFO\)"):
+        lm.read_local(fifo)

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import pathlib
 
+from surm.data import paths
 from surm.data.local.problems import SpecError
 from surm.data.registry import UnknownDatasetError
 
@@ -111,10 +112,13 @@ def _path(name: str, text: str, fmt: str) -> pathlib.Path:
             os.path.expanduser(text)) else ""
         raise FileNotFoundError(f"{name!r}: no such {'folder' if want_folder else 'file'} "
                                 f"{path}{where}")
+    problem = paths.not_plain(path, folder=want_folder, compressed_ok=fmt == "npz")
+    if problem:
+        raise SpecError(f"{name!r}: {problem}")
     if want_folder and not path.is_dir():
         raise SpecError(f"{name!r}: {path} is a file; folder: takes a folder with one "
                         "subfolder per class (for an .npz use npz:PATH)")
-    if not want_folder and not path.is_file():
+    if not want_folder and path.is_dir():
         raise SpecError(f"{name!r}: {path} is a folder; {fmt}: takes a file (for an image "
                         "folder use folder:PATH)")
     return path
