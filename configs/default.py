@@ -55,5 +55,5 @@ def get_config(arg=None):
                        b1=0.9, b2=0.999, momentum=0.9, grad_clip=1.0, schedule="linear",
                        warmup_frac=0.06)
 
-    c.mesh = dict(data=-1, model=1, fsdp=False)
+    c.mesh = dict(data=-1, fsdp=1, model=1)
     return c

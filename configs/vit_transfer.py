@@ -80,5 +80,5 @@ def get_config(arg=None):
     c.optimizer = dict(name="adamw", **config_args.learning_rates(a, "image"),
                        weight_decay=1e-4, b1=0.9, b2=0.999, momentum=0.9, grad_clip=1.0,
                        schedule="cosine", warmup_frac=0.1)
-    c.mesh = dict(data=-1, model=1, fsdp=False)
+    c.mesh = dict(data=-1, fsdp=1, model=1)
     return c

@@ -1,8 +1,11 @@
 """Orbax checkpoints of a run: the trainable state and the data iterator, never the frozen base.
 
-``workdir/checkpoints/<step>/{state, data}``: ``state`` holds the trainable tree (adapters, head,
-...), the optimizer state, the step and the rng; ``data`` the grain iterator's position, so a
-resumed run sees exactly the batches an uninterrupted one would. The frozen base is reloaded
+``workdir/checkpoints/<step>/state`` holds the trainable tree (adapters, head, ...), the
+optimizer state, the step and the rng. The data stream needs no state: its batches are a
+function of the seed and the step (``surm.data.loaders``), so a resumed run sees exactly the
+batches an uninterrupted one would, with any number of processes and on any mesh (a checkpoint
+of an older surm also holds ``data``, the grain iterator's position per process; it is not
+read). The frozen base is reloaded
 from its original file. Saves are asynchronous; the last ``keep`` are kept. A save killed
 half-way leaves a ``<step>.orbax-checkpoint-tmp*`` folder that is never read as a checkpoint and
 is removed by the next run on the workdir (which holds the workdir's lock, so no other run is
@@ -16,7 +19,6 @@ import pathlib
 import sys
 import warnings
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -88,19 +90,17 @@ class Checkpoints:
             self.manager.delete(s)
         return sorted(later)
 
-    def save(self, step: int, state, data_iterator) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator)))
+    def save(self, step: int, state) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
 
-    def restore(self, step: int, state_like, data_iterator):
-        """The saved state (shaped and sharded like ``state_like``); moves the iterator."""
+    def restore(self, step: int, state_like):
+        """The saved state, shaped and sharded like ``state_like``: on this run's mesh, which
+        may differ from the saving run's (other devices, another number of processes)."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
         try:
             with _RestoreNoise():
                 restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator)))
+                    state=ocp.args.StandardRestore(abstract)))
         except Exception as e:  # orbax raises many types for unreadable/mismatched files
             raise CorruptCheckpointError(
                 f"checkpoint {self.directory / str(step)} cannot be restored ({type(e).__name__}: "

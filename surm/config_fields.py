@@ -45,6 +45,7 @@ class Field:
     example: str = ""
     default: Any = dataclasses.field(default=None, compare=False)
     optional: bool = False  # a config may leave it out: ``complete`` fills in ``default``
+    legacy_bool: bool = False  # an int that older configs wrote as true/false (still read)
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with ``value``, or None."""
@@ -52,6 +53,8 @@ class Field:
             return None if self.none else "is required"
         if self.kind == "bool":
             return None if isinstance(value, bool) else "must be true or false"
+        if self.legacy_bool and isinstance(value, bool):
+            return None
         if self.kind == "str":
             if not isinstance(value, str):
                 return "must be text"
@@ -169,7 +172,9 @@ FIELDS: dict[str, Field] = {
     # the device mesh (surm.sharding)
     "mesh.data": _int(-1, 1_000_000, resume=FREE, example="-1 (every device)"),
     "mesh.model": _int(1, 1_000_000, resume=FREE, example="1"),
-    "mesh.fsdp": _bool(resume=FREE, example="false", optional=True, default=False),
+    # -1: every device the others leave; an older config's true/false is -1/1 (``complete``)
+    "mesh.fsdp": _int(-1, 1_000_000, resume=FREE, example="8 (1: no FSDP)", optional=True,
+                      default=1, legacy_bool=True),
 }
 # Subtrees whose keys belong to their owner: a family's hyper-parameters (the PEFT spec), a
 # random model's architecture (the model's config class); checked when those are built, still
@@ -232,6 +237,9 @@ def complete(config: Mapping[str, Any]) -> Any:
                 break
         if isinstance(node, dict) and leaf not in node:
             node[leaf] = field.default
+    mesh = d.get("mesh")
+    if isinstance(mesh, dict) and isinstance(mesh.get("fsdp"), bool):  # an older config's
+        mesh["fsdp"] = -1 if mesh["fsdp"] else 1
     return ml_collections.ConfigDict(d)
 
 

@@ -35,6 +35,7 @@ LOCK = ".lock"
 CONFIG = "config.json"
 CONFIG_CHANGES = "config_changes.jsonl"
 LORA_PLAN = "lora_plan.json"
+MESH = "mesh.json"  # the device mesh the run last ran on: axes, device ids in mesh order
 METRICS = "metrics.jsonl"
 PREDICTIONS = "predictions"
 CHECKPOINTS = "checkpoints"

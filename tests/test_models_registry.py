@@ -145,7 +145,7 @@ def get_config(arg=None):
     c.input = dict(dataset=arg, data_dir="", batch_size=4, eval_batch_size=4)
     c.peft = dict(family="circulant", mode="lora", targets="hidden")
     c.optimizer = dict(name="adamw", lr=1e-2)
-    c.mesh = dict(data=-1, model=1, fsdp=False)
+    c.mesh = dict(data=-1, fsdp=1, model=1)
     return c
 '''
 

@@ -102,9 +102,9 @@ def test_the_last_checkpoint_comes_before_the_final_evaluation_and_test_can_be_l
     seen = []
     real = loop._Run.evaluate
 
-    def evaluate(self, role, at_step, train_iter):
+    def evaluate(self, role, at_step):
         seen.append((role, kept_steps(self.workdir)))
-        return real(self, role, at_step, train_iter)
+        return real(self, role, at_step)
     monkeypatch.setattr(loop._Run, "evaluate", evaluate)
     train.train_and_evaluate(load_config("default", "dataset=bbc_news", **kw), str(tmp_path))
     assert seen == [("validation", [3]), ("test", [3])]
@@ -196,17 +196,18 @@ sys.path[:0] = [{root!r}, {root!r} + "/tests"]
 from test_train import load_config
 from surm import train
 out = {{}}
-for name, data, model, fsdp in (("one", 1, 1, False), ("data8", 8, 1, True),
-                                ("data4_model2", 4, 2, False)):
+for name, data, fsdp, model in (("one", 1, 1, 1), ("data2_fsdp4", 2, 4, 1),
+                                ("data4_model2", 4, 1, 2)):
     cfg = load_config("default", "dataset=bbc_news", **json.loads({kw!r}))
-    cfg.mesh.data, cfg.mesh.model, cfg.mesh.fsdp = data, model, fsdp
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model = data, fsdp, model
     train.train_and_evaluate(cfg, {tmp!r} + "/" + name)
 """
 
 
 def test_meshes_of_8_fake_devices_match_one_device(tmp_path, tmp_path_factory):
-    """data=8 with the frozen base FSDP-sharded, and data=4 x model=2 (tensor parallel); the
-    update on the mixed path (folded into the sharded kernels, its gradient by FFTs)."""
+    """data=2 x fsdp=4 (the batch over both, the state split over fsdp), and data=4 x model=2
+    (tensor parallel); the update on the mixed path (folded into the sharded kernels, its
+    gradient by FFTs split over the batch)."""
     kw = bbc_overrides(tmp_path_factory, **{"total_steps": 4, "eval_every": 100,
                                            "ckpt_every": 100, "peft.lora_path": "mixed"})
     script = MESH_SCRIPT.format(root=str(ROOT), kw=json.dumps(kw), tmp=str(tmp_path))
@@ -216,7 +217,7 @@ def test_meshes_of_8_fake_devices_match_one_device(tmp_path, tmp_path_factory):
     assert out.returncode == 0, out.stderr[-3000:]
     one = _losses(tmp_path / "one")
     assert len(one) == 4
-    for name in ("data8", "data4_model2"):
+    for name in ("data2_fsdp4", "data4_model2"):
         other = _losses(tmp_path / name)
         np.testing.assert_allclose(np.array(other), np.array(one), rtol=1e-4, err_msg=name)
 
@@ -227,31 +228,54 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path, tmp_path_factory):
-    data_dir = prepared_dir("bbc_news", tmp_path_factory)
-    env2 = {"XLA_FLAGS": xla_flags(devices=2)}
+def _two_processes(workdir, data_dir, steps, extra=()):
+    """``surm.train`` in 2 processes of 2 devices each (gloo over loopback); their output."""
     port = _free_port()
-    procs = [_run(_cli(tmp_path / "two", data_dir, 6, (
+    procs = [_run(_cli(workdir, data_dir, steps, (
         "--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-        f"--process_id={i}")), env=env2) for i in range(2)]
+        f"--process_id={i}", *extra)), env={"XLA_FLAGS": xla_flags(devices=2)})
+        for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-    one = _run(_cli(tmp_path / "one", data_dir, 6),
-               env={"XLA_FLAGS": xla_flags(devices=4)})
+
+
+def _one_process(workdir, data_dir, steps, extra=()):
+    one = _run(_cli(workdir, data_dir, steps, extra), env={"XLA_FLAGS": xla_flags(devices=4)})
     out, _ = one.communicate(timeout=600)
     assert one.returncode == 0, out
-    np.testing.assert_allclose(np.array(_losses(tmp_path / "two")),
-                               np.array(_losses(tmp_path / "one")), rtol=1e-5)
-    test = lambda w: [l for l in read_metrics(w) if "test_accuracy" in l][0]["test_accuracy"]
-    assert test(tmp_path / "two") == test(tmp_path / "one")
+
+
+def test_two_processes_match_one_and_resume_across_process_counts(tmp_path, tmp_path_factory):
+    """6 steps in 1 process of 4 devices; 3 steps in 2 processes of 2 devices resumed for 3
+    more in 1 process; 3 in 1 process resumed in 2 on another mesh (data=2 x fsdp=2): all three
+    train on the same global batches and end equal (the data stream is a function of the
+    step; the state is restored onto the new mesh)."""
+    data_dir = prepared_dir("bbc_news", tmp_path_factory)
+    # a constant lr: the schedule would otherwise stretch with total_steps
+    flat = ("--config.optimizer.schedule=constant", "--config.optimizer.warmup_frac=0")
+    more = (*flat, "--allow_resume_change=total_steps")
+    _one_process(tmp_path / "one", data_dir, 6, flat)
+    _two_processes(tmp_path / "two_one", data_dir, 3, flat)
+    _one_process(tmp_path / "two_one", data_dir, 6, more)
+    _one_process(tmp_path / "one_two", data_dir, 3, flat)
+    _two_processes(tmp_path / "one_two", data_dir, 6, (*more, "--config.mesh.data=2",
+                                                       "--config.mesh.fsdp=2"))
+    mesh = json.loads((tmp_path / "one_two" / "mesh.json").read_text())
+    assert mesh["axes"] == {"data": 2, "fsdp": 2, "model": 1} and mesh["processes"] == 2
+    test = lambda w: [l for l in read_metrics(w) if "test_accuracy" in l][-1]["test_accuracy"]
+    for name in ("two_one", "one_two"):
+        np.testing.assert_allclose(np.array(_losses(tmp_path / name)),
+                                   np.array(_losses(tmp_path / "one")), rtol=1e-5,
+                                   err_msg=name)
+        assert test(tmp_path / name) == test(tmp_path / "one")
     # process 1's examples come back to process 0, which stores every one once, in order
     from surm import predictions
     two, one = (predictions.read(predictions.path(tmp_path / w, "test", 6))
-                for w in ("two", "one"))
+                for w in ("one_two", "one"))
     np.testing.assert_array_equal(two["index"], one["index"])
     np.testing.assert_array_equal(two["index"], np.arange(len(one["index"])))
     np.testing.assert_allclose(two["logits"], one["logits"], rtol=1e-4, atol=1e-5)
-    assert_predictions_reproduce_metrics(tmp_path / "two")
+    assert_predictions_reproduce_metrics(tmp_path / "one_two")
 
 
 def test_nan_stops_the_run_and_keeps_the_checkpoint(tmp_path, tmp_path_factory):

@@ -6,11 +6,12 @@ i + 2n, ...`` (``jax.process_index()`` of ``jax.process_count()`` unless given),
 ``global_batch_size // n`` examples per batch, so the batches of all processes together form
 one global batch.
 
-Training: ``make_train_loader`` returns a ``grain.DatasetIterator``. Its ``get_state()`` /
-``set_state()`` (or ``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(it)`` in an
-orbax ``Composite``, one file per process) resume the stream at exactly the next batch: order
-and augmentation depend only on the seed and the position in the stream. Every epoch is
-reshuffled; the incomplete last batch of a finite stream is dropped.
+Training: ``make_train_loader`` returns a ``grain.DatasetIterator``. Order and augmentation
+depend only on the seed and the global batch's number, so ``start_batch=k`` resumes the stream
+at global batch k with any number of processes (what the trainer does: a checkpoint needs only
+its step); the iterator's ``get_state()`` / ``set_state()`` resume it too, with the same number
+of processes and workers. Every epoch is reshuffled; the incomplete last batch of a finite
+stream is dropped.
 
 Evaluation: ``make_eval_batches`` pads every shard with masked copies of a real example to
 the same whole number of batches, so all processes run the same number of steps,
@@ -75,6 +76,7 @@ def make_train_loader(
     shard_count: int | None = None,
     num_epochs: int | None = None,
     num_workers: int = 0,
+    start_batch: int = 0,
 ) -> grain.DatasetIterator:
     """An iterator of training batches: this process's rows of each global batch.
 
@@ -86,6 +88,9 @@ def make_train_loader(
       shard_index, shard_count: this process and the number of processes (default: jax's).
       num_epochs: None repeats forever.
       num_workers: worker processes for reading and preprocessing (0: in this process).
+      start_batch: the first global batch to yield (a resumed run's step): the stream is a
+        function of the seed and the global batch's number alone, so it resumes at the same
+        global examples whatever the number of processes now and before.
     """
     index, count = _shard(shard_index, shard_count)
     batch_size = _local_batch_size(global_batch_size, count)
@@ -96,7 +101,7 @@ def make_train_loader(
     # One global stream (shuffle, augmentation rngs) cut into local batches; process i takes
     # local batches i, i + count, ...: global batch k is the same whatever the process count.
     ds = ds.seed(seed).shuffle().repeat(num_epochs).random_map(preprocess)
-    ds = ds.batch(batch_size, drop_remainder=True)[index::count]
+    ds = ds.batch(batch_size, drop_remainder=True)[index + count * start_batch::count]
     return iter(_iterable(ds, num_workers))
 
 

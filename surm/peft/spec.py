@@ -69,17 +69,34 @@ FLAX_NAMES = {"q": (_ATTN + "/(query|q_proj|q)",), "k": (_ATTN + "/(key|k_proj|k
               "mlp_out": (r"(mlp|MlpBlock_\d+)/(fc2|Dense_1|dense_1|wo|c_proj)",)}
 
 
-def presets() -> dict[str, tuple[str, ...]]:
-    """{preset: the regexes of its roles}: flax.linen's attention names and every registered
-    model's (``surm.models.register`` adds a model's own)."""
+def role_patterns() -> dict[str, str]:
+    """{role: one regex of the paths of the layers that play it}: flax.linen's attention names
+    and every registered model's (``surm.models.register`` adds a model's own)."""
     from surm import models  # models lie below peft; their entries name their layers
     names = {role: list(FLAX_NAMES.get(role, ())) for role in ROLES}
     for model in models.names():
         for role, patterns in models.get(model).target_names.items():
             names[role] += [p for p in patterns if p not in names[role]]
-    regex = {role: r"(.*/)?(" + "|".join(names[role]) + ")" for role in ROLES if names[role]}
+    return {role: r"(.*/)?(" + "|".join(names[role]) + ")" for role in ROLES if names[role]}
+
+
+def presets() -> dict[str, tuple[str, ...]]:
+    """{preset: the regexes of its roles} (``role_patterns``)."""
+    regex = role_patterns()
     return {preset: tuple(regex[r] for r in roles if r in regex)
             for preset, roles in PRESET_ROLES.items()}
+
+
+# Megatron-style tensor parallelism pairs them: the layers that start a block split their
+# outputs, the ones that end it their inputs (surm.sharding).
+COLUMN_ROLES, ROW_ROLES = ("q", "k", "v", "mlp_in"), ("o", "mlp_out")
+
+
+def tensor_parallel_patterns() -> tuple[str, str]:
+    """(column, row): one regex each of the layers that split their outputs / inputs."""
+    regex = role_patterns()
+    return tuple("|".join(f"(?:{regex[r]})" for r in roles if r in regex)
+                 for roles in (COLUMN_ROLES, ROW_ROLES))
 
 
 def __getattr__(name: str):

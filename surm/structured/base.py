@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from surm.structured import partition
+
 Array = jax.Array
 
 INITS = ("zero", "random")
@@ -163,7 +165,8 @@ class Family:
             raise ValueError(f"{self.name}: x must have shape (..., {p.d_in}), got {x.shape}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{self.name}: x must be floating point, got {x.dtype}")
-        return self._apply(p, x).astype(x.dtype)
+        # on a device mesh, each device multiplies only its own rows (surm.structured.partition)
+        return partition.rows_split(self._apply, p, x).astype(x.dtype)
 
     def to_dense(self, p: Params) -> Array:
         """The (d_in, d_out) float32 matrix M with apply(p, x) == x @ M."""

@@ -689,4 +689,26 @@ def _benchmark_sections() -> list[str]:
     lora_path = P.RECORDS / "bench_lora_path.json"
     if lora_path.exists():
         lines += _lora_path_section(json.loads(lora_path.read_text()))
+    scaling = P.RECORDS / "scaling.json"
+    if scaling.exists():
+        lines += _scaling_section(json.loads(scaling.read_text()))
     return lines
+
+
+def _scaling_section(s: dict) -> list[str]:
+    """The compiled cost of one train step per device on 8 devices (scripts/scaling_table.py)."""
+    lines = ["## Scaling past one device (compiled, per device)", "",
+             f"`python scripts/scaling_table.py --json docs/results/scaling.json`: one train "
+             f"step of a global batch of {s['batch']} compiled for {s['devices']} devices "
+             f"({s['platform']}; nothing runs, so the figures are the programs', not a "
+             "machine's): XLA's flop count per device, the megabytes each device holds of the "
+             "trainable parameters with their AdamW state and of the frozen base, and the "
+             "collectives the step runs. Random weights of each model's real size; SmolLM2 with "
+             "every linear layer adapted, the others q and v.", "",
+             "| model | method | mesh | GFLOP | trainable + optimizer MB | frozen MB | "
+             "collectives |", "|---|---|---|---:|---:|---:|---|"]
+    for r in s["rows"]:
+        coll = ", ".join(f"{k} {v}" for k, v in r["collectives"].items() if v) or "none"
+        lines.append(f"| {r['model']} | {r['method']} | {r['mesh']} | {r['gflops']:.2f} | "
+                     f"{r['trainable_and_optimizer_mb']:.2f} | {r['frozen_mb']:.1f} | {coll} |")
+    return lines + [""]

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import jax
 
-from surm import config_fields, data, models, optim, peft, tasks
+from surm import config_fields, data, models, optim, peft, sharding, tasks
 from surm import workdir as workdir_files
 from surm.checkpointing import kept_steps
 
@@ -116,12 +116,12 @@ def check_workdir(config, workdir: pathlib.Path, sources: tasks.Sources | None =
 
 
 def check_batch(global_batch: int, mesh) -> None:
-    data_axis, procs = mesh.shape["data"], jax.process_count()
+    data_axis, procs = sharding.batch_devices(mesh), jax.process_count()
     if global_batch % data_axis or global_batch % procs:
         step = math.lcm(data_axis, procs)
-        raise ConfigError(f"input.batch_size={global_batch} must be divisible by the data axis "
-                          f"({data_axis} devices) and by the {procs} process(es); use e.g. "
-                          f"{step * max(1, global_batch // step)}")
+        raise ConfigError(f"input.batch_size={global_batch} must be divisible by the data and "
+                          f"fsdp axes ({data_axis} devices) and by the {procs} process(es); "
+                          f"use e.g. {step * max(1, global_batch // step)}")
 
 
 def check_max_length(config, entry, model) -> None:

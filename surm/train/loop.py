@@ -52,9 +52,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     task = tasks.for_entry(entry)
     sources = task.sources(config, entry, data_spec)
     task.check_workdir(sources, workdir)
-    train_iter = data.make_train_loader(sources.train, sources.train_prep,
-                                        global_batch_size=config.input.batch_size,
-                                        seed=config.seed, num_workers=config.input.num_workers)
+
+    def train_loader(start_batch: int):
+        return data.make_train_loader(sources.train, sources.train_prep,
+                                      global_batch_size=config.input.batch_size,
+                                      seed=config.seed, num_workers=config.input.num_workers,
+                                      start_batch=start_batch)
+    train_iter = train_loader(0)  # built now: a split too small for a batch is refused here
 
     # Model, pretrained weights, surgery (a target that matches nothing fails here).
     model, params, _ = factory.build(config.model, data_spec.num_classes)
@@ -79,17 +83,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         task.record(sources, data_spec, workdir, write=main, finished=False)
         run = _Run(config, workdir, mesh, model, spec, tx, entry, task, data_spec, sources,
                    state, frozen, main)
-        run.restore(train_iter)
+        run.restore()
+        if run.start:  # the stream from the restored step's batch, whatever the process count
+            train_iter = train_loader(run.start)
         try:
             summary = run.loop(train_iter, schedules)
         finally:
             run.close()
         summary.update(trainable=counts["trainable"], adapter=counts["adapter"],
                        base=counts["base"], wall_seconds=time.time() - wall_start)
+        # on every process: a leaf split over other processes' devices is gathered
+        trainable_host = sharding.to_host(run.state["trainable"])
         if main:
             task.record(sources, data_spec, workdir, write=True, finished=True)
-            peft_io.save(workdir / workdir_files.ADAPTERS,
-                         jax.device_get(run.state["trainable"]), spec, base=base_id)
+            peft_io.save(workdir / workdir_files.ADAPTERS, trainable_host, spec, base=base_id)
             (workdir / workdir_files.SUMMARY).write_text(json.dumps(summary, indent=2))
             _print_final(summary, data_spec, counts)
         return summary
@@ -122,10 +129,7 @@ class _Run:
                  sources, state, frozen, main):
         self.config, self.workdir, self.mesh, self.main = config, workdir, mesh, main
         self.task, self.data_spec, self.sources = task, data_spec, sources
-        repl = sharding.replicated(mesh)
-        state_sh = jax.tree.map(lambda _: repl, state)
-        frozen_sh = sharding.base_shardings(frozen, mesh, config.mesh.fsdp)
-        batch_sh = sharding.batch_sharding(mesh)
+        state_sh, frozen_sh = step_lib.state_shardings(state, frozen, mesh)
         self.state = jax.device_put(state, state_sh)
         self.frozen = jax.device_put(frozen, frozen_sh)
         # How each lora-mode update is computed, decided once, before anything is traced.
@@ -135,17 +139,14 @@ class _Run:
         if main:
             (workdir / workdir_files.LORA_PLAN).write_text(json.dumps(
                 {"backend": jax.default_backend(), **plans}, indent=1))
+            (workdir / workdir_files.MESH).write_text(json.dumps(
+                {**sharding.device_order(mesh), "processes": jax.process_count()}))
         train_step, eval_step = step_lib.make_step_fns(model, spec, tx, entry.inputs, task,
                                                        data_spec, plans["train"],
                                                        plans["eval"])
         self.batch_keys, self.eval_keys = task.batch_keys(entry), task.eval_keys(entry)
-        self.train_step = jax.jit(
-            train_step, in_shardings=(state_sh, frozen_sh, {k: batch_sh for k in self.batch_keys}),
-            out_shardings=(state_sh, repl), donate_argnums=(0,))
-        self.eval_step = jax.jit(
-            eval_step, in_shardings=(state_sh["trainable"], frozen_sh,
-                                     {k: batch_sh for k in self.eval_keys}),
-            out_shardings=repl)
+        self.train_step, self.eval_step = step_lib.jit_steps(
+            train_step, eval_step, mesh, state_sh, frozen_sh, self.batch_keys, self.eval_keys)
         self.ckpts = Checkpoints(workdir, keep=config.keep_checkpoints)
         self.start = 0
         self.pending: list[tuple[int, dict]] = []  # steps whose metrics are still on device
@@ -155,14 +156,14 @@ class _Run:
 
     # ---- restore and stop ------------------------------------------------------------------
 
-    def restore(self, train_iter) -> None:
+    def restore(self) -> None:
         """From ``restore_step`` if given (the later checkpoints are then deleted: the resumed
         run writes its own), else from the latest; then the log, as of that step."""
         ckpts = self.ckpts
         start = self.config.restore_step or ckpts.latest_step() or 0
         if start:
             fresh = self.state["opt_state"]
-            self.state = ckpts.restore(start, self.state, train_iter)
+            self.state = ckpts.restore(start, self.state)
             if not step_lib._all_finite((self.state["trainable"], self.state["opt_state"])):
                 raise CorruptCheckpointError(
                     f"checkpoint {ckpts.directory / str(start)} holds NaN/Inf values (saved by "
@@ -179,13 +180,13 @@ class _Run:
         if self.main:  # as metrics.jsonl: nothing past the restored step
             predictions.drop_after(self.workdir, start)
 
-    def stop_if_asked(self, at_step: int, train_iter) -> None:
+    def stop_if_asked(self, at_step: int) -> None:
         """After SIGINT/SIGTERM (``surm.cli``): the state at ``at_step`` saved, then stop."""
         if not cli.stopped():
             return
         self.flush(at_step)
         if at_step > (self.ckpts.latest_step() or 0):
-            self.ckpts.save(at_step, self.state, train_iter)
+            self.ckpts.save(at_step, self.state)
         self.ckpts.wait()
         saved = self.ckpts.latest_step()
         cli.raise_if_stopped(
@@ -203,10 +204,10 @@ class _Run:
         config, headline = self.config, f"validation_{self.data_spec.metrics[0]}"
         best, last_validation, step = {}, {}, self.start
         if config.eval_at_start and self.start == 0:  # the untouched model, for reference
-            self.log.write({"step": 0, **self.evaluate("validation", 0, train_iter),
-                            **self.evaluate("test", 0, train_iter)})
+            self.log.write({"step": 0, **self.evaluate("validation", 0),
+                            **self.evaluate("test", 0)})
         for step in range(self.start + 1, config.total_steps + 1):
-            self.stop_if_asked(step - 1, train_iter)
+            self.stop_if_asked(step - 1)
             local = next(train_iter)
             batch = sharding.global_batch({k: local[k] for k in self.batch_keys}, self.mesh)
             self.state, m = self.train_step(self.state, self.frozen, batch)
@@ -222,21 +223,21 @@ class _Run:
                 self.write_log(step, schedules)
             if save:  # before the evaluation: a run stopped there keeps its last step
                 self.flush(step)
-                self.ckpts.save(step, self.state, train_iter)
+                self.ckpts.save(step, self.state)
                 if last:  # the final evaluations can take minutes: the step is on disk first
                     self.ckpts.wait()
             if evaluate:
-                result = self.evaluate("validation", step, train_iter)
+                result = self.evaluate("validation", step)
                 last_validation = {**result, "step": step}
                 if not best or metrics.better(result[headline], best[headline],
                                               self.data_spec.metrics[0]):
                     best = {**result, "step": step}
                 self.log.write({"step": step, **result})
         if config.eval_every and not last_validation:  # resumed after the last step
-            last_validation = {**self.evaluate("validation", step, train_iter), "step": step}
+            last_validation = {**self.evaluate("validation", step), "step": step}
             best = best or last_validation
             self.log.write(last_validation)
-        test = self.evaluate("test", step, train_iter)
+        test = self.evaluate("test", step)
         self.log.write({"step": step, **test})
         self.ckpts.wait()
         return {"step": step, **test, "validation": last_validation, "best_validation": best}
@@ -282,7 +283,7 @@ class _Run:
 
     # ---- evaluation ------------------------------------------------------------------------
 
-    def evaluate(self, role: str, at_step: int, train_iter) -> dict[str, float]:
+    def evaluate(self, role: str, at_step: int) -> dict[str, float]:
         """The metrics of one pass over a split; what the model predicted per example goes to
         ``predictions/<role>_<step>.npz`` (`surm.predictions`), and the metrics are computed
         from exactly those arrays."""
@@ -297,7 +298,7 @@ class _Run:
         for local in data.make_eval_batches(source, self.sources.eval_prep,
                                             global_batch_size=size):
             bar.update()
-            self.stop_if_asked(at_step, train_iter)
+            self.stop_if_asked(at_step)
             batch = sharding.global_batch(
                 {k: local[k] for k in {*self.eval_keys, *keep_keys, "mask", "index"}},
                 self.mesh)

@@ -2,13 +2,15 @@
 checkpoint relies on) and the eval step, for any task (``surm.tasks``)."""
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import functools
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from surm import data, peft, tasks
+from surm import data, peft, sharding, tasks
+from surm.structured import partition
 
 
 def _all_finite(tree) -> jax.Array:
@@ -27,6 +29,17 @@ def initial_state(trainable, tx: optax.GradientTransformation, rng: jax.Array) -
     and the run's ``rng`` (each step folds the step number into it)."""
     return {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
             "opt_state": tx.init(trainable), "rng": rng}
+
+
+def rows_split_over(fn: Callable, mesh, axes: Sequence[str]) -> Callable:
+    """``fn`` whose structured products, traced inside it, split their rows over ``axes``
+    of ``mesh`` (``surm.structured.partition``; a fresh function, so no trace made outside
+    the context is reused)."""
+    @functools.wraps(fn)
+    def split(*args, **kwargs):
+        with partition.over_batch(mesh, axes):
+            return fn(*args, **kwargs)
+    return split
 
 
 def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
@@ -73,3 +86,28 @@ def make_step_fns(model, spec: peft.PeftSpec, tx: optax.GradientTransformation,
         return task.eval_outputs(out, batch)
 
     return train_step, eval_step
+
+
+def state_shardings(state, frozen, mesh):
+    """(the train state's shardings, the frozen base's): one rule table for the frozen base,
+    the trainable parameters and the optimizer state alike: FSDP over ``fsdp``, Megatron pairs
+    over ``model`` (``surm.sharding``)."""
+    rules = sharding.rules(*peft.spec.tensor_parallel_patterns())
+    return sharding.shardings(state, mesh, rules), sharding.shardings(frozen, mesh, rules)
+
+
+def jit_steps(train_step, eval_step, mesh, state_sh, frozen_sh, batch_keys, eval_keys):
+    """The train and eval steps jitted with explicit shardings: batches split over the data and
+    fsdp axes, the state as ``state_sh``, the frozen base as ``frozen_sh``; the train step
+    donates its state. Their structured products split over the batch as they are traced
+    (XLA would gather the batch for their FFTs: ``surm.structured.partition``)."""
+    repl, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    axes = sharding.batch_axes(mesh)
+    train = jax.jit(rows_split_over(train_step, mesh, axes),
+                    in_shardings=(state_sh, frozen_sh, {k: rows for k in batch_keys}),
+                    out_shardings=(state_sh, repl), donate_argnums=(0,))
+    evaluate = jax.jit(rows_split_over(eval_step, mesh, axes),
+                       in_shardings=(state_sh["trainable"], frozen_sh,
+                                     {k: rows for k in eval_keys}),
+                       out_shardings=repl)
+    return train, evaluate
