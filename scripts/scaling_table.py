@@ -127,10 +127,11 @@ def main(argv=None) -> None:
                       f"{row['gflops']:9.2f} GFLOP  state {row['trainable_and_optimizer_mb']:8.2f}"
                       f" MB  frozen {row['frozen_mb']:8.2f} MB  "
                       + " ".join(f"{k}={v}" for k, v in c.items() if v), flush=True)
-    out = {"devices": 8, "platform": "cpu (simulated devices)", "batch": BATCH, "rows": rows}
+                if args.json:  # after every row: a long run interrupted keeps what it measured
+                    with open(args.json, "w") as f:
+                        json.dump({"devices": 8, "platform": "cpu (simulated devices)",
+                                   "batch": BATCH, "rows": rows}, f, indent=1)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
         print(f"wrote {args.json}")
 
 
