@@ -8,11 +8,13 @@
 Any Linen model: ``layers = peft.layers.trace(model, params, *inputs)`` finds its linear layers
 as they run (Dense, DenseGeneral, Einsum, scanned stacks); pass ``layers=layers`` to ``init``.
 Adapter files: ``peft.save(folder, trainable, spec, base=params)`` and ``peft.load(folder,
-params)`` (``surm.peft.io``). NNX models: ``surm.peft.nnx`` (imported on first use:
+params)`` (``surm.peft.io``). Several named adapters of one base, one active or a weighted
+combination: ``peft.AdapterSet`` (``surm.peft.named``). NNX models: ``surm.peft.nnx`` (imported on first use:
 ``peft.nnx.inject(model, spec)``).
 """
 from surm.peft import io, layers, methods
 from surm.peft.io import load, save
+from surm.peft.named import AdapterSet
 from surm.peft.report import count, format_report
 from surm.peft.spec import (BASELINES, METHODS, MODES, PeftSpec, Target, config_to_spec,
                             match_targets)
@@ -33,7 +35,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'surm.peft' has no attribute {name!r}")
 
 
-__all__ = ["BASELINES", "LORA_PATHS", "MATMUL_OVER_FFT_RATE", "METHODS", "MODES", "PRESETS",
+__all__ = ["AdapterSet", "BASELINES", "LORA_PATHS", "MATMUL_OVER_FFT_RATE", "METHODS", "MODES", "PRESETS",
            "PeftSpec", "Target", "apply", "check_lora_path", "config_to_spec", "count",
            "flops_per_row", "format_report", "full_params", "init", "inject", "io", "layers",
            "load", "save",
