@@ -21,13 +21,13 @@ import jax
 
 from surm import structured
 from surm.peft.report import count
+from surm.peft import spec as spec_lib
 from surm.peft.spec import PeftSpec, config_to_spec
 from surm.peft.surgery import init, targets
 from surm.structured.base import DIVISOR, RANK
 
 #: what the baselines that are not structured families can search
 BASELINE_SEARCHABLE = {"houlsby": {"rank": RANK}}
-NO_ADAPTERS = ("bitfit", "linear_probe", "full")
 
 
 def searchable(family: str) -> Mapping[str, Any]:
@@ -87,7 +87,7 @@ class Match:
     fits: bool
 
     def row(self, budget: int) -> str:
-        mode = self.counts["mode"] if self.family not in NO_ADAPTERS else "-"
+        mode = self.counts["mode"] if spec_lib.has_adapters(self.family) else "-"
         verdict = "fits" if self.fits else "OVER: no setting fits"
         return (f"{self.family:<18} {mode:<8} {_key(self.hparams) or '-':<22} "
                 f"{self.params:>12,} {self.counts['adapter']:>12,} {self.counts['trainable']:>12,}"

@@ -115,6 +115,17 @@ STRUCTURED_METHODS = ("lora", "adapter")  # the methods whose matrices have a st
 _METHOD_OF_FAMILY = {"houlsby": "houlsby", "bitfit": "bitfit", "linear_probe": "probe",
                      "full": "full"}
 _FAMILY_OF_METHOD = {v: k for k, v in _METHOD_OF_FAMILY.items()}
+
+
+def method_of(family: str) -> str:
+    """The method an older ``family`` name runs: a baseline's own, else lora (a structure)."""
+    return _METHOD_OF_FAMILY.get(family, "lora")
+
+
+def has_adapters(family: str) -> bool:
+    """Whether a ``family`` (a structure or a baseline) adds adapters, and so has a mode:
+    asked of its method (``methods.get(m).adapters``), not listed."""
+    return methods.get(method_of(family)).adapters
 # what a per-target pattern may set besides the structure's hyper-parameters
 _PATTERN_KEYS = ("structure", "scale", "alpha")
 

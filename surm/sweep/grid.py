@@ -21,7 +21,6 @@ from surm import data, peft, structured
 #: the config arguments a grid tunes (chosen on validation) rather than compares
 TUNED = ("lr", "head_lr")
 TIED = "lr"  # head_lr=lr: the head trains at each tried lr
-NO_ADAPTER_BASELINES = ("bitfit", "linear_probe", "full")
 
 
 class SweepError(ValueError):
@@ -176,7 +175,7 @@ class Method:
 
 def modes_for(family: str, modes: Sequence[str] | None) -> list[str | None]:
     """The modes a family runs in (None: the config's default)."""
-    if family in NO_ADAPTER_BASELINES:
+    if not peft.spec.has_adapters(family):
         return [None]
     if family == "houlsby":
         return ["adapter"]
