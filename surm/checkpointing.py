@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a run: the trainable state and the data iterator, never the frozen base.
+"""Orbax checkpoints of a run: the trainable state, never the frozen base.
 
 ``workdir/checkpoints/<step>/state`` holds the trainable tree (adapters, head, ...), the
 optimizer state, the step and the rng. The data stream needs no state: its batches are a

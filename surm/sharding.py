@@ -1,7 +1,7 @@
 """The device mesh and every sharding of a run, from one rule table.
 
-Mesh axes (config ``mesh.data``, ``mesh.fsdp``, ``mesh.model``; one of data and fsdp may be -1:
-it takes the devices the others leave):
+Mesh axes (config ``mesh.data``, ``mesh.fsdp``, ``mesh.model``; -1 takes the devices the others
+leave, and where data and fsdp both say -1, fsdp takes them):
 
 - ``data``: plain data parallelism; whatever is not split over fsdp or model is replicated
   along it.
@@ -52,8 +52,6 @@ def mesh_shape(cfg: Mapping[str, Any], n_devices: int) -> tuple[int, int, int]:
         if n == 0 or n < -1:
             raise ValueError(f"mesh.{name}={n} must be a positive number of devices (or -1 "
                              f"for the rest)")
-    if data == -1 and fsdp == -1:
-        raise ValueError("only one of mesh.data and mesh.fsdp may be -1")
     fixed = model * max(data, 1) * max(fsdp, 1)
     if fixed > n_devices:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} x model={model} needs more than the "
