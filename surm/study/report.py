@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import pathlib
 import statistics
@@ -212,9 +213,32 @@ def _settings(part: Part) -> str:
                 f"articles of its split; validation {passes} times per run and at step 0 (the "
                 f"untouched model); {len(part.seeds)} seeds")
     n = sets.get("input.validation_examples")
-    return (what + f"; validation on {f'the first {n}' if n else 'all the'} validation "
+    fits = ""
+    if "max_length" in base and "shots" not in base:
+        share, median = _fits(part.sweep_grids()[0].datasets[0], int(base["max_length"]))
+        fits = (f" ({100 * share:.0f}% of the training texts fit in {base['max_length']} "
+                f"tokens whole; the median is {median:.0f})")
+    return (what + fits + f"; validation on {f'the first {n}' if n else 'all the'} validation "
             f"examples, {passes} times per run; test on the whole test split after the last "
             f"step; {len(part.seeds)} seeds")
+
+
+@functools.lru_cache(maxsize=None)
+def _fits(dataset: str, max_length: int) -> tuple[float, float]:
+    """(the share of the training texts of ``dataset`` whose MiniLM tokens, [CLS] and [SEP]
+    included, fit in ``max_length``; their median count)."""
+    import tokenizers
+    from surm import data
+    from surm.models import bert_io
+    tok = tokenizers.Tokenizer.from_file(str(pathlib.Path(bert_io.minilm_l6_path()) /
+                                             "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    source = data.get_dataset(dataset).source("train")
+    spec = data.get_spec(dataset)
+    texts = [str(source[i][spec.text_keys[0]]) for i in range(len(source))]
+    counts = [len(e.ids) for e in tok.encode_batch(texts)]
+    return sum(c <= max_length for c in counts) / len(counts), statistics.median(counts)
 
 
 def _untouched(rows: Sequence[dict]) -> float | None:
