@@ -215,18 +215,18 @@ def _settings(part: Part) -> str:
     n = sets.get("input.validation_examples")
     fits = ""
     if "max_length" in base and "shots" not in base:
-        share, median = _fits(part.sweep_grids()[0].datasets[0], int(base["max_length"]))
-        fits = (f" ({100 * share:.0f}% of the training texts fit in {base['max_length']} "
-                f"tokens whole; the median is {median:.0f})")
+        fit, total, median = _fits(part.sweep_grids()[0].datasets[0], int(base["max_length"]))
+        fits = (f" ({fit:,} of the {total:,} training texts ({100 * fit / total:.1f}%) fit in "
+                f"{base['max_length']} tokens whole; the median text has {median:.0f})")
     return (what + fits + f"; validation on {f'the first {n}' if n else 'all the'} validation "
             f"examples, {passes} times per run; test on the whole test split after the last "
             f"step; {len(part.seeds)} seeds")
 
 
 @functools.lru_cache(maxsize=None)
-def _fits(dataset: str, max_length: int) -> tuple[float, float]:
-    """(the share of the training texts of ``dataset`` whose MiniLM tokens, [CLS] and [SEP]
-    included, fit in ``max_length``; their median count)."""
+def _fits(dataset: str, max_length: int) -> tuple[int, int, float]:
+    """(how many training texts of ``dataset`` fit in ``max_length`` MiniLM tokens, [CLS] and
+    [SEP] included; how many there are; their median count)."""
     import tokenizers
     from surm import data
     from surm.models import bert_io
@@ -238,7 +238,7 @@ def _fits(dataset: str, max_length: int) -> tuple[float, float]:
     spec = data.get_spec(dataset)
     texts = [str(source[i][spec.text_keys[0]]) for i in range(len(source))]
     counts = [len(e.ids) for e in tok.encode_batch(texts)]
-    return sum(c <= max_length for c in counts) / len(counts), statistics.median(counts)
+    return sum(c <= max_length for c in counts), len(counts), statistics.median(counts)
 
 
 def _untouched(rows: Sequence[dict]) -> float | None:
