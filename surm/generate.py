@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from surm import allocator, models, peft, runs
+from surm import workdir as workdir_files
 from surm.models import llama_generate
 
 
@@ -70,7 +71,7 @@ class Generator:
 
     @classmethod
     def from_workdir(cls, workdir: str | pathlib.Path, *, merged: bool = True) -> "Generator":
-        workdir = pathlib.Path(workdir)
+        workdir = workdir_files.local(workdir)
         config = runs.finished_config(workdir)
         if not models.is_causal_lm(models.get(config.model.name)):
             raise ValueError(f"{workdir} trained model.name={config.model.name!r}, a "

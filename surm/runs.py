@@ -42,7 +42,7 @@ def read_record(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) 
     the same. Raises FileNotFoundError (one line, saying what to write) when neither does, and
     ValueError for a damaged record.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = workdir_files.local(workdir)
     path = workdir / RECORD
     name = config.input.dataset
     if path.is_file():
@@ -121,7 +121,7 @@ class Run:
 def finished_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     """The config of the finished run in ``workdir``; FileNotFoundError when it holds none
     (a run writes ``config.json`` first and ``adapters/`` at its end)."""
-    workdir = pathlib.Path(workdir)
+    workdir = workdir_files.local(workdir)
     config_file = workdir / workdir_files.CONFIG
     adapters = workdir / workdir_files.ADAPTERS
     if not config_file.is_file() or not (adapters / peft_io.WEIGHTS).is_file():
@@ -139,7 +139,7 @@ def load_run(workdir: str | pathlib.Path) -> Run:
 
     from surm import models
 
-    workdir = pathlib.Path(workdir)
+    workdir = workdir_files.local(workdir)
     config = finished_config(workdir)
     if models.is_causal_lm(models.get(config.model.name)):  # no classes: next-token logits
         record = {"dataset": config.input.dataset, "modality": "text", "num_classes": 0,

@@ -5,6 +5,7 @@ Files (every module that reads or writes a workdir takes the names from here)::
     config.json            the run's config, as it runs now (CONFIG)
     config_changes.jsonl   what a resumed run changed on purpose, and from which step
     lora_plan.json         how each lora-mode update is computed, in training and evaluation
+    mesh.json              the device mesh the run last ran on (axes, device ids in order)
     metrics.jsonl          one JSON object per log, eval and test line (surm.run_log)
     predictions/           per-example predictions of every evaluation (surm.predictions)
     checkpoints/           orbax checkpoints (surm.checkpointing)
@@ -27,6 +28,7 @@ import contextlib
 import fcntl
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 from typing import Iterator
@@ -52,6 +54,22 @@ SWEEP_ERROR = "error.txt"
 class WorkdirBusyError(RuntimeError):
     pass
 
+
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def local(path: str | os.PathLike) -> pathlib.Path:
+    """``path`` as a local folder path; a URL (``gs://bucket/run``) is refused by name, never
+    turned into a local folder called ``gs:`` (a pod's workdir is a shared file system, or a
+    bucket mounted as one, e.g. with gcsfuse)."""
+    text = os.fspath(path)
+    url = _URL.match(text)
+    if url:
+        raise ValueError(f"{text}: a workdir is a folder of a file system; {url.group(1)}:// "
+                         f"paths are not read. Mount the bucket (e.g. gcsfuse) and give the "
+                         f"mounted path")
+    return pathlib.Path(text)
 
 def _busy(workdir: pathlib.Path, fd: int) -> WorkdirBusyError:
     holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"

@@ -41,6 +41,15 @@ def _cases(tmp: pathlib.Path):
         "train: an empty workdir": ([*TRAIN, "--workdir", ""], 2, "--workdir are required"),
         "train: a workdir that is a file": (
             [*TRAIN, "--workdir", str(file)], 1, "is a file, not a folder"),
+        "train: a gs:// workdir": (
+            [*TRAIN, "--workdir", "gs://bucket/run"], 1, "gs:// paths are not read"),
+        "export: a gs:// workdir": (
+            ["-m", "surm.export", "--workdir", "gs://bucket/run", "--out", str(tmp / "o")], 1,
+            "gs:// paths are not read"),
+        "sweep: a gs:// root": (
+            ["-m", "surm.sweep", "--config", "configs/default.py", "--base", "checkpoint=random",
+             "--families", "circulant", "--root", "gs://bucket/sweep"], 2,
+            "gs:// paths are not read"),
         "train: a workdir under a file": (
             [*TRAIN, "--workdir", str(file / "run")], 1, "is a file, not a folder"),
         "generate: a NaN temperature": (

@@ -48,7 +48,7 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict[str, st
     """Writes the run in `workdir` to `out` (see the module docstring); returns what was
     written (kind -> path). Raises FileNotFoundError, FileExistsError or ValueError, each with
     a one-line message, before anything is written."""
-    workdir, out = pathlib.Path(workdir), pathlib.Path(out)
+    workdir, out = workdir_files.local(workdir), workdir_files.local(out)
     _check_out(out)
     run = runs.load_run(workdir)
     bad = [name for name, leaf in peft.tree.flatten(run.trainable).items()

@@ -87,6 +87,7 @@ import sys
 from typing import Any, Sequence
 
 from surm import cli
+from surm import workdir as workdir_files
 from surm.sweep import records as records_lib
 from surm.sweep import runner
 from surm.sweep.api import match_config_budget, write_results
@@ -247,6 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not root:
         raise SweepError("give --root DIR: where the runs' workdirs and the results go")
+    try:
+        workdir_files.local(root)
+    except ValueError as e:
+        raise SweepError(f"--root {e}") from None
     if pathlib.Path(root).exists() and not pathlib.Path(root).is_dir():
         raise SweepError(f"--root {root} is a file; give a folder for the runs' workdirs")
     runs = runner.plan(grid, root, methods)

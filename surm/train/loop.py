@@ -40,7 +40,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     may change on purpose (``surm.config_fields.ON_REQUEST``: total_steps to extend a run, the
     learning rates), each change recorded in ``config_changes.jsonl``."""
     wall_start = time.time()
-    workdir = pathlib.Path(workdir)
+    try:
+        workdir = workdir_files.local(workdir)
+    except ValueError as e:
+        raise checks.ConfigError(str(e)) from None
     config = config_fields.complete(config)
     spec, data_spec = checks.check_config(config, workdir, allow_resume_change)
     mesh = sharding.make_mesh(config.mesh)
