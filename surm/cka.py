@@ -55,13 +55,13 @@ def weight_updates(run: Run) -> dict[str, np.ndarray]:
     fine-tuning run, the adapted ones of a lora-mode run."""
     modules = peft.linear_modules(run.base)
     base = tree.flatten(run.base)
-    if run.spec.family == "full":
+    if run.spec.method == "full":
         tuned = tree.flatten(run.params)
         return {p: (np.asarray(tuned[f"{p}/kernel"], np.float64)
                     - np.asarray(base[f"{p}/kernel"], np.float64)).reshape(modules[p])
                 for p in modules if f"{p}/kernel" in tuned}
     if not run.spec.mergeable:
-        raise ValueError(f"{run.workdir}: a {run.spec.family}/{run.spec.mode} run has no weight "
+        raise ValueError(f"{run.workdir}: a {run.spec.label} run has no weight "
                          f"update matrix to compare (CKA of weights needs full fine-tuning or a "
                          f"lora-mode run; compare representations instead)")
     out = {}
@@ -86,7 +86,7 @@ def compare_weights(full: Run, run: Run, seed: int = 0,
     deltas_full, deltas = weight_updates(full), weight_updates(run)
     if paths is not None:
         deltas = {p: deltas[p] for p in paths}
-    nodes = ({} if run.spec.family == "full" else
+    nodes = ({} if run.spec.method == "full" else
              tree.flatten(run.trainable["adapters"], stop=lambda n: "S" in n))
     rng = np.random.default_rng(seed)
     per = {}
@@ -178,7 +178,7 @@ def report(full: Run, runs: Mapping[str, Run], full_other: Run | None = None,
         entry = {"workdir": str(run.workdir), "method": method_name(run.spec),
                  "representations": compare_representations(reference,
                                                              layer_outputs(run, examples))}
-        if run.spec.mergeable or (run.spec.family == "full" and adapted):
+        if run.spec.mergeable or (run.spec.method == "full" and adapted):
             weights = compare_weights(full, run, paths=None if run.spec.mergeable else adapted)
             entry["weights"] = {k: v for k, v in weights.items() if k != "per_matrix"}
         out["runs"][name] = entry

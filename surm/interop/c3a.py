@@ -143,10 +143,10 @@ def to_c3a(source: Mapping | str | os.PathLike, spec: PeftSpec | None,
         raise ValueError("to_c3a of a trainable tree needs its spec")
     if dtype not in ("float64", "float32"):
         raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
-    if not spec.mergeable or spec.family not in FAMILIES:
-        raise ValueError(f"C3A is a lora-mode block-circulant update: a {spec.family}/"
-                         f"{spec.mode} spec has no C3A form (use family block_circulant or "
-                         f"circulant, mode lora)")
+    if spec.method != "lora" or spec.structure not in FAMILIES:
+        raise ValueError(f"C3A is a lora-mode block-circulant update: a {spec.label} spec has "
+                         f"no C3A form (use method lora with structure block_circulant or "
+                         f"circulant)")
     tensors, block_sizes = {}, {}
     for path, node in tree.flatten(source["adapters"], stop=_is_target).items():
         module = bert_io.hf_module(path, pooling)
@@ -306,7 +306,7 @@ def _import(args) -> list[str]:
         raise FileExistsError(f"{out} exists and is not an empty folder; write into a new one")
     peft_io.save(out, trainable, spec,
                  base=peft_io.base_identity(base, spec, f"bert:{args.base}"))
-    return [f"adapters: {out} ({spec.family}, {len(spec.targets)} modules, "
+    return [f"adapters: {out} ({spec.label}, {len(spec.targets)} modules, "
             f"hparams {dict(spec.hparams)}, {num_labels} outputs)"]
 
 

@@ -74,7 +74,7 @@ class ParamCounter:
         output side (d_out, d_out) in adapter mode."""
         spec = self.spec(family, mode, {})
         return [d for d_in, d_out in targets(self.shapes, spec).values()
-                for d in ((d_in, d_out) if spec.mode == "lora" else (d_out,))]
+                for d in ((d_in, d_out) if spec.method == "lora" else (d_out,))]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ def _structure_of(spec: PeftSpec, path: str) -> str:
     """A target's structure and its hyper-parameters ('lowrank rank=4'), or the method's name
     where it has no structure (houlsby)."""
     if spec.structure is None:
-        return spec.family
+        return spec.method
     target = spec.target(path)
     return " ".join([target.structure, *(f"{k}={v}" for k, v in target.hparams)])
 

@@ -257,7 +257,13 @@ class PeftSpec:
                              f"{sorted(known | {'family', 'mode'})}")
         return cls(**kw)
 
-    # ---- the older vocabulary ------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        """The method and its structure, for messages: 'lora circulant', 'houlsby'."""
+        return f"{self.method} {self.structure}" if self.structure else self.method
+
+    # ---- the configs' vocabulary (read by the sweep's records; the package speaks method and
+    # structure) ---------------------------------------------------------------------------------
     @property
     def family(self) -> str:
         """The structure, or the method's name where it has none (``linear_probe`` for probe)."""

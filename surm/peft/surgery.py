@@ -259,7 +259,7 @@ def check_lora_path(spec: PeftSpec, path: str, train: bool = False) -> None:
     if path not in ("dense", "mixed"):
         return
     if not spec.mergeable:
-        raise ValueError(f"lora_path={path!r} is not possible here: a {spec.family}/{spec.mode} "
+        raise ValueError(f"lora_path={path!r} is not possible here: a {spec.label} "
                          f"spec has no weight update to fold. Use lora_path='structured' (or "
                          f"'auto')")
     if train and spec.dropout > 0:
@@ -414,8 +414,8 @@ def _fold(base_params: Mapping, adapters: Mapping, spec: PeftSpec, sign: float,
           detach: bool = False) -> dict:
     if not spec.mergeable:
         why = ("adapter mode applies a non-linearity after S, so its update is not a fixed "
-               "matrix" if spec.mode == "adapter" else f"{spec.family} adds no weight update")
-        raise ValueError(f"cannot merge a {spec.family}/{spec.mode} spec: {why}. Export the "
+               "matrix" if spec.method == "adapter" else f"{spec.method} adds no weight update")
+        raise ValueError(f"cannot merge a {spec.label} spec: {why}. Export the "
                          f"adapters instead, or use mode='lora' to get a mergeable update")
     method = methods.get(spec.method)
     flat = tree.flatten(base_params)
