@@ -16,11 +16,15 @@ Files (every module that reads or writes a workdir takes the names from here)::
     summary.json           written last: the run has finished
     run.json, train.log, error.txt   a sweep's record of the run, its log, its failure
     .lock                  held by the run that owns the workdir
+    .held                  where the file system has no locks: the holder's host and pid
 
 The lock is ``fcntl.flock`` on ``.lock`` in the workdir, held for the run's life. The operating
 system releases it when the holding process ends however it ends (an exception, SIGKILL, a
 crash), so a killed run never leaves a workdir stuck; the file itself stays and is harmless.
-The holder writes its pid into the file, so that a refused run can say who holds it.
+The holder writes its pid into the file, so that a refused run can say who holds it. On a file
+system without ``flock`` (some network and bucket mounts), ``.held`` is created exclusively
+with the holder's host and pid and removed at the end; a marker left by a killed run of the same
+host is replaced, one of another host is reported with the instruction to delete it.
 """
 from __future__ import annotations
 
@@ -30,10 +34,12 @@ import os
 import pathlib
 import re
 import shutil
+import socket
 import tempfile
 from typing import Iterator
 
 LOCK = ".lock"
+MARKER = ".held"  # the holder (host pid) where the file system has no locks
 CONFIG = "config.json"
 CONFIG_CHANGES = "config_changes.jsonl"
 LORA_PLAN = "lora_plan.json"
@@ -89,8 +95,12 @@ def check_free(workdir: str | os.PathLike) -> None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         raise _busy(workdir, fd) from None
-    except OSError:
-        pass  # no locks on this file system: hold() says so
+    except OSError:  # no locks on this file system: a marker names the holder
+        holder = _marker_holder(workdir)
+        if holder is not None:
+            raise WorkdirBusyError(f"{workdir} is in use by another run (pid {holder[1]} on "
+                                   f"host {holder[0]}); wait for it to end, or give this run "
+                                   f"another --workdir") from None
     finally:
         os.close(fd)
 
@@ -98,7 +108,9 @@ def check_free(workdir: str | os.PathLike) -> None:
 @contextlib.contextmanager
 def hold(workdir: str | os.PathLike) -> Iterator[None]:
     """Holds ``workdir`` (created if missing) for the ``with`` block, or raises
-    WorkdirBusyError at once, naming the pid of the run that holds it."""
+    WorkdirBusyError at once, naming the pid of the run that holds it. On a file system
+    without file locks (some network and bucket mounts), a marker file names the holder
+    instead (``_hold_by_marker``)."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / LOCK
@@ -108,15 +120,67 @@ def hold(workdir: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise _busy(workdir, fd) from None
-        except OSError as e:
-            raise WorkdirBusyError(
-                f"cannot lock {path} ({e.strerror}): its file system does not support file "
-                f"locks; use a --workdir on a local disk") from None
+        except OSError:
+            os.close(fd)
+            fd = -1
+            with _hold_by_marker(workdir):
+                yield
+            return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd >= 0:
+            os.close(fd)  # releases the lock
+
+
+def _marker_holder(workdir: pathlib.Path) -> tuple[str, int] | None:
+    """(host, pid) of the live run a marker names; None where there is no marker or it
+    names a process of this host that has ended (a killed run's marker)."""
+    try:
+        host, pid = (workdir / MARKER).read_text().split()[:2]
+        pid = int(pid)
+    except (FileNotFoundError, ValueError):
+        return None
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, another user's
+    return host, pid
+
+
+@contextlib.contextmanager
+def _hold_by_marker(workdir: pathlib.Path) -> Iterator[None]:
+    """Where ``flock`` does not work: ``MARKER`` created exclusively with this host and pid,
+    removed when the block ends. A marker of an ended process of this host is replaced; one of
+    another host cannot be checked, so the error says to delete it if that run is gone."""
+    marker = workdir / MARKER
+    for _ in range(2):
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            holder = _marker_holder(workdir)
+            if holder is not None:
+                host, pid = holder
+                where = "" if host == socket.gethostname() else f" on host {host}"
+                raise WorkdirBusyError(
+                    f"{workdir} is in use by another run (pid {pid}{where}; this file system "
+                    f"has no file locks, so {marker} marks the holder: if that run is gone, "
+                    f"delete the file); or give this run another --workdir") from None
+            marker.unlink(missing_ok=True)  # a killed run's
+    else:
+        raise WorkdirBusyError(f"{workdir}: another run took {marker} at the same moment; "
+                               f"give this run another --workdir")
+    try:
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        os.close(fd)
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -425,3 +425,35 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, tm
     last = done.stderr.strip().splitlines()[-1]
     assert last == f"error: the disk is full: {tmp_path / 'checkpoints' / '4'}", last
     assert kept_steps(tmp_path) == [2]
+
+
+def test_without_file_locks_a_marker_names_the_holder(tmp_path, monkeypatch):
+    """Where flock fails (some network and bucket mounts), `.held` holds the host and pid: a
+    live holder is refused, a killed one's marker replaced, another host's named with the fix,
+    and the marker is gone when the run ends."""
+    import errno
+    import socket
+
+    def no_locks(fd, op):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+    monkeypatch.setattr(workdir_lock.fcntl, "flock", no_locks)
+    workdir, marker = tmp_path / "run", tmp_path / "run" / workdir_lock.MARKER
+    with workdir_lock.hold(workdir):
+        assert marker.read_text().split() == [socket.gethostname(), str(os.getpid())]
+        with pytest.raises(workdir_lock.WorkdirBusyError, match=rf"pid {os.getpid()};.*delete"):
+            with workdir_lock.hold(workdir):
+                pass
+        with pytest.raises(workdir_lock.WorkdirBusyError, match=rf"pid {os.getpid()} on host"):
+            workdir_lock.check_free(workdir)
+    assert not marker.exists()
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    marker.write_text(f"{socket.gethostname()} {ended.pid}\n")  # a killed run's marker
+    workdir_lock.check_free(workdir)
+    with workdir_lock.hold(workdir):
+        assert marker.read_text().split()[1] == str(os.getpid())
+    marker.write_text("other-host 12345\n")
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=r"pid 12345 on host other-host.*"
+                                                            r"delete the file"):
+        with workdir_lock.hold(workdir):
+            pass
