@@ -38,7 +38,7 @@ def get_config(arg=None):
                    if a.checkpoint == "random" else {})
     c.input = dict(dataset=f"glue/{a.task}", data_dir="", batch_size=a.batch,
                    eval_batch_size=128, max_length=a.max_length, shots=a.shots,
-                   validation_examples=0, num_workers=0)
+                   validation_examples=0, test_examples=0, num_workers=0)
     c.peft = config_args.peft_block(a, dropout=0.15)
     c.optimizer = dict(name="adamw", **config_args.learning_rates(a, "text"), weight_decay=0.25,
                        b1=0.9,

