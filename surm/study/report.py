@@ -713,10 +713,36 @@ def _benchmark_sections() -> list[str]:
     lora_path = P.RECORDS / "bench_lora_path.json"
     if lora_path.exists():
         lines += _lora_path_section(json.loads(lora_path.read_text()))
+    generate = P.RECORDS / "bench_generate.json"
+    if generate.exists():
+        lines += _generate_section(json.loads(generate.read_text()))
     scaling = P.RECORDS / "scaling.json"
     if scaling.exists():
         lines += _scaling_section(json.loads(scaling.read_text()))
     return lines
+
+
+def _generate_section(b: dict) -> list[str]:
+    """Decoding speed against llama.cpp (scripts/bench_generate.py)."""
+    m, u = b["surm_merged"], b["surm_unmerged"]
+    lines = ["## Decoding speed (SmolLM2-135M)", "",
+             f"`{b['command']}`: greedy decoding of {b['tokens']} new tokens after an "
+             f"{m['prompt_tokens']}-token prompt, one sequence, best of the warm runs, on this "
+             f"CPU ({', '.join(b['cpu_flags'])}; jax {b['jax']}).", "",
+             "| decoder | first token s | tokens/s |", "|---|---:|---:|",
+             f"| surm, adapters merged | {m['first_token_s']:.3f} | {m['tokens_per_s']:.1f} |",
+             f"| surm, circulant adapters on all 210 linear layers, unmerged | "
+             f"{u['first_token_s']:.3f} | {u['tokens_per_s']:.1f} |"]
+    c = b.get("llama_cpp")
+    if c:
+        repack = ("weight repacking on" if c["extra_buffer_types"] else
+                  "weight repacking off: it crashed on this machine")
+        lines.append(f"| llama.cpp {c['version']} (Q4_1, 2 threads, {repack}) | - | "
+                     f"{c['tokens_per_s']:.1f} |")
+        lines += ["", f"surm / llama.cpp speed {b['surm_over_llama_cpp_speed']:.2f}; unmerged / "
+                  f"merged time {b['unmerged_over_merged_time']:.2f}. surm decodes with the "
+                  "float32 weights (about 540 MB read per token); llama.cpp with the 4-bit ones."]
+    return lines + [""]
 
 
 def _scaling_section(s: dict) -> list[str]:
