@@ -148,9 +148,14 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     st = gen.stats
+    rate = (f"then {st['tokens_per_s']:.1f} tokens/s" if math.isfinite(st["tokens_per_s"]) else
+            "too few new tokens for a rate")
     print(f"{st['prompt_tokens']} prompt tokens, {st['new_tokens']} new; first token after "
-          f"{st['first_token_s']:.2f} s (compiling included on a first call), then "
-          f"{st['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+          f"{st['first_token_s']:.2f} s (compiling included on a first call), {rate}",
+          file=sys.stderr)
+    if st["new_tokens"] < min(3, args.max_tokens) and not args.chat:
+        print("(the model ended its text at once: an instruction-tuned model answers a "
+              "question asked with --chat)", file=sys.stderr)
     return 0
 
 
