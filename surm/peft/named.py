@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from surm.peft import io, surgery
+from surm.peft import io, surgery, tree
 from surm.peft.spec import PeftSpec
 
 
@@ -45,7 +45,8 @@ class AdapterSet:
             raise ValueError(f"an adapter named {name!r} is already loaded; delete_adapter("
                              f"{name!r}) first, or give another name")
         _, frozen = surgery.split(self.base, spec, self.layers)
-        missing = sorted(set(_leaves(trainable.get("base", {}))) - set(_leaves(self.base)))
+        missing = sorted(set(tree.flatten(trainable.get("base", {})))
+                         - set(tree.flatten(self.base)))
         if missing:
             raise ValueError(f"adapter {name!r} trains leaves this base does not have: "
                              f"{', '.join(missing[:3])}; it was made for another model")
@@ -138,10 +139,3 @@ class AdapterSet:
             params = surgery.merge(params, trainable["adapters"], spec)
         return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
 
-
-def _leaves(tree: Mapping, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else str(k)
-        out += _leaves(v, path) if isinstance(v, Mapping) else [path]
-    return out
