@@ -23,17 +23,15 @@ def _library_setup():
 
 
 def _peft_setup():
-    import flax.linen as nn
+    """The model of examples/linen_mlp.py, which the snippet's names (hidden_0, hidden_1, out)
+    describe."""
+    import importlib.util
+
     import jax
-
-    class MLP(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x = nn.relu(nn.Dense(32, name="hidden_0")(x))
-            x = nn.relu(nn.Dense(32, name="hidden_1")(x))
-            return nn.Dense(4, name="out")(x)
-
-    model, x = MLP(), jax.numpy.ones((2, 16))
+    spec = importlib.util.spec_from_file_location("linen_mlp", ROOT / "examples" / "linen_mlp.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model, x = example.MLP(), jax.numpy.ones((2, 16))
     return {"model": model, "x": x, "params": model.init(jax.random.PRNGKey(0), x)["params"],
             "jax": jax}
 
