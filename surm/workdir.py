@@ -16,15 +16,16 @@ Files (every module that reads or writes a workdir takes the names from here)::
     summary.json           written last: the run has finished
     run.json, train.log, error.txt   a sweep's record of the run, its log, its failure
     .lock                  held by the run that owns the workdir
-    .held                  where the file system has no locks: the holder's host and pid
+    .held.<host>.<pid>.*   where the file system has no locks: one marker per holder
 
 The lock is ``fcntl.flock`` on ``.lock`` in the workdir, held for the run's life. The operating
 system releases it when the holding process ends however it ends (an exception, SIGKILL, a
 crash), so a killed run never leaves a workdir stuck; the file itself stays and is harmless.
 The holder writes its pid into the file, so that a refused run can say who holds it. On a file
-system without ``flock`` (some network and bucket mounts), ``.held`` is created exclusively
-with the holder's host and pid and removed at the end; a marker left by a killed run of the same
-host is replaced, one of another host is reported with the instruction to delete it.
+system without ``flock`` (some network and bucket mounts), each holder writes a marker of its
+own named by its host and pid (``_hold_by_marker``), removed at the end; a marker left by a
+killed run of the same host is deleted, one of another host is reported with the instruction to
+delete it.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import tempfile
 from typing import Iterator
 
 LOCK = ".lock"
-MARKER = ".held"  # the holder (host pid) where the file system has no locks
+MARKER = ".held"  # where the file system has no locks: .held.<host>.<pid>.<token> per holder
 CONFIG = "config.json"
 CONFIG_CHANGES = "config_changes.jsonl"
 LORA_PLAN = "lora_plan.json"
@@ -61,7 +62,6 @@ class WorkdirBusyError(RuntimeError):
     pass
 
 
-
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -76,6 +76,7 @@ def local(path: str | os.PathLike) -> pathlib.Path:
                          f"paths are not read. Mount the bucket (e.g. gcsfuse) and give the "
                          f"mounted path")
     return pathlib.Path(text)
+
 
 def _busy(workdir: pathlib.Path, fd: int) -> WorkdirBusyError:
     holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
@@ -98,8 +99,8 @@ def check_free(workdir: str | os.PathLike) -> None:
     except OSError:  # no locks on this file system: a marker names the holder
         holder = _marker_holder(workdir)
         if holder is not None:
-            raise WorkdirBusyError(f"{workdir} is in use by another run (pid {holder[1]} on "
-                                   f"host {holder[0]}); wait for it to end, or give this run "
+            raise WorkdirBusyError(f"{workdir} is in use by another run (pid {holder[2]} on "
+                                   f"host {holder[1]}); wait for it to end, or give this run "
                                    f"another --workdir") from None
     finally:
         os.close(fd)
@@ -134,53 +135,65 @@ def hold(workdir: str | os.PathLike) -> Iterator[None]:
             os.close(fd)  # releases the lock
 
 
-def _marker_holder(workdir: pathlib.Path) -> tuple[str, int] | None:
-    """(host, pid) of the live run a marker names; None where there is no marker or it
-    names a process of this host that has ended (a killed run's marker)."""
+def _markers(workdir: pathlib.Path) -> list[tuple[pathlib.Path, str, int]]:
+    """(file, host, pid) of every holder's marker in ``workdir``."""
+    out = []
+    for path in workdir.glob(f"{MARKER}.*"):
+        host, _, rest = path.name[len(MARKER) + 1:].rpartition(".")
+        host, _, pid = host.rpartition(".")
+        if host and pid.isdigit():
+            out.append((path, host, int(pid)))
+    return out
+
+
+def _ended(host: str, pid: int) -> bool:
+    """Whether the process is known to have ended (only one of this host can be checked)."""
+    if host != socket.gethostname():
+        return False
     try:
-        host, pid = (workdir / MARKER).read_text().split()[:2]
-        pid = int(pid)
-    except (FileNotFoundError, ValueError):
-        return None
-    if host == socket.gethostname():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass  # alive, another user's
-    return host, pid
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    return False
+
+
+def _marker_holder(workdir: pathlib.Path, mine: pathlib.Path | None = None,
+                   clean: bool = False) -> tuple[pathlib.Path, str, int] | None:
+    """(marker, host, pid) of a live holder's marker other than ``mine``, or None; with
+    ``clean``, the markers of ended processes of this host (killed runs) are deleted."""
+    for path, host, pid in _markers(workdir):
+        if path == mine:
+            continue
+        if not _ended(host, pid):
+            return path, host, pid
+        if clean:
+            path.unlink(missing_ok=True)  # its name is its own: no other holder's file
+    return None
 
 
 @contextlib.contextmanager
 def _hold_by_marker(workdir: pathlib.Path) -> Iterator[None]:
-    """Where ``flock`` does not work: ``MARKER`` created exclusively with this host and pid,
-    removed when the block ends. A marker of an ended process of this host is replaced; one of
-    another host cannot be checked, so the error says to delete it if that run is gone."""
-    marker = workdir / MARKER
-    for _ in range(2):
-        try:
-            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            break
-        except FileExistsError:
-            holder = _marker_holder(workdir)
-            if holder is not None:
-                host, pid = holder
-                where = "" if host == socket.gethostname() else f" on host {host}"
-                raise WorkdirBusyError(
-                    f"{workdir} is in use by another run (pid {pid}{where}; this file system "
-                    f"has no file locks, so {marker} marks the holder: if that run is gone, "
-                    f"delete the file); or give this run another --workdir") from None
-            marker.unlink(missing_ok=True)  # a killed run's
-    else:
-        raise WorkdirBusyError(f"{workdir}: another run took {marker} at the same moment; "
-                               f"give this run another --workdir")
+    """Where ``flock`` does not work: this holder's own marker (``.held.<host>.<pid>.<token>``,
+    a name no other holder can take), then a look at the others: with another live one, this
+    holder removes its own and is refused (two runs starting at once both are: neither holds
+    it twice over). Markers of ended processes of this host are deleted; one of another host
+    cannot be checked, so the error says to delete it if that run is gone."""
+    mine = workdir / f"{MARKER}.{socket.gethostname()}.{os.getpid()}.{os.urandom(4).hex()}"
+    mine.touch(exist_ok=False)
     try:
-        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-        os.close(fd)
+        holder = _marker_holder(workdir, mine, clean=True)
+        if holder is not None:
+            path, host, pid = holder
+            where = "" if host == socket.gethostname() else f" on host {host}"
+            raise WorkdirBusyError(
+                f"{workdir} is in use by another run (pid {pid}{where}; this file system has "
+                f"no file locks, so {path} marks the holder: if that run is gone, delete the "
+                f"file); or give this run another --workdir")
         yield
     finally:
-        marker.unlink(missing_ok=True)
+        mine.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -428,32 +428,38 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, tm
 
 
 def test_without_file_locks_a_marker_names_the_holder(tmp_path, monkeypatch):
-    """Where flock fails (some network and bucket mounts), `.held` holds the host and pid: a
-    live holder is refused, a killed one's marker replaced, another host's named with the fix,
-    and the marker is gone when the run ends."""
+    """Where flock fails (some network and bucket mounts), each holder's own marker
+    (`.held.<host>.<pid>.<token>`) names it: a live holder is refused (also one in the same
+    process, as flock refuses it), a killed one's marker deleted, another host's named with the
+    fix; a refused run leaves no marker, and a holder's is gone when it ends."""
     import errno
     import socket
 
     def no_locks(fd, op):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
     monkeypatch.setattr(workdir_lock.fcntl, "flock", no_locks)
-    workdir, marker = tmp_path / "run", tmp_path / "run" / workdir_lock.MARKER
+    workdir = tmp_path / "run"
+    markers = lambda: sorted(p.name for p in workdir.glob(workdir_lock.MARKER + ".*"))
+    here = f"{workdir_lock.MARKER}.{socket.gethostname()}"
     with workdir_lock.hold(workdir):
-        assert marker.read_text().split() == [socket.gethostname(), str(os.getpid())]
+        held = markers()
+        assert len(held) == 1 and held[0].startswith(f"{here}.{os.getpid()}.")
         with pytest.raises(workdir_lock.WorkdirBusyError, match=rf"pid {os.getpid()};.*delete"):
             with workdir_lock.hold(workdir):
                 pass
+        assert markers() == held  # the refused hold took its own marker away
         with pytest.raises(workdir_lock.WorkdirBusyError, match=rf"pid {os.getpid()} on host"):
             workdir_lock.check_free(workdir)
-    assert not marker.exists()
+    assert markers() == []
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
-    marker.write_text(f"{socket.gethostname()} {ended.pid}\n")  # a killed run's marker
+    (workdir / f"{here}.{ended.pid}.0").touch()  # a killed run's marker
     workdir_lock.check_free(workdir)
     with workdir_lock.hold(workdir):
-        assert marker.read_text().split()[1] == str(os.getpid())
-    marker.write_text("other-host 12345\n")
+        assert [m.split(".")[-2] for m in markers()] == [str(os.getpid())]
+    (workdir / f"{workdir_lock.MARKER}.other-host.12345.0").touch()
     with pytest.raises(workdir_lock.WorkdirBusyError, match=r"pid 12345 on host other-host.*"
                                                             r"delete the file"):
         with workdir_lock.hold(workdir):
             pass
+    assert markers() == [f"{workdir_lock.MARKER}.other-host.12345.0"]
