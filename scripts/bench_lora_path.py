@@ -55,7 +55,7 @@ def time_width(family: str, width: int, tokens: int, warmup: int, steps: int) ->
     g = jnp.asarray(rng.standard_normal((tokens, width)), jnp.float32)
     params = {"proj": {"kernel": jnp.asarray(rng.standard_normal((width, width)) / width ** 0.5,
                                              jnp.float32)}}
-    spec = peft.PeftSpec.create(family=family, mode="lora", targets="proj", init="random")
+    spec = peft.PeftSpec.create(structure=family, targets="proj", init="random")
     trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(0))
 
     # Everything is an argument: closed-over arrays would be constants that XLA may fold.

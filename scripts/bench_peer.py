@@ -61,13 +61,13 @@ OPTIMIZER = dict(name="adamw", lr=1e-4, head_lr=1e-4, weight_decay=0.01, b1=0.9,
 
 def surm_spec(method: str):
     from surm import peft
-    return {"lora_r8": lambda: peft.PeftSpec.create(family="lowrank", targets="qv",
+    return {"lora_r8": lambda: peft.PeftSpec.create(structure="lowrank", targets="qv",
                                                     hparams={"rank": 8}),
-            "c3a_384": lambda: peft.PeftSpec.create(family="circulant", targets="qv"),
-            "c3a_64": lambda: peft.PeftSpec.create(family="block_circulant", targets="qv",
+            "c3a_384": lambda: peft.PeftSpec.create(structure="circulant", targets="qv"),
+            "c3a_64": lambda: peft.PeftSpec.create(structure="block_circulant", targets="qv",
                                                    hparams={"block_size": 64}),
-            "probe": lambda: peft.PeftSpec.create(family="linear_probe"),
-            "full": lambda: peft.PeftSpec.create(family="full")}[method]()
+            "probe": lambda: peft.PeftSpec.create(method="probe"),
+            "full": lambda: peft.PeftSpec.create(method="full")}[method]()
 
 
 def peft_model(method: str, folder: pathlib.Path):

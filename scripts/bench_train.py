@@ -68,14 +68,14 @@ def methods(families: list[str], paths: list[str],
     A causal LM has no head and (Llama) no biases: no probe, no BitFit."""
     out = {}
     for f in families:
-        spec = peft.PeftSpec.create(family=f, mode="lora", targets="qv")
+        spec = peft.PeftSpec.create(structure=f, targets="qv")
         for path in paths:
             out[f if len(paths) == 1 else f"{f}[{path}]"] = (spec, path)
     for rank in (1, 8):
-        out[f"lora_r{rank}"] = (peft.PeftSpec.create(family="lowrank", mode="lora", targets="qv",
+        out[f"lora_r{rank}"] = (peft.PeftSpec.create(structure="lowrank", targets="qv",
                                                      hparams={"rank": rank}), "auto")
-    for baseline in (("full",) if causal_lm else ("linear_probe", "bitfit", "full")):
-        out[baseline] = (peft.PeftSpec.create(family=baseline), "auto")
+    for name in (("full",) if causal_lm else ("linear_probe", "bitfit", "full")):
+        out[name] = (peft.PeftSpec.create(method=peft.spec.from_family(name)[0]), "auto")
     return out
 
 

@@ -115,10 +115,10 @@ def main() -> int:
 
     # surm -> PEFT
     cases = [("block_circulant b=64, all-linear, scale 0.5",
-              peft.PeftSpec.create(family="block_circulant", hparams={"block_size": 64},
+              peft.PeftSpec.create(structure="block_circulant", hparams={"block_size": 64},
                                    targets="all-linear", scale=0.5)),
              ("circulant, qkvo, scale 2",
-              peft.PeftSpec.create(family="circulant", targets="qkvo", scale=2.0))]
+              peft.PeftSpec.create(structure="circulant", targets="qkvo", scale=2.0))]
     for i, (name, spec) in enumerate(cases):
         trainable, frozen = peft.init(base, spec, jax.random.PRNGKey(i))
         trainable = {"adapters": randomized(trainable["adapters"], i, 0.02),
@@ -150,10 +150,10 @@ def main() -> int:
         want = torch_logits(made, *inputs)
         folder = work / f"from_c3a_{i}"
         made.save_pretrained(folder)
-        trainable, spec = c3a.from_c3a(folder, base, family=family)
+        trainable, spec = c3a.from_c3a(folder, base, structure=family)
         _, frozen = peft.split(base, spec)
         got = np.asarray(peft.apply(model, frozen, trainable, spec, ids, mask, types))
-        report(f"PEFT -> surm [{name}, as {spec.family} {dict(spec.hparams)}, "
+        report(f"PEFT -> surm [{name}, as {spec.structure} {dict(spec.hparams)}, "
                f"{len(spec.targets)} modules]", got, want, trainable, spec)
     print(f"worst {worst:.3g} (tolerance {args.tolerance}); files in {work}")
     return 0 if worst <= args.tolerance else 1

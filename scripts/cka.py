@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from surm.runs import load_run
 
     full = load_run(args.full)
-    if full.spec.family != "full":
+    if full.spec.method != "full":
         p.error(f"--full {args.full} is a {cka.method_name(full.spec)} run, not full "
                 f"fine-tuning")
     result = cka.report(full, {run: load_run(run) for run in args.runs},

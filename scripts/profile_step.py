@@ -76,9 +76,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     allocator.configure()
     hparams = {"rank": args.rank} if args.family == "lowrank" else {}
-    structured_family = args.family not in ("full", "linear_probe", "bitfit", "houlsby")
-    spec = peft.PeftSpec.create(family=args.family, hparams=hparams,
-                                **({"targets": "qv"} if structured_family else {}))
+    method, structure = peft.spec.from_family(args.family)
+    spec = peft.PeftSpec.create(method=method, structure=structure, hparams=hparams,
+                                **({"targets": "qv"} if structure else {}))
     config, params = bert_io.load(bert_io.minilm_l6_path(), num_labels=3, pooling="pooler")
     model = bert.BERT(config)
     rng = np.random.default_rng(0)

@@ -44,8 +44,8 @@ MODELS = {
                       "llama": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
                                     ffn_dim=1536)}, None, 128),
 }
-METHODS = {"circulant": dict(family="circulant"), "LoRA r=8": dict(family="lowrank", hparams={"rank": 8}),
-           "full": dict(family="full")}
+METHODS = {"circulant": dict(structure="circulant"), "LoRA r=8": dict(structure="lowrank", hparams={"rank": 8}),
+           "full": dict(method="full")}
 MESHES = {"one device": (1, 1, 1), "data=8": (8, 1, 1), "fsdp=8": (1, 8, 1),
           "data=4 x model=2": (4, 1, 2)}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",

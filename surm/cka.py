@@ -45,9 +45,9 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def method_name(spec: peft.PeftSpec) -> str:
+    """'lora circulant (form=hadamard)', 'full'."""
     hp = ",".join(f"{k}={v}" for k, v in sorted(spec.method_hparams.items()))
-    mode = f" [{spec.mode}]" if spec.has_adapters else ""
-    return f"{spec.family}{f' ({hp})' if hp else ''}{mode}"
+    return f"{spec.label}{f' ({hp})' if hp else ''}"
 
 
 def weight_updates(run: Run) -> dict[str, np.ndarray]:

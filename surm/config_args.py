@@ -11,6 +11,8 @@ from typing import Any
 
 import ml_collections
 
+from surm.peft import spec as peft_spec
+
 
 def _convert(key: str, text: str, default: Any) -> Any:
     if isinstance(default, bool):
@@ -59,7 +61,7 @@ def learning_rates(a: ml_collections.ConfigDict, kind: str) -> dict[str, Any]:
     given = {k: a.get(k) for k in ("lr", "head_lr")}
     if all(v is not None for v in given.values()):
         return {**given, "lr_from": "config arguments"}
-    tuned = defaults.lookup(kind, a.family, a.mode)
+    tuned = defaults.lookup(kind, *peft_spec.from_family(a.family, a.mode))
     out = {k: v if v is not None else tuned[k] for k, v in given.items()}
     taken = [k for k, v in given.items() if v is None]
     return {**out, "lr_from": f"{' and '.join(taken)} tuned ({kind}, surm/tuned_lrs.json): "
@@ -67,10 +69,11 @@ def learning_rates(a: ml_collections.ConfigDict, kind: str) -> dict[str, Any]:
 
 
 def peft_block(a: ml_collections.ConfigDict, *, dropout: float = 0.0) -> dict[str, Any]:
-    """The ``peft`` block of a config from its parsed arguments (family, mode, targets with ';'
-    between rules, rank, block_size, form, factors, alpha, scale), every other knob at its
-    default."""
-    return dict(family=a.family, mode=a.mode, targets=a.targets.replace(";", ","),
+    """The ``peft`` block of a config from its parsed arguments (family and mode, read as a
+    method and its structure: ``surm.peft.spec.from_family``; targets with ';' between rules,
+    rank, block_size, form, factors, alpha, scale), every other knob at its default."""
+    method, structure = peft_spec.from_family(a.family, a.mode)
+    return dict(method=method, structure=structure, targets=a.targets.replace(";", ","),
                 hparams=peft_hparams(a.family, a.rank, a.block_size, a.form,
                                      a.get("factors") or None),
                 scale=float(a.get("scale") or 1.0), alpha=a.get("alpha"), learn_scale=False,

@@ -139,9 +139,9 @@ FIELDS: dict[str, Field] = {
     "input.hflip": _bool(example="true", optional=True, default=False),
     "input.central_crop": _float(1e-6, 1.0, none=True, example="0.875", optional=True),
     "input.prompt_template": _str(example="'{prompt}'", optional=True, default="{prompt}"),
-    # peft: the spec checks the family, targets and hyper-parameters
-    "peft.family": _str(example="circulant"),
-    "peft.mode": _str("lora", "adapter", example="lora"),
+    # peft: the spec checks the method, its structure, targets and hyper-parameters
+    "peft.method": _str(example="lora"),
+    "peft.structure": _str(none=True, example="circulant"),
     "peft.targets": _str(example="query,value"),
     "peft.scale": _float(-1e6, 1e6, example="1.0"),
     "peft.alpha": _float(1e-12, 1e6, none=True, example="16"),

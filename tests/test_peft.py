@@ -1,5 +1,6 @@
 """Surgery: inject, forward, merge/unmerge, gradients, counts, rules, adapter files."""
 import functools
+import json
 import pathlib
 
 import jax
@@ -68,7 +69,7 @@ def base_logits(model_name):
 @pytest.mark.parametrize("family", structured.FAMILIES)
 def test_zero_init_adapters_leave_logits_unchanged(model_name, mode, family):
     _, params, _ = MODELS[model_name]()
-    spec = peft.PeftSpec.create(family=family, mode=mode, hparams=FAMILY_HP[family],
+    spec = peft.PeftSpec.create(method=mode, structure=family, hparams=FAMILY_HP[family],
                                 targets="all-linear" if mode == "lora" else None)
     trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(3))
     assert trainable["adapters"], "no adapters injected"
@@ -79,7 +80,7 @@ def test_zero_init_adapters_leave_logits_unchanged(model_name, mode, family):
 @pytest.mark.parametrize("model_name", MODELS)
 def test_houlsby_starts_as_identity(model_name):
     _, params, _ = MODELS[model_name]()
-    spec = peft.PeftSpec.create(family="houlsby", hparams={"rank": 4})
+    spec = peft.PeftSpec.create(method="houlsby", hparams={"rank": 4})
     trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(3))
     np.testing.assert_array_equal(logits(model_name, trainable, frozen, spec),
                                   base_logits(model_name))
@@ -89,7 +90,7 @@ def test_houlsby_starts_as_identity(model_name):
 @pytest.mark.parametrize("family", structured.FAMILIES)
 def test_merged_equals_unmerged_and_unmerge_restores(model_name, family):
     _, params, _ = MODELS[model_name]()
-    spec = peft.PeftSpec.create(family=family, hparams=FAMILY_HP[family], targets="all-linear",
+    spec = peft.PeftSpec.create(structure=family, hparams=FAMILY_HP[family], targets="all-linear",
                                 scale=0.7)
     trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(3))
     trainable = randomize(trainable)
@@ -113,7 +114,7 @@ def test_folded_lora_paths_match_the_structured_path(model_name, family):
     product: 'mixed') gives the same logits and the same gradients (of the adapters, their
     learned scale and the head) as the fast product on the activations."""
     model, params, inputs = MODELS[model_name]()
-    spec = peft.PeftSpec.create(family=family, hparams=FAMILY_HP[family], targets="all-linear",
+    spec = peft.PeftSpec.create(structure=family, hparams=FAMILY_HP[family], targets="all-linear",
                                 scale=0.7, learn_scale=True)
     trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(3))
     trainable = randomize(trainable)  # every adapter leaf (the scales too) ~ N(0, 0.05^2)
@@ -144,7 +145,7 @@ def test_lora_path_choice_and_errors(monkeypatch):
     def S(family, d, **hp):
         return structured.get(family).init(jax.random.PRNGKey(0), d, d, **hp)
 
-    circ, toep = (peft.PeftSpec.create(family=f) for f in ("circulant", "toeplitz"))
+    circ, toep = (peft.PeftSpec.create(structure=f) for f in ("circulant", "toeplitz"))
     assert jax.default_backend() == "cpu"
 
     def auto(spec, family, d, train=True):
@@ -173,18 +174,18 @@ def test_lora_path_choice_and_errors(monkeypatch):
     for path in ("structured", "dense", "mixed"):
         assert peft.lora_path_for(circ, S("circulant", 64), path, train=True) == path
     monkeypatch.setitem(peft.MATMUL_OVER_FFT_RATE, "cpu", 1e9)
-    lora = peft.PeftSpec.create(family="lowrank", hparams={"rank": 2})
+    lora = peft.PeftSpec.create(structure="lowrank", hparams={"rank": 2})
     assert peft.lora_path_for(lora, S("lowrank", 64, rank=2), train=True) == "structured"
     with pytest.raises(ValueError, match="is not one of"):
         peft.check_lora_path(circ, "fft")
-    dropped = peft.PeftSpec.create(family="circulant", dropout=0.1)
+    dropped = peft.PeftSpec.create(structure="circulant", dropout=0.1)
     assert peft.lora_path_for(dropped, S("circulant", 64), train=True) == "structured"
     assert peft.lora_path_for(dropped, S("circulant", 64), "dense") == "dense"  # eval: no dropout
     for path in ("dense", "mixed"):
         with pytest.raises(ValueError, match="adapter dropout"):
             peft.check_lora_path(dropped, path, train=True)
-    for spec in (peft.PeftSpec.create(family="circulant", mode="adapter"),
-                 peft.PeftSpec.create(family="bitfit")):
+    for spec in (peft.PeftSpec.create(method="adapter", structure="circulant"),
+                 peft.PeftSpec.create(method="bitfit")):
         peft.check_lora_path(spec, "auto", train=True)
         assert peft.lora_path_for(spec, None, train=True) == "structured"
         for path in ("dense", "mixed"):
@@ -198,7 +199,7 @@ def test_auto_lora_path_folds_per_target(monkeypatch):
     rectangles take the dense weight gradient and the squares the mixed one, and the logits and
     gradients are those of the structured path."""
     model, params, inputs = tiny_bert()  # 48 -> 48 attention, 48 <-> 96 MLP
-    spec = peft.PeftSpec.create(family="circulant", targets="all-linear", scale=0.7)
+    spec = peft.PeftSpec.create(structure="circulant", targets="all-linear", scale=0.7)
     trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(3))
     trainable = randomize(trainable)
     nodes = tree.flatten(trainable["adapters"], stop=lambda d: "S" in d)
@@ -224,7 +225,7 @@ def test_a_lora_path_plan_is_made_before_tracing_and_apply_follows_it(monkeypatc
     flops); a traced apply given the plan decides nothing."""
     from surm.peft import surgery
     model, params, inputs = tiny_bert()
-    spec = peft.PeftSpec.create(family="circulant", targets="all-linear")
+    spec = peft.PeftSpec.create(structure="circulant", targets="all-linear")
     trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(0))
     nodes = tree.flatten(trainable["adapters"], stop=lambda d: "S" in d)
     plan = peft.plan_lora_paths(spec, trainable, "auto", train=True)
@@ -243,26 +244,26 @@ def test_a_lora_path_plan_is_made_before_tracing_and_apply_follows_it(monkeypatc
 
 def test_learned_scale_and_adapter_mode_merge_errors():
     _, params, _ = tiny_bert()
-    spec = peft.PeftSpec.create(family="circulant", learn_scale=True, scale=0.5)
+    spec = peft.PeftSpec.create(structure="circulant", learn_scale=True, scale=0.5)
     trainable, _ = peft.init(params, spec, jax.random.PRNGKey(0))
     scales = [n["scale"] for n in tree.flatten(trainable["adapters"],
                                                stop=lambda d: "S" in d).values()]
     assert len(scales) == 4 and all(float(s) == 0.5 for s in scales)
-    spec = peft.PeftSpec.create(family="circulant", mode="adapter")
+    spec = peft.PeftSpec.create(method="adapter", structure="circulant")
     trainable, _ = peft.init(params, spec, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="adapter mode applies a non-linearity"):
         peft.merge(params, trainable["adapters"], spec)
 
 
-@pytest.mark.parametrize("family,extra,expect_base", [
-    ("circulant", {}, {"classifier"}),
+@pytest.mark.parametrize("method,extra,expect_base", [
+    ("lora", {"structure": "circulant"}, {"classifier"}),
     ("bitfit", {}, {"classifier", "bias"}),
-    ("linear_probe", {}, {"classifier"}),
-    ("circulant", {"train_layernorm": True}, {"classifier", "LayerNorm"}),
+    ("probe", {}, {"classifier"}),
+    ("lora", {"structure": "circulant", "train_layernorm": True}, {"classifier", "LayerNorm"}),
 ])
-def test_gradients_only_for_the_trainable_tree(family, extra, expect_base):
+def test_gradients_only_for_the_trainable_tree(method, extra, expect_base):
     model, params, inputs = tiny_bert()
-    spec = peft.PeftSpec.create(family=family, **extra)
+    spec = peft.PeftSpec.create(method=method, **extra)
     trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(0))
     trained = set(tree.flatten(trainable["base"]))
     assert all(any(word in p for word in expect_base) for p in trained)
@@ -299,7 +300,7 @@ def bert_base_abstract():
 def test_counts_match_the_budget_table(family, hp, per_matrix):
     """SURM_NOTES: q+v in 12 layers of a 768 model: circulant 18,432; LoRA r: 36,864 r."""
     abstract = bert_base_abstract()
-    spec = peft.PeftSpec.create(family=family, hparams=hp)
+    spec = peft.PeftSpec.create(structure=family, hparams=hp)
     adapters = jax.eval_shape(lambda: peft.inject(abstract, spec, jax.random.PRNGKey(0)))
     n = sum(np.prod(l.shape) for l in jax.tree.leaves(adapters))
     assert n == 24 * per_matrix
@@ -311,7 +312,7 @@ def test_circulant_adapters_on_bert_base_count():
     form; one vector plus bias: 36,864."""
     abstract = bert_base_abstract()
     for hp, expected in (({"form": "hadamard"}, 55_296), ({}, 36_864)):
-        spec = peft.PeftSpec.create(family="circulant", mode="adapter", hparams=hp)
+        spec = peft.PeftSpec.create(method="adapter", structure="circulant", hparams=hp)
         adapters = jax.eval_shape(lambda: peft.inject(abstract, spec, jax.random.PRNGKey(0)))
         assert sum(np.prod(l.shape) for l in jax.tree.leaves(adapters)) == expected
 
@@ -337,18 +338,46 @@ def test_presets_and_rules_select_the_right_paths():
 
 def test_rule_matching_nothing_lists_the_paths():
     _, params, _ = tiny_bert()
-    spec = peft.PeftSpec.create(family="circulant", targets="attention/self/qeury")
+    spec = peft.PeftSpec.create(structure="circulant", targets="attention/self/qeury")
     with pytest.raises(ValueError, match=r"(?s)matches no linear module.*encoder/layer/0/attention/self/query"):
         peft.init(params, spec, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="always trains in full"):
         peft.init(params, peft.PeftSpec.create(targets="classifier"), jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match="unknown peft family"):
-        peft.PeftSpec.create(family="circulent")
+    with pytest.raises(ValueError, match="unknown peft structure 'circulent'"):
+        peft.PeftSpec.create(structure="circulent")
+
+
+def test_the_configs_words_are_read_at_the_boundary_only():
+    """A spec speaks method and structure; the configs' family and mode are read by
+    ``from_family`` (config arguments, files of older versions) and nowhere else."""
+    with pytest.raises(ValueError, match="method='adapter', structure='toeplitz'"):
+        peft.PeftSpec.create(family="toeplitz", mode="adapter")
+    for family, mode, method, structure in (("circulant", None, "lora", "circulant"),
+                                            ("lowrank", "adapter", "adapter", "lowrank"),
+                                            ("houlsby", "adapter", "houlsby", None),
+                                            ("linear_probe", None, "probe", None),
+                                            ("full", None, "full", None)):
+        assert peft.spec.from_family(family, mode) == (method, structure)
+        back = peft.spec.to_family(method, structure)
+        assert peft.spec.from_family(*back) == (method, structure)
+    with pytest.raises(ValueError, match="houlsby is an adapter"):
+        peft.spec.from_family("houlsby", "lora")
+    old = {"family": "block_circulant", "mode": "adapter", "hparams": {"block_size": 8}}
+    assert peft.spec.upgrade(old) == {"method": "adapter", "structure": "block_circulant",
+                                      "hparams": {"block_size": 8}}
+    assert peft.spec.upgrade({"method": "full", "structure": None})["method"] == "full"
+    with pytest.raises(ValueError, match="not both"):
+        peft.spec.upgrade({"family": "circulant", "method": "lora"})
+    # an adapter folder of an older version (its spec in family and mode) still loads
+    spec = peft.PeftSpec.create(method="adapter", structure="circulant", targets="qv")
+    d = json.loads(spec.to_json())
+    d["family"], d["mode"] = d.pop("structure"), d.pop("method")
+    assert peft.PeftSpec.from_json(json.dumps(d)) == spec
 
 
 def test_adapter_files_round_trip(tmp_path):
     model, params, inputs = tiny_bert()
-    spec = peft.PeftSpec.create(family="kronecker", hparams={"rank": 2}, targets="qkvo",
+    spec = peft.PeftSpec.create(structure="kronecker", hparams={"rank": 2}, targets="qkvo",
                                 learn_scale=True)
     trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(0))
     trainable = randomize(trainable)
@@ -359,7 +388,7 @@ def test_adapter_files_round_trip(tmp_path):
     _, frozen2 = peft.split(params, spec2)
     np.testing.assert_array_equal(peft.apply(model, frozen2, loaded, spec2, *inputs),
                                   peft.apply(model, frozen, trainable, spec, *inputs))
-    other = peft.PeftSpec.create(family="kronecker", hparams={"rank": 1}, targets="qkvo",
+    other = peft.PeftSpec.create(structure="kronecker", hparams={"rank": 1}, targets="qkvo",
                                  learn_scale=True)
     peft_io.save(tmp_path / "r1", peft.init(params, other, jax.random.PRNGKey(0))[0], other,
                  base=None)
@@ -372,7 +401,7 @@ def test_adapter_files_round_trip(tmp_path):
 
 def test_dropout_only_in_training():
     _, params, _ = tiny_bert()
-    spec = peft.PeftSpec.create(family="circulant", dropout=0.5)
+    spec = peft.PeftSpec.create(structure="circulant", dropout=0.5)
     trainable, frozen = peft.init(params, spec, jax.random.PRNGKey(0))
     trainable = randomize(trainable)
     a = logits("bert", trainable, frozen, spec)
@@ -385,7 +414,7 @@ def test_dropout_only_in_training():
 
 def test_report_format():
     _, params, _ = tiny_bert()
-    spec = peft.PeftSpec.create(family="lowrank", hparams={"rank": 2})
+    spec = peft.PeftSpec.create(structure="lowrank", hparams={"rank": 2})
     trainable, _ = peft.init(params, spec, jax.random.PRNGKey(0))
     counts = peft.count(params, trainable, spec)
     assert counts["adapter"] == 4 * 2 * (48 + 48)

@@ -199,8 +199,8 @@ def test_model_without_a_named_head_warns_naming_its_output_layer():
         trainable, _ = peft.init(params, quiet, jax.random.PRNGKey(0), layers=layers)
     assert trainable["base"] == {}
     with pytest.raises(ValueError, match="nothing to train.*out"):
-        peft.init(params, peft.PeftSpec.create(family="linear_probe"), jax.random.PRNGKey(0))
-    trainable, _ = peft.init(params, peft.PeftSpec.create(family="linear_probe", heads="out"),
+        peft.init(params, peft.PeftSpec.create(method="probe"), jax.random.PRNGKey(0))
+    trainable, _ = peft.init(params, peft.PeftSpec.create(method="probe", heads="out"),
                              jax.random.PRNGKey(0))
     assert set(tree.flatten(trainable["base"])) == {"out/kernel", "out/bias"}
 

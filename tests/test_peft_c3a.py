@@ -86,18 +86,18 @@ def assert_same_bits(a, b):
 ])
 def test_round_trip_is_bit_identical(tmp_path, family, hparams, targets):
     _, base, _ = tiny_bert()
-    spec = peft.PeftSpec.create(family=family, hparams=hparams, targets=targets)
+    spec = peft.PeftSpec.create(structure=family, hparams=hparams, targets=targets)
     trainable = trained(spec, base)
     c3a.to_c3a(trainable, spec, tmp_path / "c3a")
-    back, spec2 = c3a.from_c3a(tmp_path / "c3a", base, family=family)
+    back, spec2 = c3a.from_c3a(tmp_path / "c3a", base, structure=family)
     assert_same_bits(back, trainable)  # Params metadata (shape, block size) included
-    assert (spec2.family, spec2.mode, spec2.update_scale) == (family, "lora", 1.0)
+    assert (spec2.structure, spec2.method, spec2.update_scale) == (family, "lora", 1.0)
     assert peft.targets(base, spec2) == peft.targets(base, spec)
 
 
 def test_scale_is_folded_into_the_kernels(tmp_path):
     model, base, inputs = tiny_bert()
-    spec = peft.PeftSpec.create(family="block_circulant", hparams={"block_size": 16},
+    spec = peft.PeftSpec.create(structure="block_circulant", hparams={"block_size": 16},
                                 targets="qv", scale=2.5, learn_scale=True)
     trainable = trained(spec, base)
     node = trainable["adapters"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]
@@ -112,7 +112,7 @@ def test_scale_is_folded_into_the_kernels(tmp_path):
 
 def test_file_format(tmp_path):
     _, base, _ = tiny_bert()  # hidden 48, intermediate 96, 3 labels, pooling='pooler'
-    spec = peft.PeftSpec.create(family="block_circulant", hparams={"block_size": 8},
+    spec = peft.PeftSpec.create(structure="block_circulant", hparams={"block_size": 8},
                                 targets="qv")
     trainable = trained(spec, base)
     config = c3a.to_c3a(trainable, spec, tmp_path / "c3a", base_model="some/bert")
@@ -136,7 +136,7 @@ def test_file_format(tmp_path):
     cfg = bert.BertConfig(vocab_size=30, hidden_size=48, num_layers=1, num_heads=4,
                           intermediate_size=40, max_position_embeddings=8, pooling="mean")
     small = bert.BERT(cfg).init(jax.random.PRNGKey(0), np.zeros((1, 4), np.int32))["params"]
-    spec = peft.PeftSpec.create(family="block_circulant", targets="re:.*(query|dense)")
+    spec = peft.PeftSpec.create(structure="block_circulant", targets="re:.*(query|dense)")
     trainable = trained(spec, small)
     with pytest.raises(ValueError, match="head=False"):
         c3a.to_c3a(trainable, spec, tmp_path / "mean", pooling="mean")
@@ -155,18 +155,18 @@ def test_file_format(tmp_path):
 def test_what_has_no_c3a_form_is_refused(tmp_path):
     _, base, _ = tiny_bert()
     with pytest.raises(ValueError, match="no C3A form"):
-        spec = peft.PeftSpec.create(family="lowrank", hparams={"rank": 2})
+        spec = peft.PeftSpec.create(structure="lowrank", hparams={"rank": 2})
         c3a.to_c3a(trained(spec, base), spec, tmp_path / "x")
-    spec = peft.PeftSpec.create(family="block_circulant", targets="qv", train_bias=True)
+    spec = peft.PeftSpec.create(structure="block_circulant", targets="qv", train_bias=True)
     with pytest.raises(ValueError, match="bias"):
         c3a.to_c3a(trained(spec, base), spec, tmp_path / "x")
-    spec = peft.PeftSpec.create(family="block_circulant", hparams={"block_size": 8},
+    spec = peft.PeftSpec.create(structure="block_circulant", hparams={"block_size": 8},
                                 targets="qv")
     c3a.to_c3a(trained(spec, base), spec, tmp_path / "ok")
     with pytest.raises(FileExistsError):
         c3a.to_c3a(trained(spec, base), spec, tmp_path / "ok")
     with pytest.raises(ValueError, match="one-block kernels on square layers"):
-        c3a.from_c3a(tmp_path / "ok", base, family="circulant")
+        c3a.from_c3a(tmp_path / "ok", base, structure="circulant")
     weights = tmp_path / "ok" / "adapter_model.safetensors"
     tensors = safetensors.numpy.load_file(str(weights))
     tensors["base_model.model.bert.encoder.layer.0.attention.self.query.bias"] = np.zeros(48)

@@ -10,7 +10,7 @@ from surm.peft import io as peft_io
 from surm.peft import tree
 from test_peft import randomize, tiny_bert
 
-SPEC = peft.PeftSpec.create(family="block_circulant", hparams={"block_size": 8}, targets="qv")
+SPEC = peft.PeftSpec.create(structure="block_circulant", hparams={"block_size": 8}, targets="qv")
 
 
 def with_leaf(params, path, change):

@@ -206,11 +206,11 @@ def test_study_report_rebuilds_from_its_record(tmp_path, monkeypatch):
     lift = {"circulant": 0.25, "symmetric_toeplitz": 0.0, "ldr": -0.25}  # true differences
 
     def rows_for(meta):  # the middle lr of each grid is best on validation; ldr still tuning
-        if meta["family"] == "ldr" and meta["lr"] == 1e-2:
+        if meta["structure"] == "ldr" and meta["lr"] == 1e-2:
             return None, None
-        if meta["lr"] != (1e-2 if meta["family"] == "linear_probe" else 3e-3):
+        if meta["lr"] != (1e-2 if meta["method"] == "probe" else 3e-3):
             return 0.5, None
-        return 0.7, lambda seed: 0.5 + lift.get(meta["family"], 0.0) + 0.01 * seed
+        return 0.7, lambda seed: 0.5 + lift.get(meta["structure"], 0.0) + 0.01 * seed
 
     rows = _fake_record(part, rows_for, tmp_path)
     study_report.report([part])
@@ -241,12 +241,12 @@ def test_study_table_of_a_language_model_ranks_perplexity_lowest_first(tmp_path,
     monkeypatch.setattr(study_parts, "RECORDS", tmp_path / "records")
     part = study_parts.BY_NAME["lm_bbc5"]
     test = {"circulant": 28.0, "toeplitz": 33.0, "lowrank": 31.0}
-    rows = [dict(r.meta, seed=seed, status="done", validation=test[r.meta["family"]],
-                 validation_loss=1.0, test=test[r.meta["family"]] + 0.1 * seed
-                 + 0.01 * (seed % 2) * (r.meta["family"] == "toeplitz"), trainable=10,
+    rows = [dict(r.meta, seed=seed, status="done", validation=test[r.meta["structure"]],
+                 validation_loss=1.0, test=test[r.meta["structure"]] + 0.1 * seed
+                 + 0.01 * (seed % 2) * (r.meta["structure"] == "toeplitz"), trainable=10,
                  adapter=10, base=1000, wall_seconds=5.0, workdir="gone", settings="[]",
                  curve=json.dumps([[0, 47.7], [8, 40.0], [32, 30.0]]))
-            for r in study_run._planned(part, []) if r.meta["family"] in test
+            for r in study_run._planned(part, []) if r.meta["structure"] in test
             and r.meta["hparams"] in ("", "rank=1") for seed in part.seeds]
     judged = study_report.judge([(part, "circulant [lora]", "LoRA r=1"),
                           (part, "Toeplitz [lora]", "LoRA r=1")], {part.name: rows})

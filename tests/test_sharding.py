@@ -87,19 +87,19 @@ report["full"] = {"held_one": one["held"], "held_fsdp8": fsdp8["held"],
                   "losses_one": one["losses"], "losses_fsdp8": fsdp8["losses"]}
 for mode, path, dropout in (("lora", "structured", 0.0), ("lora", "mixed", 0.0),
                             ("adapter", "structured", 0.1)):
-    spec = peft.PeftSpec.create(family="circulant", mode=mode, dropout=dropout,
+    spec = peft.PeftSpec.create(method=mode, structure="circulant", dropout=dropout,
                                 heads=["classifier"])
     a, b = compiled(mode, spec, mesh_of(1, 1, 1), path), compiled(mode, spec, mesh_of(8, 1, 1), path)
     report[f"{mode}_{path}"] = {
         "fft_one": ffts(a["hlo"])[0], "fft_data8": ffts(b["hlo"])[0],
         "fft_shapes_data8": ffts(b["hlo"])[1][:6], "all_gathers": count(b["hlo"], "all-gather"),
         "losses_one": a["losses"], "losses_data8": b["losses"]}
-tp = compiled("tp", peft.PeftSpec.create(family="circulant", heads=["classifier"]),
+tp = compiled("tp", peft.PeftSpec.create(structure="circulant", heads=["classifier"]),
               mesh_of(4, 1, 2))
 report["tp"] = {"eval_all_reduces": count(tp["eval_hlo"], "all-reduce"),
                 "eval_all_gathers": count(tp["eval_hlo"], "all-gather"),
                 "losses": tp["losses"]}
-ref = compiled("tp_ref", peft.PeftSpec.create(family="circulant", heads=["classifier"]),
+ref = compiled("tp_ref", peft.PeftSpec.create(structure="circulant", heads=["classifier"]),
                mesh_of(1, 1, 1))
 report["tp"]["losses_one"] = ref["losses"]
 print("REPORT" + json.dumps(report))

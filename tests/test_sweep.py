@@ -50,11 +50,11 @@ def test_tiny_grid_chooses_lrs_on_validation_and_resumes(tmp_path, capsys):
     tuning = [r for r in rows if r["seed"] == "0"]
     assert len(tuning) == 4 and all(r["validation"] != "" for r in tuning)
     for family in ("circulant", "lowrank"):
-        runs = [r for r in tuning if r["family"] == family]
+        runs = [r for r in tuning if r["structure"] == family]
         best = min(runs, key=lambda r: (-float(r["validation"]), float(r["validation_loss"]),
                                         float(r["lr"])))
         # seed 1 ran at the lr seed 0 chose, and only there
-        assert [r["lr"] for r in rows if r["family"] == family and r["seed"] == "1"] == [
+        assert [r["lr"] for r in rows if r["structure"] == family and r["seed"] == "1"] == [
             best["lr"]]
     assert sum(n.endswith("_seed1") for n in names) == 2
 
@@ -69,13 +69,13 @@ def test_tiny_grid_chooses_lrs_on_validation_and_resumes(tmp_path, capsys):
     # per-example predictions of each run's test split
     assert "| p_holm | verdict |" in table and "Holm-corrected over the 1 comparisons" in table
     (compared,) = _rows(root / "comparisons.csv")
-    assert (compared["family"], compared["reference"]) == ("circulant", "lowrank rank=1 lora")
+    assert (compared["structure"], compared["reference"]) == ("circulant", "lora lowrank rank=1")
     assert "bootstrap over seeds x examples" in compared["test"] and compared["examples"] == "223"
-    circ, lora = ([float(r["test"]) for r in rows if r["family"] == f and r["lr"] == r2["lr"]
+    circ, lora = ([float(r["test"]) for r in rows if r["structure"] == f and r["lr"] == r2["lr"]
                    and r["seed"] in "01"] for f, r2 in (
-                       ("circulant", next(r for r in rows if r["family"] == "circulant"
+                       ("circulant", next(r for r in rows if r["structure"] == "circulant"
                                           and r["seed"] == "1")),
-                       ("lowrank", next(r for r in rows if r["family"] == "lowrank"
+                       ("lowrank", next(r for r in rows if r["structure"] == "lowrank"
                                         and r["seed"] == "1"))))
     assert float(compared["delta"]) == pytest.approx(sum(circ) / 2 - sum(lora) / 2)
     assert float(compared["ci_low"]) <= float(compared["delta"]) <= float(compared["ci_high"])
@@ -111,11 +111,25 @@ def test_tiny_grid_chooses_lrs_on_validation_and_resumes(tmp_path, capsys):
     assert capsys.readouterr().out.count("recorded as done, skipped") == 6
     assert not list(root.glob("bbc_news/*/summary.json"))
     again = _rows(root / "results.csv")
-    assert sorted((r["family"], r["lr"], r["seed"], r["test"]) for r in again) == sorted(
-        (r["family"], r["lr"], r["seed"], r["test"]) for r in rows)
+    assert sorted((r["structure"], r["lr"], r["seed"], r["test"]) for r in again) == sorted(
+        (r["structure"], r["lr"], r["seed"], r["test"]) for r in rows)
     # without the predictions the comparison is the t-test over seeds alone
     (compared,) = _rows(root / "comparisons.csv")
     assert compared["test"] == "paired t over seeds"
+    # a record written before runs were named by method and structure (family and mode
+    # columns) stands in for its runs just the same
+    legacy = (record.read_text().replace("dataset,method,structure,", "dataset,family,mode,", 1)
+              .replace("bbc_news,lora,circulant,", "bbc_news,circulant,lora,")
+              .replace("bbc_news,lora,lowrank,", "bbc_news,lowrank,lora,"))
+    assert legacy.count(",circulant,lora,") == 3
+    record.write_text(legacy)
+    shutil.rmtree(root)
+    capsys.readouterr()
+    assert main(argv + ["--records", str(record)]) == 0
+    assert capsys.readouterr().out.count("recorded as done, skipped") == 6
+    assert sorted((r["structure"], r["lr"], r["seed"], r["test"]) for r in _rows(
+        root / "results.csv")) == sorted((r["structure"], r["lr"], r["seed"], r["test"])
+                                         for r in rows)
     # a record of the same run with other settings is refused
     record.write_text(record.read_text().replace("total_steps=2", "total_steps=3"))
     with pytest.raises(sweep.SweepError, match="different settings"):
@@ -125,8 +139,9 @@ def test_tiny_grid_chooses_lrs_on_validation_and_resumes(tmp_path, capsys):
         main(argv + ["--records", str(record)])
 
 
-def _row(lr, validation, test, seed=0, loss=0.5, status="done", head_lr=None, family="toeplitz"):
-    return dict(dataset="d", family=family, mode="lora", hparams="", lr=lr,
+def _row(lr, validation, test, seed=0, loss=0.5, status="done", head_lr=None,
+         structure="toeplitz"):
+    return dict(dataset="d", method="lora", structure=structure, hparams="", lr=lr,
                 head_lr=lr if head_lr is None else head_lr, seed=seed, status=status,
                 metric="accuracy", validation=validation if status == "done" else "",
                 validation_loss=loss, test=test if status == "done" else "", trainable=10,
@@ -163,9 +178,9 @@ def test_perplexity_is_chosen_and_judged_lowest_first():
     (picked,) = selection.select(rows)  # the lowest validation perplexity, whatever the test
     assert picked["lr"] == 1e-2 and picked["test"] == 35.0 and picked["edge"] == ""
     from surm.sweep import results
-    low = [{**_row(1e-2, 20.0, t, seed=s, family="circulant"), "metric": "perplexity"}
+    low = [{**_row(1e-2, 20.0, t, seed=s, structure="circulant"), "metric": "perplexity"}
            for s, t in enumerate((20.0, 21.0, 20.5, 20.2, 20.8))]
-    high = [{**_row(1e-2, 30.0, t + 10, seed=s, family="lowrank"), "metric": "perplexity"}
+    high = [{**_row(1e-2, 30.0, t + 10, seed=s, structure="lowrank"), "metric": "perplexity"}
             for s, t in enumerate((20.3, 21.1, 20.6, 20.4, 20.9))]
     ref, ((key, verdict),) = results.compare(low + high, "lowrank")
     assert key[1] == "circulant" and verdict.outcome == "win"  # lower perplexity wins
@@ -202,10 +217,10 @@ def test_followups_run_the_other_seeds_at_the_chosen_values(tmp_path):
                       modes=("lora",), seeds=(0, 1, 2), tune_seed=0)
     runs = sweep.plan(grid, tmp_path)
     assert len(runs) == 4 and {r.meta["seed"] for r in runs} == {0}
-    assert {(r.meta["lr"], r.meta["head_lr"]) for r in runs if r.meta["family"] == "circulant"} \
+    assert {(r.meta["lr"], r.meta["head_lr"]) for r in runs if r.meta["structure"] == "circulant"} \
         == {(1e-3, 1e-3), (1e-2, 1e-2)}  # head_lr=lr: the head at each lr
     rows = [dict(r.meta, status="done", validation=0.9 if r.meta["lr"] == 1e-2 else 0.8,
-                 validation_loss=1.0, test=0.5) for r in runs if r.meta["family"] == "circulant"]
+                 validation_loss=1.0, test=0.5) for r in runs if r.meta["structure"] == "circulant"]
     # one of circulant's two lrs has not run yet: nothing can follow, whatever the other gave
     assert sweep.plan_followups(grid, tmp_path, rows[1:]) == ([], 2)
     followups, waiting = sweep.plan_followups(grid, tmp_path, rows)
@@ -259,7 +274,7 @@ def test_budget_matcher_is_exact():
     targets = 2 * layers  # query and value in every layer, n x n each
     budget = 2 * n * targets  # exactly lowrank rank 1
 
-    found = {m.family: m for m in sweep.match_budget(
+    found = {m.structure: m for m in sweep.match_budget(
         config, budget, ["lowrank", "ldr", "block_circulant", "circulant", "toeplitz", "dense",
                          "symmetric_toeplitz"])}
     assert found["lowrank"].hparams == {"rank": 1} and found["lowrank"].params == budget
@@ -273,7 +288,7 @@ def test_budget_matcher_is_exact():
 
     # The count is the trainer's: build the real model and count what it trains.
     with config.unlocked():
-        config.peft.family, config.peft.hparams = "lowrank", {"rank": 1}
+        config.peft.structure, config.peft.hparams = "lowrank", {"rank": 1}
     counts = surm_inspect.describe(config)
     assert counts["adapter"] == counts["adapters_total"] == budget
     assert counts["trainable"] == found["lowrank"].counts["trainable"]
@@ -289,10 +304,10 @@ def test_budget_cli_prints_the_matches(capsys):
             "--modes", "lora", "--budget", "256", "--match_only"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    lowrank = next(line for line in out.splitlines() if line.startswith("lowrank"))
+    lowrank = next(line for line in out.splitlines() if line.startswith("lora     lowrank"))
     assert "rank=1" in lowrank and lowrank.endswith("fits")
     houlsby = next(line for line in out.splitlines() if line.startswith("houlsby"))
-    assert "adapter" in houlsby and "OVER" in houlsby
+    assert "OVER" in houlsby
 
 
 @pytest.mark.parametrize("families,message", [
@@ -328,7 +343,7 @@ def test_the_methods_own_knobs_reach_the_runs(tmp_path):
         sweep.parse_families(["lowrank:rank=4:alpha=8", "circulant:form=hadamard",
                               "symmetric_toeplitz:form=product",
                               "kronecker:factors=2x16:scale=0.5"])), modes=("lora",))
-    by_family = {r.meta["family"]: r for r in sweep.plan(grid, tmp_path)}
+    by_family = {r.meta["structure"]: r for r in sweep.plan(grid, tmp_path)}
     assert by_family["lowrank"].meta["hparams"] == "alpha=8,rank=4"
     assert by_family["circulant"].meta["hparams"] == "form=hadamard"
     assert by_family["kronecker"].meta["hparams"] == "factors=2x16,rank=1,scale=0.5"

@@ -123,7 +123,7 @@ def bbc_overrides(tmp_path_factory, **extra):
 def test_bad_configs_fail_before_compiling(tmp_path, tmp_path_factory):
     base = bbc_overrides(tmp_path_factory)
     cases = [
-        ("family=circulent", {}, "unknown peft family"),
+        ("family=circulent", {}, "unknown peft structure"),
         ("targets=attention/self/qeury", {}, "matches no linear module"),
         ("", {"input.batch_size": 6, "mesh.data": 4}, "needs more than the 1 devices"),
         ("", {"model.checkpoint": "/no/such/model"}, "not found"),
@@ -150,7 +150,7 @@ def test_resume_continues_where_it_stopped(tmp_path, tmp_path_factory):
     train.train_and_evaluate(cfg, str(tmp_path / "a"))
     saved = (tmp_path / "a" / "config.json").read_text()
     for arg, extra, message in (
-            ("family=ldr,rank=2", {}, r"peft.family: 'circulant' -> 'ldr'.* new --workdir$"),
+            ("family=ldr,rank=2", {}, r"peft.structure: 'circulant' -> 'ldr'.* new --workdir$"),
             ("", {"optimizer.lr": 0.5}, r"optimizer.lr: .* -> 0.5.*allow_resume_change="
                                         r"optimizer.lr$"),
             ("", {"total_steps": 8, "seed": 3}, r"seed: 0 -> 3; total_steps: 4 -> 8\)"),

@@ -160,7 +160,7 @@ def test_refused_runs_leave_the_workdir_as_it_was(tmp_path, tmp_path_factory, mo
     assert snapshot(workdir) == before
     write_table(csv, sentiment_rows())
     monkeypatch.setattr(factory, "build", _unbuildable)
-    for arg, extra, message in (("family=ldr,rank=2", {}, r"another config \(peft.family"),
+    for arg, extra, message in (("family=ldr,rank=2", {}, r"another config \(.*peft.structure: 'circulant' -> 'ldr'"),
                                 ("", {"restore_step": 4}, r"restore_step=4 is not a checkpoint "
                                                           r"kept in .* \(kept: none\)")):
         cfg = load_config("default", f"dataset=csv:{csv},{arg}".rstrip(","),

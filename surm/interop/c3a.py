@@ -2,7 +2,7 @@
 ``circulant`` adapters on BERT, both ways.
 
     python -m surm.interop.c3a export WORKDIR OUT [--no-head] [--dtype float32]
-    python -m surm.interop.c3a import C3A_FOLDER BERT_FOLDER OUT [--family circulant]
+    python -m surm.interop.c3a import C3A_FOLDER BERT_FOLDER OUT [--structure circulant]
                                   [--num_labels N] [--pooling P]
 
 ``export`` writes a finished run's adapters as a C3A folder that
@@ -201,14 +201,14 @@ def _write_folder(out: pathlib.Path, config: dict, tensors: Mapping[str, np.ndar
 
 
 def from_c3a(c3a_folder: str | os.PathLike, base_params: Mapping, *,
-             family: str = "block_circulant") -> tuple[dict, PeftSpec]:
+             structure: str = "block_circulant") -> tuple[dict, PeftSpec]:
     """(trainable, spec) of surm for a C3A folder on the BERT whose parameters are
     `base_params` (the names follow its layout: ``BertForSequenceClassification`` when it has a
     pooler, else ``BertModel``).
 
     The file says which modules are targeted and each kernel's block size; the spec gets their
     exact paths, ``hparams`` {"block_size": b} (or none when each module's b is its gcd(d_in,
-    d_out), surm's default) and scale 1. ``family="circulant"`` reads one-block kernels on square
+    d_out), surm's default) and scale 1. ``structure="circulant"`` reads one-block kernels on square
     layers as surm's plain circulant. A head in the file becomes the trained classifier; without
     one the base's classifier is kept. Anything else in the file (biases, other modules) is an
     error naming it.
@@ -218,8 +218,8 @@ def from_c3a(c3a_folder: str | os.PathLike, base_params: Mapping, *,
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} not found: a C3A folder holds {CONFIG} and "
                                     f"{WEIGHTS} (PeftModel.save_pretrained)")
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if structure not in FAMILIES:
+        raise ValueError(f"structure must be one of {FAMILIES}, got {structure!r}")
     config = json.loads((folder / CONFIG).read_text())
     if config.get("peft_type") != "C3A":
         raise ValueError(f"{folder / CONFIG}: peft_type {config.get('peft_type')!r}, not 'C3A'")
@@ -249,10 +249,10 @@ def from_c3a(c3a_folder: str | os.PathLike, base_params: Mapping, *,
                          f"its linear layers and a classifier):\n  " + "\n  ".join(problems))
 
     sizes = {path: w.shape[-1] for path, w in kernels.items()}
-    if family == "circulant":
+    if structure == "circulant":
         odd = [p for p, b in sizes.items() if not b == modules[p][0] == modules[p][1]]
         if odd:
-            raise ValueError(f"family='circulant' needs one-block kernels on square layers; "
+            raise ValueError(f"structure='circulant' needs one-block kernels on square layers; "
                              f"these are not: {odd}")
         hparams = {}
     elif len(set(sizes.values())) == 1:
@@ -263,14 +263,14 @@ def from_c3a(c3a_folder: str | os.PathLike, base_params: Mapping, *,
         raise ValueError(f"block sizes differ across modules ({sorted(set(sizes.values()))}) "
                          f"and are not each module's gcd(d_in, d_out): a surm spec takes one "
                          f"block size")
-    spec = PeftSpec.create(family=family, mode="lora", hparams=hparams,
+    spec = PeftSpec.create(method="lora", structure=structure, hparams=hparams,
                            targets=[p for p in modules if p in kernels],
                            init="zero" if config.get("init_weights", True) is True else "random")
     template, _ = surgery.init(base_params, spec, jax.random.PRNGKey(0))
     flat = tree.flatten(template)
     for path, w in kernels.items():
         c = block_circulant_of(w, modules[path][0])
-        flat[f"adapters/{path}/S/c"] = c[0, 0] if family == "circulant" else c
+        flat[f"adapters/{path}/S/c"] = c[0, 0] if structure == "circulant" else c
     if head:
         want = np.shape(flat[f"base/{HEAD}/kernel"])
         if set(head) != {"weight", "bias"} or head["weight"].T.shape != want:
@@ -300,7 +300,7 @@ def _import(args) -> list[str]:
     in_classifier = any(k.startswith(f"{PREFIX}bert.") for k in tensors)
     pooling = args.pooling or ("pooler" if in_classifier else None)
     _, base = bert_io.load(args.base, num_labels=num_labels, pooling=pooling)
-    trainable, spec = from_c3a(args.c3a, base, family=args.family)
+    trainable, spec = from_c3a(args.c3a, base, structure=args.structure)
     out = pathlib.Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; write into a new one")
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("c3a")
     p.add_argument("base", help="the Hugging Face BERT folder the adapters were trained on")
     p.add_argument("out")
-    p.add_argument("--family", choices=FAMILIES, default="block_circulant")
+    p.add_argument("--structure", "--family", choices=FAMILIES, default="block_circulant")
     p.add_argument("--num_labels", type=int, help="default: the file's classifier, else 2")
     p.add_argument("--pooling", choices=bert.POOLINGS,
                    help="default: 'pooler' for a BertForSequenceClassification's names, else "

@@ -26,7 +26,7 @@ def count(base_params: Mapping, trainable: Mapping, spec: PeftSpec) -> dict[str,
     base = _size(base_params)
     total = sum(per_module.values()) + base_trainable
     structures = {path: _structure_of(spec, path) for path in per_module}
-    return {"family": spec.family, "mode": spec.mode, "method": spec.method,
+    return {"method": spec.method, "structure": spec.structure,
             "targets": list(per_module), "structures": structures,
             "per_module": per_module, "adapter": structured_part,
             "adapters_total": sum(per_module.values()), "base_trainable": base_trainable,
@@ -43,11 +43,11 @@ def _structure_of(spec: PeftSpec, path: str) -> str:
 
 
 def format_report(counts: Mapping[str, Any]) -> str:
-    structures = counts.get("structures") or {p: counts["family"] for p in counts["per_module"]}
+    structures = counts["structures"]
     kinds = sorted(set(structures.values()))
     what = (kinds[0] if len(kinds) == 1 else
             ", ".join(f"{k} on {sum(v == k for v in structures.values())}" for k in kinds))
-    lines = [f"PEFT {counts.get('method', counts['mode'])}, {what or counts['family']}: "
+    lines = [f"PEFT {counts['method']}, {what or counts['structure'] or counts['method']}: "
              f"{len(counts['targets'])} targeted modules"]
     width = max((len(p) for p in counts["per_module"]), default=10)
     swidth = max((len(v) for v in structures.values()), default=0)

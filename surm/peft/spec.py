@@ -23,9 +23,9 @@ trains:
     alpha         instead of scale, LoRA's convention: s = alpha / rank (structures with a rank:
                   lowrank, kronecker, ldr), as LoRA and the SURM authors' Kronecker LoRA use it
 
-``PeftSpec.create(family=..., mode=...)`` takes the configs' older vocabulary too: ``family`` is
-a structure (its method is ``mode``, lora by default) or one of houlsby, bitfit,
-``linear_probe`` (the probe) and full; ``spec.family`` and ``spec.mode`` read it back.
+The configs' arguments and files written by older versions (stored configs, adapter folders,
+sweep records) speak of a ``family`` (a structure, or one of houlsby, bitfit, ``linear_probe``,
+full) and a ``mode`` (lora or adapter); ``from_family`` is the one place that vocabulary is read.
 
 Target rules, tried against every linear module path (a module owning a ``kernel``):
     a preset name ("qv", "qkv", "qkvo", "mlp", "all-linear", "houlsby"), an exact path, a suffix
@@ -42,6 +42,7 @@ from typing import Any, Iterable, Mapping
 from surm import structured
 from surm.peft import methods
 
+# the ``family=`` names (config arguments, a sweep's --families) of the methods without a structure
 BASELINES = ("houlsby", "bitfit", "linear_probe", "full")
 RANKED = ("lowrank", "kronecker", "ldr")  # the families whose update alpha / rank can scale
 MODES = ("lora", "adapter")
@@ -117,15 +118,52 @@ _METHOD_OF_FAMILY = {"houlsby": "houlsby", "bitfit": "bitfit", "linear_probe": "
 _FAMILY_OF_METHOD = {v: k for k, v in _METHOD_OF_FAMILY.items()}
 
 
-def method_of(family: str) -> str:
-    """The method an older ``family`` name runs: a baseline's own, else lora (a structure)."""
-    return _METHOD_OF_FAMILY.get(family, "lora")
+def from_family(family: str, mode: str | None = None) -> tuple[str, str | None]:
+    """``(method, structure)`` of the configs' vocabulary: ``family`` a structure (its method is
+    ``mode``, lora by default) or a method without one (houlsby, bitfit, ``linear_probe``: the
+    probe, full). Config arguments and files of older versions are read through it, and only
+    they."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"peft mode must be one of {MODES}, got {mode!r}")
+    if family in _METHOD_OF_FAMILY:
+        if mode == "lora" and family == "houlsby":
+            raise ValueError("houlsby is an adapter: use mode=adapter")
+        return _METHOD_OF_FAMILY[family], None
+    return mode or "lora", family
 
 
-def has_adapters(family: str) -> bool:
-    """Whether a ``family`` (a structure or a baseline) adds adapters, and so has a mode:
-    asked of its method (``methods.get(m).adapters``), not listed."""
-    return methods.get(method_of(family)).adapters
+def to_family(method: str | None, structure: str | None) -> tuple[str, str | None]:
+    """The config arguments ``(family, mode)`` that say ``method`` and ``structure`` (mode None:
+    the config's own; ``method`` None with a structure leaves it to the config): the inverse of
+    ``from_family``, for the configs' command lines."""
+    if structure is not None:
+        return structure, method
+    if method not in _FAMILY_OF_METHOD:
+        raise ValueError(f"method {method!r} needs a structure (one of "
+                         f"{', '.join(structured.FAMILIES)})")
+    return _FAMILY_OF_METHOD[method], "adapter" if method == "houlsby" else None
+
+
+def upgrade(block: Mapping[str, Any]) -> dict[str, Any]:
+    """A peft block (a config's, a spec's JSON) written in the older vocabulary (family, mode)
+    in method and structure; a block already in them comes back as it was."""
+    d = dict(block)
+    if "family" not in d and "mode" not in d:
+        return d
+    if "method" in d or "structure" in d:
+        raise ValueError("a peft block gives family/mode or method/structure, not both")
+    if d.get("family") is None:
+        raise ValueError(f"a peft block with mode={d.get('mode')!r} names no family; give "
+                         f"method and structure")
+    d["method"], d["structure"] = from_family(d.pop("family"), d.pop("mode", None))
+    return d
+
+
+def has_adapters(method: str) -> bool:
+    """Whether ``method`` adds adapters (asked of ``methods.get(method)``, not listed)."""
+    return methods.get(method).adapters
+
+
 # what a per-target pattern may set besides the structure's hyper-parameters
 _PATTERN_KEYS = ("structure", "scale", "alpha")
 
@@ -185,9 +223,10 @@ class PeftSpec:
                              f"{', '.join(METHODS)}")
         if self.method in STRUCTURED_METHODS:
             if self.structure not in structured.FAMILIES:
-                raise ValueError(f"unknown peft family {self.structure!r}; choose a structured "
-                                 f"family ({', '.join(structured.FAMILIES)}) or a baseline "
-                                 f"({', '.join(BASELINES)})")
+                raise ValueError(f"unknown peft structure {self.structure!r} for method "
+                                 f"{self.method!r}; choose a structured family "
+                                 f"({', '.join(structured.FAMILIES)}), or a method without "
+                                 f"one ({', '.join(m for m in METHODS if m not in STRUCTURED_METHODS)})")
         elif self.structure is not None:
             raise ValueError(f"method {self.method!r} has no structure (got "
                              f"{self.structure!r}); structures go with lora or adapter")
@@ -214,26 +253,18 @@ class PeftSpec:
     @classmethod
     def create(cls, **kw: Any) -> "PeftSpec":
         """From plain values (a config dict): hparams and patterns as dicts, targets and heads
-        as lists or comma-separated strings, ``family``/``mode`` (the configs' vocabulary) or
-        ``method``/``structure``. In adapter mode (and for houlsby) the default targets are the
+        as lists or comma-separated strings. In adapter mode (and for houlsby) the default targets are the
         Houlsby placement."""
         kw = dict(kw)
-        family, mode = kw.pop("family", None), kw.pop("mode", None)
-        if family is not None:
-            if "method" in kw or "structure" in kw:
-                raise ValueError("give peft family (and mode) or method and structure, not both")
-            if family in _METHOD_OF_FAMILY:
-                if mode == "lora" and family == "houlsby":
-                    raise ValueError("houlsby is an adapter: use mode='adapter'")
-                kw["method"], kw["structure"] = _METHOD_OF_FAMILY[family], None
-            else:
-                if mode is not None and mode not in MODES:
-                    raise ValueError(f"peft mode must be one of {MODES}, got {mode!r}")
-                kw["method"], kw["structure"] = mode or "lora", family
-        elif mode is not None:
-            if mode not in MODES:
-                raise ValueError(f"peft mode must be one of {MODES}, got {mode!r}")
-            kw.setdefault("method", mode)
+        if "family" in kw or "mode" in kw:
+            hint = ""
+            try:
+                method, structure = from_family(kw.get("family"), kw.get("mode"))
+                hint = f": method={method!r}" + (f", structure={structure!r}" if structure else "")
+            except (ValueError, TypeError):
+                pass
+            raise ValueError(f"PeftSpec takes method and structure, not family/mode (the "
+                             f"configs' arguments){hint}")
         if kw.get("method") not in STRUCTURED_METHODS and "method" in kw:
             kw.setdefault("structure", None)
         hp = kw.pop("hparams", None) or {}
@@ -254,25 +285,13 @@ class PeftSpec:
         unknown = sorted(set(kw) - known)
         if unknown:
             raise ValueError(f"unknown peft option(s) {unknown}; known: "
-                             f"{sorted(known | {'family', 'mode'})}")
+                             f"{sorted(known)}")
         return cls(**kw)
 
     @property
     def label(self) -> str:
         """The method and its structure, for messages: 'lora circulant', 'houlsby'."""
         return f"{self.method} {self.structure}" if self.structure else self.method
-
-    # ---- the configs' vocabulary (read by the sweep's records; the package speaks method and
-    # structure) ---------------------------------------------------------------------------------
-    @property
-    def family(self) -> str:
-        """The structure, or the method's name where it has none (``linear_probe`` for probe)."""
-        return self.structure if self.structure else _FAMILY_OF_METHOD[self.method]
-
-    @property
-    def mode(self) -> str:
-        """``adapter`` for the methods placed after a sublayer (adapter, houlsby), else lora."""
-        return "adapter" if self.method in ("adapter", "houlsby") else "lora"
 
     # ---- per target ----------------------------------------------------------------------------
     def target(self, path: str, settings: Mapping[str, Any] | None = None) -> Target:
@@ -336,7 +355,7 @@ class PeftSpec:
     @classmethod
     def from_json(cls, text: str) -> "PeftSpec":
         """A spec from ``to_json``'s text, or from the older files (family and mode)."""
-        d = json.loads(text)
+        d = upgrade(json.loads(text))
         d["hparams"] = {k: v for k, v in d["hparams"]}
         d["patterns"] = {rule: {k: v for k, v in s} for rule, s in d.get("patterns") or ()}
         return cls.create(**d)

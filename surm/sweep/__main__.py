@@ -70,9 +70,10 @@ Comparisons
     difference); ROOT/comparisons.csv holds the numbers.
 
 Budget matching
-    ``--budget N`` picks, for each family (and mode), the hyper-parameters whose parameter count
-    beyond the classification head is closest to N without going over (surm.peft.budget; the
-    knobs each family declares searchable, restricted by listed values), prints the table and
+    ``--budget N`` picks, for each method (a family by each of --modes), the hyper-parameters
+    whose parameter count beyond the classification head is closest to N without going over
+    (surm.peft.budget; the knobs each structure declares searchable, restricted by listed
+    values), prints the table and
     sweeps those settings (with their listed lr values); ``--match_only`` stops after the table.
 
     python -m surm.sweep --config configs/default.py --families lowrank,ldr,circulant,toeplitz \\

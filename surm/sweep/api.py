@@ -8,10 +8,10 @@ from typing import Mapping, Sequence
 
 import jax
 
-from surm import data
+from surm import data, peft
 from surm.peft import budget
 from surm.sweep import plots, records, results
-from surm.sweep.grid import (FamilyGrid, Grid, Method, SweepError, load_config, modes_for,
+from surm.sweep.grid import (FamilyGrid, Grid, Method, SweepError, load_config, methods_for,
                              parse_family)
 
 
@@ -26,7 +26,7 @@ def counter_for(config) -> budget.ParamCounter:
 
 def match_budget(config, n: int, families: Sequence[FamilyGrid | str],
                  modes: Sequence[str] | None = None) -> list[budget.Match]:
-    """For each family (and mode), the setting whose parameters beyond the head are closest to
+    """For each method of the --families items (a structure by each of ``modes``), the setting whose parameters beyond the head are closest to
     ``n`` without exceeding it (``surm.peft.budget.match``); ``families``: FamilyGrid or grid
     strings ('lowrank', 'lowrank:rank=1;2;4': listed values restrict the search)."""
     if n < 1:
@@ -34,9 +34,9 @@ def match_budget(config, n: int, families: Sequence[FamilyGrid | str],
     counter = counter_for(config)
     grids = [f if isinstance(f, FamilyGrid) else parse_family(f) for f in families]
     try:
-        return [budget.match(counter, fam.name, mode,
+        return [budget.match(counter, method, structure,
                              {k: v for k, v in fam.values if k not in fam.tuned_values}, n)
-                for fam in grids for mode in modes_for(fam.name, modes)]
+                for fam in grids for method, structure in methods_for(fam.name, modes)]
     except ValueError as e:
         raise SweepError(str(e)) from None
 
@@ -47,9 +47,9 @@ def match_config_budget(grid: Grid, n: int) -> tuple[str, list[Method]]:
     config = load_config(grid.config, dict(grid.base) | (
         {grid.dataset_arg: grid.datasets[0]} if grid.datasets else {}), grid.sets)
     matches = match_budget(config, n, grid.families, grid.modes)
-    by_family = {fam.name: fam for fam in grid.families}
-    methods = [Method(m.family, m.mode, m.hparams, tuned)
-               for m in matches for tuned in by_family[m.family].tuned()]
+    items = {fam.name: fam for fam in grid.families}
+    methods = [Method(m.method, m.structure, m.hparams, tuned) for m in matches
+               for tuned in items[peft.spec.to_family(m.method, m.structure)[0]].tuned()]
     return budget.format_matches(matches, n), methods
 
 

@@ -1,9 +1,11 @@
 """The grid of a sweep: its syntax, the methods it expands to, and the configs of its runs.
 
-A ``--families`` item is ``FAMILY[:KEY=V1;V2...][:KEY2=...]``: a structured family or a
-baseline (houlsby, bitfit, linear_probe, full) and the values listed for some of its config
-arguments. ``lr`` and ``head_lr`` are *tuned* axes: their values are tried and one is chosen on
-validation (``surm.sweep.selection``; ``head_lr=lr`` trains the head at each lr tried);
+A ``--families`` item is ``FAMILY[:KEY=V1;V2...][:KEY2=...]``, in the configs' vocabulary: a
+structure (run by each of ``--modes``, lora or adapter; the config's own when none is given) or a
+method without one (houlsby, bitfit, linear_probe, full), and the values listed for some of its
+config arguments. Inside the sweep a method is a PEFT method and its structure
+(``surm.peft.spec.from_family``). ``lr`` and ``head_lr`` are *tuned* axes: their values are
+tried and one is chosen on validation (``surm.sweep.selection``; ``head_lr=lr`` trains the head at each lr tried);
 every other key (rank, block_size, form, factors, alpha,
 ...) is a hyper-parameter of the method, each combination a method of its own.
 """
@@ -157,35 +159,41 @@ class Grid:
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One method of a grid: family, mode (None: the config's), hyper-parameters, and the
+    """One method of a grid: the PEFT method (None: the config's own, lora or adapter, for a
+    structure), its structure (None for houlsby, bitfit, probe, full), hyper-parameters, and the
     values of the tuned axes this run takes."""
 
-    family: str
-    mode: str | None
+    method: str | None
+    structure: str | None
     hparams: Mapping[str, Any]
     tuned: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
+    @property
+    def item(self) -> str:
+        """The --families item it came from (the configs' ``family``)."""
+        return peft.spec.to_family(self.method, self.structure)[0]
+
     def config_args(self) -> dict[str, str]:
-        args = {"family": self.family,
+        family, mode = peft.spec.to_family(self.method, self.structure)
+        args = {"family": family,
                 **{k: format_value(v) for k, v in {**self.hparams, **self.tuned}.items()}}
-        if self.mode is not None:
-            args["mode"] = self.mode
+        if mode is not None:
+            args["mode"] = mode
         return args
 
 
-def modes_for(family: str, modes: Sequence[str] | None) -> list[str | None]:
-    """The modes a family runs in (None: the config's default)."""
-    if not peft.spec.has_adapters(family):
-        return [None]
-    if family == "houlsby":
-        return ["adapter"]
-    return list(modes) if modes else [None]
+def methods_for(item: str, modes: Sequence[str] | None) -> list[tuple[str | None, str | None]]:
+    """The (method, structure) pairs a --families item runs: a structure by each of ``modes``
+    (None: the config's own), a method without one by itself."""
+    if item in peft.BASELINES:
+        return [peft.spec.from_family(item)]
+    return [(mode, item) for mode in (modes or [None])]
 
 
 def grid_methods(grid: Grid, *, tuned: bool = True) -> list[Method]:
-    """Every method x mode x hyper-parameters (x tuned values, unless ``tuned=False``)."""
-    return [Method(fam.name, mode, hp, t) for fam in grid.families
-            for mode in modes_for(fam.name, grid.modes) for hp in fam.combos()
+    """Every method x hyper-parameters (x tuned values, unless ``tuned=False``)."""
+    return [Method(method, structure, hp, t) for fam in grid.families
+            for method, structure in methods_for(fam.name, grid.modes) for hp in fam.combos()
             for t in (fam.tuned() if tuned else [{}])]
 
 
@@ -225,13 +233,12 @@ def last_line(text: str) -> str:
 
 
 def describe(config) -> dict:
-    """What names a run: dataset, family, mode, hparams, lr, head_lr, seed, and its headline
-    metric (all read from the resolved config, so defaults are recorded too)."""
+    """What names a run: dataset, method, structure ('-': none), hparams, lr, head_lr, seed, and
+    its headline metric (all read from the resolved config, so defaults are recorded too)."""
     spec = peft.config_to_spec(config.peft)
     dataset = config.input.dataset
     opt = config.optimizer
-    return {"dataset": dataset, "family": spec.family,
-            "mode": spec.mode if spec.has_adapters else "-",
+    return {"dataset": dataset, "method": spec.method, "structure": spec.structure or "-",
             "hparams": format_hparams(spec.method_hparams),
             "lr": float(opt.lr), "head_lr": float(opt.get("head_lr") or opt.lr),
             "seed": config.seed, "metric": _metric(config)}

@@ -20,6 +20,11 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return front
 
 
+def _name(key: tuple) -> str:
+    """A method's colour: its structure, or the method where it has none."""
+    return key[2] if key[2] not in ("-", "") else key[1]
+
+
 def plot_pareto(rows: Sequence[dict], path: pathlib.Path, tune_seed: int | None = None,
                 title: str = "") -> bool:
     """Writes the plot; False if no method has a chosen run yet."""
@@ -31,24 +36,26 @@ def plot_pareto(rows: Sequence[dict], path: pathlib.Path, tune_seed: int | None 
     import matplotlib.pyplot as plt
 
     datasets = sorted({key[0] for key in groups})
-    families = sorted({key[1] for key in groups})
+    names = sorted({_name(key) for key in groups})
     colours = plt.get_cmap("tab10")
     markers = "os^Dv<>phX*P"
-    style = {f: (colours(i % 10), markers[i % len(markers)]) for i, f in enumerate(families)}
+    style = {f: (colours(i % 10), markers[i % len(markers)]) for i, f in enumerate(names)}
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         points, metric = [], ""
-        for (ds, family, mode, hparams), runs in groups.items():
+        for key, runs in groups.items():
+            ds, method, _, hparams = key
             if ds != dataset:
                 continue
             x = runs[0]["trainable"]
             ys = [r["test"] for r in runs]
             y = statistics.mean(ys)
-            colour, marker = style[family]
+            colour, marker = style[_name(key)]
             ax.errorbar(x, y, yerr=statistics.stdev(ys) if len(ys) > 1 else None, color=colour,
                         marker=marker, linestyle="none", capsize=2,
-                        markerfacecolor="none" if mode == "adapter" else colour)
-            ax.annotate(" ".join(filter(None, [hparams, mode if mode != "-" else ""])), (x, y),
+                        markerfacecolor="none" if method == "adapter" else colour)
+            ax.annotate(" ".join(filter(None, [hparams, method if _name(key) != method else ""])),
+                        (x, y),
                         fontsize=6, xytext=(3, 3), textcoords="offset points")
             points.append((x, y))
             metric = runs[0]["metric"]
@@ -62,7 +69,8 @@ def plot_pareto(rows: Sequence[dict], path: pathlib.Path, tune_seed: int | None 
     handles = [plt.Line2D([], [], color=c, marker=m, linestyle="none", label=f)
                for f, (c, m) in style.items()]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8,
-               title="family (hollow: adapter mode; dashed: Pareto front)", title_fontsize=8)
+               title="structure or method (hollow: adapters; dashed: Pareto front)",
+               title_fontsize=8)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=150)
     plt.close(fig)

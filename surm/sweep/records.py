@@ -1,13 +1,15 @@
 """What a sweep keeps of each run: ``run.json`` in its workdir, and rows of ``results.csv``.
 
-A row names its run by ``run_key`` (dataset, family, mode, hparams, lr, head_lr, seed) and holds
+A row names its run by ``run_key`` (dataset, method, structure, hparams, lr, head_lr, seed:
+structure '-' for a method without one) and holds
 its settings, status, final validation and test metrics, parameter counts and wall time, its
 validation curve (``curve``: JSON ``[[step, value], ...]`` of every validation pass) and where
 its per-example test predictions are (``predictions``: a ``surm.predictions`` file, or
 ``ARCHIVE.npz#KEY`` in an archive of a record: ``surm.sweep.archive``). An earlier
 ``results.csv`` (e.g. one kept in git when the workdirs are gone) can stand in for the runs it
 records as done or failed (``read_records`` / ``recorded_runs``): a run that failed (diverged)
-stays in the record, marked, so that it counts as tried.
+stays in the record, marked, so that it counts as tried. Records and run.json files of older
+versions (family and mode columns) are read in today's words (``upgrade``).
 """
 from __future__ import annotations
 
@@ -18,15 +20,27 @@ import pathlib
 from typing import Any, Iterable, Mapping, Sequence
 
 from surm import workdir as workdir_files
+from surm.peft import spec as peft_spec
 from surm.sweep.grid import SweepError, last_line
 
-KEY = ("dataset", "family", "mode", "hparams", "lr", "head_lr", "seed")
+KEY = ("dataset", "method", "structure", "hparams", "lr", "head_lr", "seed")
 CSV_HEAD = [*KEY, "status", "metric", "validation", "validation_loss", "test",
             "best_validation", "trainable", "adapter", "base", "wall_seconds", "final_train_loss",
             "workdir", "error", "settings", "curve", "predictions"]
-TEXT_COLUMNS = {"dataset", "family", "mode", "hparams", "status", "metric", "workdir", "error",
+TEXT_COLUMNS = {"dataset", "method", "structure", "hparams", "status", "metric", "workdir", "error",
                 "settings", "curve", "predictions"}
 RECORDED = ("done", "failed")  # what a record keeps of a run: its result, or that it failed
+
+
+def upgrade(row: Mapping[str, Any]) -> dict:
+    """A row (or a run.json's meta) of an older record, whose runs are named by family and mode
+    ('-' where none), with method and structure instead; today's rows come back as they were."""
+    row = dict(row)
+    if "family" in row and "method" not in row:
+        family, mode = row.pop("family"), row.pop("mode", "-")
+        method, structure = peft_spec.from_family(family, None if mode in ("-", "") else mode)
+        row.update(method=method, structure=structure or "-")
+    return row
 
 
 def run_key(row: Mapping[str, Any]) -> tuple[str, ...]:
@@ -81,7 +95,7 @@ def _test_predictions(workdir: pathlib.Path, step: int) -> str:
 def read_run(record: pathlib.Path) -> dict:
     """One results.csv row from a workdir's run.json and, if finished, its summary.json."""
     workdir = record.parent
-    meta = json.loads(record.read_text())
+    meta = upgrade(json.loads(record.read_text()))
     row = {k: meta[k] for k in (*KEY, "metric")}
     row["workdir"] = str(workdir)
     row["settings"] = json.dumps(meta["settings"])
@@ -139,11 +153,12 @@ def read_csv(path: str | os.PathLike) -> list[dict]:
             rows = list(csv.DictReader(f))
     except OSError as e:
         raise SweepError(f"--records {path}: {e.strerror or e}") from None
+    rows = [upgrade(_typed(row)) for row in rows]
     missing = [k for k in (*KEY, "status") if rows and k not in rows[0]]
     if missing:
         raise SweepError(f"--records {path} is not a sweep results.csv (no columns {missing}); "
                          f"give a ROOT/results.csv written by surm.sweep")
-    return [_typed(row) for row in rows]
+    return rows
 
 
 def read_records(paths: Iterable[str | os.PathLike]) -> dict[tuple[str, ...], dict]:
@@ -158,7 +173,7 @@ def _typed(row: Mapping[str, str]) -> dict:
     out = {}
     for key, text in row.items():
         value: Any = text
-        if key not in TEXT_COLUMNS and text != "":
+        if key not in TEXT_COLUMNS and key not in ("family", "mode") and text != "":
             for cast in (int, float):
                 try:
                     value = cast(text)

@@ -24,10 +24,11 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from surm import metrics
+from surm.peft import spec as peft_spec
 from surm.sweep import archive, selection, stats
 from surm.sweep.grid import SweepError
 
-GROUP = ("dataset", "family", "mode", "hparams")
+GROUP = ("dataset", "method", "structure", "hparams")
 
 
 def mean_std(values: Sequence[float | str]) -> str:
@@ -65,14 +66,14 @@ def chosen_table(rows: Sequence[dict], tune_seed: int | None = None,
     comparisons."""
     picked = selection.select(rows, tune_seed)
     ref, judged = compare(picked, reference)
-    lines = ["| dataset | family | mode | hparams | trainable | metric | test (mean ± std) | "
+    lines = ["| dataset | method | structure | hparams | trainable | metric | test (mean ± std) | "
              "validation | late gain | chosen lr | chosen head lr | tried | grid edge | seeds | "
              f"Δ vs {_method_name(ref) if ref else 'reference'} | CI | p | p_holm | verdict |",
              "|---|---|---|---|---:|---|---|---|---:|---|---|---:|---|---:|---:|---|---:|---:|---|"]
     verdicts = {key: v for key, v in judged}
     majority = majority_rates(picked)
     for key, runs in group(picked).items():
-        dataset, family, mode, hparams = key
+        dataset, method, structure, hparams = key
         failed = max(r["failed"] for r in runs)
         edges = sorted({e for r in runs for e in r["edge"].split("; ") if e})
         test = mean_std([r["test"] for r in runs])
@@ -85,7 +86,7 @@ def chosen_table(rows: Sequence[dict], tune_seed: int | None = None,
                  [f"{v.comparison.delta:+.4f}", f"[{v.ci[0]:+.4f}, {v.ci[1]:+.4f}]",
                   f"{v.comparison.p:.2g}", f"{v.p_holm:.2g}", v.outcome])
         lines.append(
-            f"| {dataset} | {family} | {mode} | {hparams or '-'} | {runs[0]['trainable']:,} | "
+            f"| {dataset} | {method} | {structure} | {hparams or '-'} | {runs[0]['trainable']:,} | "
             f"{runs[0]['metric']} | {test} | {mean_std([r['validation'] for r in runs])} | "
             f"{_format_gain(late_gain(runs))} | "
             f"{format_chosen([r['lr'] for r in runs])} | "
@@ -105,8 +106,10 @@ def chosen_table(rows: Sequence[dict], tune_seed: int | None = None,
 
 
 def _method_name(key: Sequence[str]) -> str:
-    family, mode, hparams = key
-    return " ".join(filter(None, [family, hparams, mode if mode not in ("-", "") else ""]))
+    """'lora lowrank rank=1', 'houlsby rank=12', 'probe'."""
+    method, structure, hparams = key
+    return " ".join(filter(None, [method, structure if structure not in ("-", "") else "",
+                                  hparams]))
 
 
 def _format_gain(gain: float | None) -> str:
@@ -179,32 +182,40 @@ def compare_runs(ours: Sequence[Mapping], theirs: Sequence[Mapping]) -> stats.Co
 
 
 def find_reference(groups: Mapping[tuple, list], reference: str | None) -> tuple[str, str, str]:
-    """The (family, mode, hparams) of the reference method: ``reference`` is
-    ``FAMILY[:K=V[:K=V...]]`` (e.g. ``lowrank:rank=8``); by default LoRA (the smallest
-    lowrank), else the linear probe, else full fine-tuning, else the first method."""
+    """The (method, structure, hparams) of the reference method: ``reference`` is a --families
+    item, ``FAMILY[:K=V[:K=V...]]`` (e.g. ``lowrank:rank=8``: a structure by any method, or a
+    method without one); by default LoRA (the smallest lowrank), else the linear probe, else
+    full fine-tuning, else the first method."""
     methods = sorted({key[1:] for key in groups}, key=lambda m: (
         min(runs[0]["trainable"] for k, runs in groups.items() if k[1:] == m), m))
     if reference:
         family, *pairs = reference.split(":")
         wanted = {p.strip() for p in pairs if p.strip()}
-        found = [m for m in methods if m[0] == family and wanted <= set(m[2].split(","))]
+        found = [m for m in methods if _is_item(m, family) and wanted <= set(m[2].split(","))]
         if len(found) != 1:
             raise SweepError(f"--reference {reference!r} matches {len(found)} methods of "
                              f"{', '.join(map(_method_name, methods))}; name one, e.g. "
                              f"lowrank:rank=8")
         return found[0]
     for family in ("lowrank", "linear_probe", "full"):
-        found = [m for m in methods if m[0] == family]
+        found = [m for m in methods if _is_item(m, family)]
         if found:
             return found[0]
     return methods[0]
 
 
+def _is_item(method: Sequence[str], family: str) -> bool:
+    """Whether (method, structure, hparams) is what the --families item ``family`` runs."""
+    if family in peft_spec.BASELINES:
+        return method[0] == peft_spec.from_family(family)[0]
+    return method[1] == family
+
+
 def compare(picked: Sequence[dict], reference: str | None = None, alpha: float = stats.ALPHA,
             ) -> tuple[tuple[str, str, str] | None, list[tuple[tuple, stats.Verdict]]]:
     """Every method at its chosen values against the reference on each dataset, judged
-    together (Holm over all of them): the reference's (family, mode, hparams) and
-    [((dataset, family, mode, hparams), Verdict)]."""
+    together (Holm over all of them): the reference's (method, structure, hparams) and
+    [((dataset, method, structure, hparams), Verdict)]."""
     groups = group(picked)
     if not groups:
         return None, []
@@ -225,13 +236,13 @@ def compare(picked: Sequence[dict], reference: str | None = None, alpha: float =
 
 def runs_table(rows: Sequence[dict]) -> list[str]:
     """The markdown lines of the *every run* table."""
-    lines = ["| dataset | family | mode | hparams | lr | head lr | trainable | metric | "
+    lines = ["| dataset | method | structure | hparams | lr | head lr | trainable | metric | "
              "validation | test | seeds | wall s |",
              "|---|---|---|---|---:|---:|---:|---|---|---|---:|---:|"]
     for key, runs in group(rows, (*GROUP, "lr", "head_lr")).items():
-        dataset, family, mode, hparams, lr, head_lr = key
+        dataset, method, structure, hparams, lr, head_lr = key
         lines.append(
-            f"| {dataset} | {family} | {mode} | {hparams or '-'} | {float(lr):g} | "
+            f"| {dataset} | {method} | {structure} | {hparams or '-'} | {float(lr):g} | "
             f"{float(head_lr):g} | {runs[0]['trainable']:,} | {runs[0]['metric']} | "
             f"{mean_std([r['validation'] for r in runs])} | {mean_std([r['test'] for r in runs])}"
             f" | {len(runs)} | {statistics.mean(r['wall_seconds'] for r in runs):.0f} |")
@@ -266,7 +277,7 @@ def write_markdown(rows: Sequence[dict], path: pathlib.Path, tune_seed: int | No
     path.write_text("\n".join(lines) + "\n")
 
 
-COMPARISON_HEAD = ["dataset", "family", "mode", "hparams", "reference", "metric", "seeds",
+COMPARISON_HEAD = ["dataset", "method", "structure", "hparams", "reference", "metric", "seeds",
                    "examples", "delta", "ci_low", "ci_high", "level", "p", "p_holm", "mde",
                    "test", "verdict"]
 
@@ -276,9 +287,10 @@ def write_comparisons(rows: Sequence[dict], path: pathlib.Path, tune_seed: int |
     """``comparisons.csv``: one row per comparison of the chosen table (``compare``)."""
     ref, judged = compare(selection.select(rows, tune_seed), reference)
     out = []
-    for (dataset, family, mode, hparams), v in judged:
+    for (dataset, method, structure, hparams), v in judged:
         c = v.comparison
-        out.append({"dataset": dataset, "family": family, "mode": mode, "hparams": hparams,
+        out.append({"dataset": dataset, "method": method, "structure": structure,
+                    "hparams": hparams,
                     "reference": _method_name(ref), "metric": rows[0]["metric"],
                     "seeds": c.seeds, "examples": c.examples or "", "delta": c.delta,
                     "ci_low": v.ci[0], "ci_high": v.ci[1], "level": v.level, "p": c.p,

@@ -23,6 +23,7 @@ import sys
 import time
 from typing import Callable, Mapping, Sequence
 
+from surm import peft
 from surm import workdir as workdir_files
 from surm.sweep import selection
 from surm.sweep.grid import (TUNED, Grid, Method, SweepError, describe, format_hparams,
@@ -36,7 +37,7 @@ ERROR_TAIL_LINES = 30
 class Run:
     settings: tuple[str, ...]  # the --config flags of ``python -m surm.train``
     workdir: pathlib.Path
-    meta: dict  # dataset, family, mode, hparams, lr, head_lr, seed, metric
+    meta: dict  # dataset, method, structure, hparams, lr, head_lr, seed, metric
 
     @property
     def argv(self) -> tuple[str, ...]:
@@ -51,9 +52,9 @@ class Run:
         m = self.meta
         tuned = f"lr={m['lr']:g}" + (f",head_lr={m['head_lr']:g}" if m["head_lr"] != m["lr"]
                                      else "")
-        return " ".join(filter(None, [m["dataset"], m["family"], m["hparams"],
-                                      m["mode"] if m["mode"] != "-" else "", tuned,
-                                      f"seed={m['seed']}"]))
+        return " ".join(filter(None, [m["dataset"], m["method"],
+                                      m["structure"] if m["structure"] != "-" else "",
+                                      m["hparams"], tuned, f"seed={m['seed']}"]))
 
     def command(self, python: str = "python") -> str:
         return shlex.join([python, "-m", "surm.train", *self.argv])
@@ -70,11 +71,16 @@ def _config_args(grid: Grid, method: Method, dataset: str | None, seed: int | No
 
 
 def workdir_for(root: pathlib.Path, meta: Mapping) -> pathlib.Path:
+    """ROOT/<dataset>/<family>[_<hparam>-<value>...][_<mode>]_lr<lr>[_hlr<head lr>]_seed<seed>,
+    named in the configs' words (the --families item and mode), as sweeps have always named
+    them, so that a root swept before resumes."""
+    structure = meta["structure"] if meta["structure"] != "-" else None
+    family, mode = peft.spec.to_family(meta["method"], structure)
     hp = "".join(f"_{item.replace('=', '-')}" for item in meta["hparams"].split(",") if item)
-    mode = f"_{meta['mode']}" if meta["mode"] != "-" else ""
+    mode = f"_{mode}" if mode else ""
     tuned = f"_lr{meta['lr']:g}" + (f"_hlr{meta['head_lr']:g}"
                                     if meta["head_lr"] != meta["lr"] else "")
-    return root / dataset_folder(meta["dataset"]) / f"{meta['family']}{hp}{mode}{tuned}" \
+    return root / dataset_folder(meta["dataset"]) / f"{family}{hp}{mode}{tuned}" \
         f"_seed{meta['seed']}"
 
 
@@ -175,7 +181,8 @@ def tuning_states(grid: Grid, root: str | os.PathLike, rows: Sequence[dict],
     groups: dict[tuple, list[tuple[Method, Run]]] = {}
     for method in methods or grid_methods(grid):
         for dataset, seed in itertools.product(grid.datasets or [None], seeds):
-            key = (method.family, method.mode, format_hparams(method.hparams), dataset, seed)
+            key = (method.method, method.structure, format_hparams(method.hparams), dataset,
+                   seed)
             groups.setdefault(key, []).append((method, resolve(grid, root, method, dataset,
                                                                 seed)))
     out = []
@@ -183,7 +190,7 @@ def tuning_states(grid: Grid, root: str | os.PathLike, rows: Sequence[dict],
         method = dataclasses.replace(members[0][0], tuned={})
         meta = members[0][1].meta
         same = lambda r: all(str(r[k]) == str(meta[k]) for k in  # noqa: E731
-                             ("dataset", "family", "mode", "hparams", "seed"))
+                             ("dataset", "method", "structure", "hparams", "seed"))
         found = [by_key.get(run_key(r.meta)) for _, r in members]
         tried = list({run_key(r): r for r in [*filter(None, found), *filter(same, rows)]}
                      .values())
@@ -250,7 +257,7 @@ def plan_followups(grid: Grid, root: str | os.PathLike, rows: Sequence[dict],
 
 def grid_item_axes(grid: Grid, method: Method) -> set[str]:
     """The tuned axes the grid lists for a method (the others take the config's value)."""
-    return {axis for fam in grid.families if fam.name == method.family
+    return {axis for fam in grid.families if fam.name == method.item
             for axis in fam.tuned_values}
 
 

@@ -1,6 +1,6 @@
 """Choosing the tuned values (lr, head_lr) of every method on validation, never on test.
 
-For every (dataset, family, mode, hparams, seed), the run with the best *final* validation
+For every (dataset, method, structure, hparams, seed), the run with the best *final* validation
 metric (the highest; the lowest for perplexity: ``surm.metrics.LOWER_IS_BETTER``; the model that is then
 tested is the final one) is chosen, and its test metric is the
 one reported. Ties go to the lower final validation loss, then to the smaller lr, then to the
@@ -20,7 +20,7 @@ from surm.metrics import better_sign
 from surm.sweep.grid import TUNED, SweepError
 from surm.sweep.records import run_key
 
-METHOD = ("dataset", "family", "mode", "hparams")
+METHOD = ("dataset", "method", "structure", "hparams")
 FINISHED = ("done", "failed")
 
 
@@ -90,7 +90,7 @@ def _by(rows: Iterable[Mapping[str, Any]], keys: Sequence[str]) -> dict[tuple, l
 
 def choices(rows: Iterable[Mapping[str, Any]],
             tune_seed: int | None = None) -> dict[tuple, Choice]:
-    """{(dataset, family, mode, hparams, seed): Choice}; with ``tune_seed``, keyed by the
+    """{(dataset, method, structure, hparams, seed): Choice}; with ``tune_seed``, keyed by the
     method alone (seed ``None``) and made on that seed's runs."""
     if tune_seed is not None:
         rows = [r for r in rows if str(r["seed"]) == str(tune_seed)]
@@ -121,7 +121,7 @@ def select(rows: Sequence[Mapping[str, Any]], tune_seed: int | None = None) -> l
 
 
 def unsettled(rows: Sequence[Mapping[str, Any]], tune_seed: int | None = None) -> list[tuple]:
-    """The (dataset, family, mode, hparams[, seed]) groups whose tuning is not finished."""
+    """The (dataset, method, structure, hparams[, seed]) groups whose tuning is not finished."""
     if tune_seed is not None:
         rows = [r for r in rows if str(r["seed"]) == str(tune_seed)]
     keys = METHOD if tune_seed is not None else (*METHOD, "seed")

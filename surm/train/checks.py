@@ -13,12 +13,12 @@ from typing import Sequence
 
 import jax
 
-from surm import config_fields, data, models, optim, peft, sharding, tasks
+from surm import config_fields, data, models, optim, peft, runs, sharding, tasks
 from surm import workdir as workdir_files
 from surm.checkpointing import kept_steps
 
 ConfigError = config_fields.ConfigError
-REQUIRED = ("total_steps", "input.batch_size", "seed", "peft.family", "eval_every",
+REQUIRED = ("total_steps", "input.batch_size", "seed", "peft.method", "eval_every",
             "ckpt_every")
 
 
@@ -78,7 +78,7 @@ def resume_changes(config, workdir: pathlib.Path,
     if not saved.exists():
         return {}
     try:
-        old = json.loads(saved.read_text())
+        old = runs.read_config(workdir)
     except ValueError:
         raise ConfigError(f"{saved} is damaged (not JSON); this workdir's run cannot be "
                           f"checked: use a new --workdir") from None
