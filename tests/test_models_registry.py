@@ -143,7 +143,7 @@ def get_config(arg=None):
     c.seed, c.total_steps, c.eval_every, c.ckpt_every, c.log_every = 0, 2, 2, 2, 1
     c.model = dict(name="tiny_mlp", checkpoint="", hidden=16, image_size=8)
     c.input = dict(dataset=arg, data_dir="", batch_size=4, eval_batch_size=4)
-    c.peft = dict(structure="circulant", targets="hidden")
+    c.peft = dict(method="lora", structure="circulant", targets="hidden")
     c.optimizer = dict(name="adamw", lr=1e-2)
     c.mesh = dict(data=-1, fsdp=1, model=1)
     return c

@@ -68,8 +68,8 @@ def test_cka_ceilings_and_representations_on_tiny_runs(tmp_path, capsys):
     for r in out["runs"].values():
         layers = r["representations"]["per_layer"]
         assert len(layers) == 2 and all(0.0 <= v <= 1.0 + 1e-9 for v in layers)  # 2 blocks
-    assert "weights" not in by_method["houlsby (rank=2) [adapter]"]  # adapters: no matrix
-    lora = by_method["lowrank (rank=1) [lora]"]["weights"]
+    assert "weights" not in by_method["houlsby (rank=2)"]  # adapters: no matrix
+    lora = by_method["lora lowrank (rank=1)"]["weights"]
     assert lora["matrices"] == 4 and 0.0 <= lora["mean"] <= 1.0 + 1e-9
     assert by_method["full"]["weights"]["matrices"] == 4  # full vs full on the same q, v
     assert "ceiling_mean" not in by_method["full"]["weights"]
@@ -232,6 +232,26 @@ def test_study_report_rebuilds_from_its_record(tmp_path, monkeypatch):
     assert (study_parts.RECORDS / "curves_vit_k5.png").exists()
     # the record is the study's: rewritten with the same finished runs
     assert len(sweep.read_records([part.record])) == len(rows)
+
+    # A record whose archive keys an older version wrote (keys name runs by their key): the
+    # report rewrites record and archive and judges from the predictions all the same.
+    from surm import predictions
+    from surm.sweep import archive
+    keys = {r["predictions"].partition("#")[2] for r in sweep.read_csv(part.record)}
+    with np.load(archive.path_for(part.record)) as z:
+        arrays = {("old" + k if k.split(".")[0] in keys else k): z[k] for k in z.files}
+    predictions.write(archive.path_for(part.record), arrays)
+    text = part.record.read_text()
+    for key in keys:
+        text = text.replace("#" + key, "#old" + key)
+    part.record.write_text(text)
+    study_report.report([part])
+    assert "bootstrap over seeds x examples" in study_parts.DOC.read_text().split(
+        "## Low-resource images")[1]
+    # a record naming predictions its archive lacks is refused, not judged without them
+    ref = sweep.read_csv(part.record)[0]["predictions"]
+    with pytest.raises(ValueError, match="record and its archive are from different writes"):
+        archive.load_scores(ref + "x")
 
 
 def test_study_table_of_a_language_model_ranks_perplexity_lowest_first(tmp_path, monkeypatch):

@@ -183,7 +183,7 @@ def test_perplexity_is_chosen_and_judged_lowest_first():
     high = [{**_row(1e-2, 30.0, t + 10, seed=s, structure="lowrank"), "metric": "perplexity"}
             for s, t in enumerate((20.3, 21.1, 20.6, 20.4, 20.9))]
     ref, ((key, verdict),) = results.compare(low + high, "lowrank")
-    assert key[1] == "circulant" and verdict.outcome == "win"  # lower perplexity wins
+    assert key[2] == "circulant" and verdict.outcome == "win"  # lower perplexity wins
     for r in low + high:
         r["metric"] = "accuracy"
     assert results.compare(low + high, "lowrank")[1][0][1].outcome == "loss"

@@ -42,8 +42,6 @@ from typing import Any, Iterable, Mapping
 from surm import structured
 from surm.peft import methods
 
-# the ``family=`` names (config arguments, a sweep's --families) of the methods without a structure
-BASELINES = ("houlsby", "bitfit", "linear_probe", "full")
 RANKED = ("lowrank", "kronecker", "ldr")  # the families whose update alpha / rank can scale
 MODES = ("lora", "adapter")
 ACTIVATIONS = ("gelu", "relu", "tanh", "identity")
@@ -116,6 +114,8 @@ STRUCTURED_METHODS = ("lora", "adapter")  # the methods whose matrices have a st
 _METHOD_OF_FAMILY = {"houlsby": "houlsby", "bitfit": "bitfit", "linear_probe": "probe",
                      "full": "full"}
 _FAMILY_OF_METHOD = {v: k for k, v in _METHOD_OF_FAMILY.items()}
+# the ``family=`` names (config arguments, a sweep's --families) of the methods without a structure
+BASELINES = tuple(_METHOD_OF_FAMILY)
 
 
 def from_family(family: str, mode: str | None = None) -> tuple[str, str | None]:

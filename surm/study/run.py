@@ -29,8 +29,9 @@ def save_record(part: Part) -> list[dict]:
         rows = []
     finished = [r for r in rows if r["status"] in ("done", "failed")]
     if finished or part.record.exists():
-        sweep.write_csv(archive.write(finished, part.record), part.record)
-    return rows
+        finished = archive.write(finished, part.record)  # predictions now point into it
+        sweep.write_csv(finished, part.record)
+    return finished + [r for r in rows if r["status"] not in ("done", "failed")]
 
 
 def _planned(part: Part, rows: Sequence[dict]) -> list[runner.Run]:

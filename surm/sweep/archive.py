@@ -38,7 +38,8 @@ def _key(text: str | tuple) -> str:
 def load_scores(ref: str) -> dict[str, np.ndarray] | None:
     """The per-example test outcomes a row's ``predictions`` column points to (a predictions
     file of a workdir, or ``ARCHIVE#KEY``), with their example ``index``; None when there are
-    none (a record from before predictions were kept, or a workdir that is gone)."""
+    none (a record from before predictions were kept, a workdir or an archive that is gone);
+    ValueError when the archive is there but lacks the key (a record from another write)."""
     if not ref:
         return None
     file, _, key = str(ref).partition("#")
@@ -48,7 +49,13 @@ def load_scores(ref: str) -> dict[str, np.ndarray] | None:
         pred = predictions.read(file)
         return {**predictions.scores(pred), "index": pred["index"]}
     arrays = _read_archive(file)
-    names = json.loads(str(arrays.get(f"{key}.names", "[]")))
+    if not arrays:
+        return None  # the archive is not there (a record copied without it)
+    if f"{key}.names" not in arrays:
+        raise ValueError(f"{file} holds no predictions {key!r} that its record names: the "
+                         f"record and its archive are from different writes; keep the two "
+                         f"together (rewrite both from the workdirs)")
+    names = json.loads(str(arrays[f"{key}.names"]))
     if not names:
         return None
     dataset = str(arrays[f"{key}.dataset"])
