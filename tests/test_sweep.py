@@ -171,6 +171,28 @@ def test_the_choice_follows_validation_not_test():
     assert picked["edge"] == "lr at min; head_lr at max"
 
 
+def test_the_reference_is_named_by_a_families_item():
+    """--reference speaks the command line's words (a structure, or a method without one) and
+    finds the method the table names by method and structure."""
+    from surm.sweep import results
+
+    def runs(method, structure, hparams, trainable):
+        return [dict(_row(1e-3, 0.5, 0.5), method=method, structure=structure, hparams=hparams,
+                     trainable=trainable)]
+    groups = {("d", "lora", "lowrank", "rank=8"): runs("lora", "lowrank", "rank=8", 80),
+              ("d", "lora", "lowrank", "rank=1"): runs("lora", "lowrank", "rank=1", 10),
+              ("d", "adapter", "circulant", ""): runs("adapter", "circulant", "", 5),
+              ("d", "houlsby", "-", "rank=12"): runs("houlsby", "-", "rank=12", 90),
+              ("d", "probe", "-", ""): runs("probe", "-", "", 1)}
+    assert results.find_reference(groups, None) == ("lora", "lowrank", "rank=1")  # LoRA
+    assert results.find_reference(groups, "lowrank:rank=8") == ("lora", "lowrank", "rank=8")
+    assert results.find_reference(groups, "houlsby") == ("houlsby", "-", "rank=12")
+    assert results.find_reference(groups, "linear_probe") == ("probe", "-", "")
+    assert results.find_reference(groups, "circulant") == ("adapter", "circulant", "")
+    with pytest.raises(sweep.SweepError, match="matches 2 methods"):
+        results.find_reference(groups, "lowrank")
+
+
 def test_perplexity_is_chosen_and_judged_lowest_first():
     rows = [{**_row(1e-3, 30.0, 29.0), "metric": "perplexity"},
             {**_row(1e-2, 20.0, 35.0), "metric": "perplexity"},
