@@ -159,11 +159,6 @@ def upgrade(block: Mapping[str, Any]) -> dict[str, Any]:
     return d
 
 
-def has_adapters(method: str) -> bool:
-    """Whether ``method`` adds adapters (asked of ``methods.get(method)``, not listed)."""
-    return methods.get(method).adapters
-
-
 # what a per-target pattern may set besides the structure's hyper-parameters
 _PATTERN_KEYS = ("structure", "scale", "alpha")
 
