@@ -55,6 +55,12 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         fail(last if len(text) > 1 else " ".join(text), USAGE)
     except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
         name = str(e).strip("\"' ")
+        if any(arg.startswith(("--config.peft.family", "--config.peft.mode")) for arg in argv):
+            fail("a config's peft block holds a method and its structure, not family and mode: "
+                 "override --config.peft.structure (a structured family) and "
+                 "--config.peft.method (lora, adapter, houlsby, bitfit, probe, full), or give "
+                 "family= and mode= as config arguments (--config FILE:family=...,mode=...)",
+                 USAGE)
         fail(f"a --config.KEY=VALUE override names no field of the config: {name}; check its "
              f"spelling (python -m surm.inspect --config FILE shows the config)", USAGE)
     raise AssertionError("unreachable")

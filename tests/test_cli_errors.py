@@ -21,6 +21,9 @@ def _cases(tmp: pathlib.Path):
         "train: an override of a field the config lacks": (
             [*TRAIN, "--workdir", str(tmp / "w"), "--config.unknown=1"], 2,
             "names no field of the config: unknown"),
+        "train: an override in the configs' older words (peft.family)": (
+            [*TRAIN, "--workdir", str(tmp / "w"), "--config.peft.family=lowrank"], 2,
+            "override --config.peft.structure"),
         "train: a value of the wrong type": (
             [*TRAIN, "--workdir", str(tmp / "w"), "--config.total_steps=abc"], 2,
             "--config.total_steps=abc"),
