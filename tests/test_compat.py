@@ -71,3 +71,32 @@ def test_an_earlier_sweep_record_reads_chooses_and_compares(tmp_path):
     results.write_markdown(rows, tmp_path / "results.md")
     assert "| bbc_news | lora | circulant |" in (tmp_path / "results.md").read_text()
     assert sweep.read_records([FIXTURES / "sweep_results.csv"])  # usable as --records
+
+
+def test_an_earlier_sweep_workdir_is_found_and_not_rerun(tmp_path, monkeypatch):
+    """The grid that made the fixture's run (a sweep of the earlier version) plans the same
+    workdir name and the same settings today, so a root swept before resumes with nothing
+    rerun; its run.json reads as a finished results row."""
+    from surm import defaults
+    from surm.sweep import runner
+    meta = json.loads((FIXTURES / "classifier" / "run.json").read_text())
+    table = defaults.load()  # the head lr that run took from the table then
+    table["text"]["methods"]["lora circulant"] = {"lr": 1e-3, "head_lr": meta["head_lr"],
+                                                  "from": "the fixture's run"}
+    monkeypatch.setattr(defaults, "load", lambda path=defaults.FILE: table)
+    monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[1])  # configs/ as the run saw it
+    grid = sweep.Grid(config="configs/default.py",
+                      base=(("dataset", "bbc_news"), ("checkpoint", "random"),
+                            ("max_length", "32")),
+                      families=tuple(sweep.parse_families(["circulant:lr=0.001"])),
+                      modes=("lora",), seeds=(0,),
+                      sets=tuple(s.removeprefix("--config.").split("=")
+                                 for s in meta["settings"][1:]))
+    (run,) = sweep.plan(grid, tmp_path / "root")
+    assert list(run.settings) == meta["settings"]
+    assert run.workdir.name == "circulant_lora_lr0.001_hlr0.003_seed0"
+    shutil.copytree(FIXTURES / "classifier", run.workdir)
+    runner.check_records([run])  # the same settings: not refused
+    assert run.finished
+    (row,) = records.collect(tmp_path / "root")
+    assert (row["method"], row["structure"], row["status"]) == ("lora", "circulant", "done")
