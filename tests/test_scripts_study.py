@@ -3,6 +3,7 @@ surm.study."""
 import importlib.util
 import json
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -194,7 +195,7 @@ def _fake_record(part, rows_for, tmp_path, n=400):
     return rows
 
 
-def test_study_report_rebuilds_from_its_record(tmp_path, monkeypatch):
+def test_study_report_rebuilds_from_its_record(tmp_path, monkeypatch, capsys):
     """A fresh clone has the record (CSV and archived test predictions) and no workdirs: the
     report chooses each method's lr on validation, judges every SURM method against LoRA r=1
     paired by seed over seeds and test examples, Holm-corrected, and says what it found."""
@@ -232,6 +233,13 @@ def test_study_report_rebuilds_from_its_record(tmp_path, monkeypatch):
     assert (study_parts.RECORDS / "curves_vit_k5.png").exists()
     # the record is the study's: rewritten with the same finished runs
     assert len(sweep.read_records([part.record])) == len(rows)
+    # the plan counts what is left, a still-tuning method with its other seeds, and the time
+    # it takes at the median wall time of the finished runs (5 s each here)
+    capsys.readouterr()
+    study_run.plan_summary([part])
+    line = capsys.readouterr().out.splitlines()[0]
+    found = re.search(r"(\d+) to go,\s+1 methods still tuning .* \((\d+) runs at 5 s\)", line)
+    assert found and int(found[2]) == int(found[1]) + len(part.seeds) - 1, line
 
     # A record whose archive keys an older version wrote (keys name runs by their key): the
     # report rewrites record and archive and judges from the predictions all the same.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import statistics
 import sys
 from typing import Sequence
 
@@ -81,14 +82,28 @@ def run(parts: Sequence[Part]) -> int:
 
 
 def plan_summary(parts: Sequence[Part]) -> None:
+    """Per part: runs planned and to go, methods still tuning, and the time left at the median
+    wall time of its finished runs (a still-tuning method counted with its other seeds)."""
+    total = 0.0
     for part in parts:
         rows = save_record(part)
         runs = _planned(part, rows)
         done = {sweep.run_key(r) for r in rows if r["status"] == "done"}
         waiting = sum(runner.plan_followups(g, part.root, rows)[1] for g in part.sweep_grids())
         left = sum(sweep.run_key(r.meta) not in done for r in runs)
+        walls = [float(r["wall_seconds"]) for r in rows
+                 if r["status"] == "done" and r.get("wall_seconds") not in ("", None)]
+        more = left + waiting * (len(part.seeds) - 1)
+        eta = ""
+        if more and walls:
+            hours = more * statistics.median(walls) / 3600
+            total += hours
+            eta = f"; about {hours:.1f} h left ({more} runs at {statistics.median(walls):.0f} s)"
         print(f"{part.name:22s} {len(runs):4d} runs planned, {left:4d} to go, {waiting:3d} "
-              f"methods still tuning (their other seeds not planned yet)")
+              f"methods still tuning (their other seeds not planned yet){eta}")
+    if total:
+        print(f"about {total:.1f} hours of runs left in the parts that have run before (one "
+              f"run at a time; a part with no finished run has no estimate)")
 
 
 # ---- the configs' default learning rates -----------------------------------------------------
