@@ -50,7 +50,7 @@ def lookup(kind: str, method: str, structure: str | None = None,
     table = table or load()
     key = method_key(method, structure)
     candidates: tuple[tuple[str, str], ...] = ((key, ""),)
-    if structure not in (None, "", "-"):  # a method without one keeps its own lr scale
+    if key != method:  # it has a structure; a method without one keeps its own lr scale
         candidates += ((method_key(method, RELATIVES.get(structure, structure)), "a relative"),
                        (method_key(OTHER_METHOD.get(method, method), structure),
                         "the other method"),

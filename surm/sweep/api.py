@@ -2,13 +2,14 @@
 results files of a root."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 from typing import Mapping, Sequence
 
 import jax
 
-from surm import data, peft
+from surm import data
 from surm.peft import budget
 from surm.sweep import plots, records, results
 from surm.sweep.grid import (FamilyGrid, Grid, Method, SweepError, load_config, methods_for,
@@ -48,8 +49,9 @@ def match_config_budget(grid: Grid, n: int) -> tuple[str, list[Method]]:
         {grid.dataset_arg: grid.datasets[0]} if grid.datasets else {}), grid.sets)
     matches = match_budget(config, n, grid.families, grid.modes)
     items = {fam.name: fam for fam in grid.families}
-    methods = [Method(m.method, m.structure, m.hparams, tuned) for m in matches
-               for tuned in items[peft.spec.to_family(m.method, m.structure)[0]].tuned()]
+    matched = [Method(m.method, m.structure, m.hparams) for m in matches]
+    methods = [dataclasses.replace(m, tuned=tuned) for m in matched
+               for tuned in items[m.item].tuned()]
     return budget.format_matches(matches, n), methods
 
 

@@ -232,13 +232,22 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else text
 
 
+#: a row's structure for a method without one (houlsby, bitfit, probe, full)
+NO_STRUCTURE = "-"
+
+
+def structure_of(text: str) -> str | None:
+    """A row's structure, None for a method without one (``NO_STRUCTURE``, or empty)."""
+    return None if text in (NO_STRUCTURE, "") else text
+
+
 def describe(config) -> dict:
     """What names a run: dataset, method, structure ('-': none), hparams, lr, head_lr, seed, and
     its headline metric (all read from the resolved config, so defaults are recorded too)."""
     spec = peft.config_to_spec(config.peft)
     dataset = config.input.dataset
     opt = config.optimizer
-    return {"dataset": dataset, "method": spec.method, "structure": spec.structure or "-",
+    return {"dataset": dataset, "method": spec.method, "structure": spec.structure or NO_STRUCTURE,
             "hparams": format_hparams(spec.method_hparams),
             "lr": float(opt.lr), "head_lr": float(opt.get("head_lr") or opt.lr),
             "seed": config.seed, "metric": _metric(config)}

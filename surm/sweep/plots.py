@@ -8,6 +8,7 @@ import statistics
 from typing import Sequence
 
 from surm.sweep import results, selection
+from surm.sweep.grid import structure_of
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -22,7 +23,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
 
 def _name(key: tuple) -> str:
     """A method's colour: its structure, or the method where it has none."""
-    return key[2] if key[2] not in ("-", "") else key[1]
+    return structure_of(key[2]) or key[1]
 
 
 def plot_pareto(rows: Sequence[dict], path: pathlib.Path, tune_seed: int | None = None,

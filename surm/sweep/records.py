@@ -21,13 +21,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from surm import workdir as workdir_files
 from surm.peft import spec as peft_spec
-from surm.sweep.grid import SweepError, last_line
+from surm.sweep.grid import NO_STRUCTURE, SweepError, last_line
 
 KEY = ("dataset", "method", "structure", "hparams", "lr", "head_lr", "seed")
 CSV_HEAD = [*KEY, "status", "metric", "validation", "validation_loss", "test",
             "best_validation", "trainable", "adapter", "base", "wall_seconds", "final_train_loss",
             "workdir", "error", "settings", "curve", "predictions"]
-TEXT_COLUMNS = {"dataset", "method", "structure", "hparams", "status", "metric", "workdir", "error",
+TEXT_COLUMNS = {"family", "mode",  # an older record's (``upgrade``)
+                "dataset", "method", "structure", "hparams", "status", "metric", "workdir", "error",
                 "settings", "curve", "predictions"}
 RECORDED = ("done", "failed")  # what a record keeps of a run: its result, or that it failed
 
@@ -37,9 +38,10 @@ def upgrade(row: Mapping[str, Any]) -> dict:
     ('-' where none), with method and structure instead; today's rows come back as they were."""
     row = dict(row)
     if "family" in row and "method" not in row:
-        family, mode = row.pop("family"), row.pop("mode", "-")
+        family, mode = row.pop("family"), row.pop("mode", "")
+        # an older record's mode was '-' where the method has none, as a structure is today
         method, structure = peft_spec.from_family(family, None if mode in ("-", "") else mode)
-        row.update(method=method, structure=structure or "-")
+        row.update(method=method, structure=structure or NO_STRUCTURE)
     return row
 
 
@@ -173,7 +175,7 @@ def _typed(row: Mapping[str, str]) -> dict:
     out = {}
     for key, text in row.items():
         value: Any = text
-        if key not in TEXT_COLUMNS and key not in ("family", "mode") and text != "":
+        if key not in TEXT_COLUMNS and text != "":
             for cast in (int, float):
                 try:
                     value = cast(text)

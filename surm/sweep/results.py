@@ -26,7 +26,7 @@ import numpy as np
 from surm import metrics
 from surm.peft import spec as peft_spec
 from surm.sweep import archive, selection, stats
-from surm.sweep.grid import SweepError
+from surm.sweep.grid import SweepError, structure_of
 
 GROUP = ("dataset", "method", "structure", "hparams")
 
@@ -108,8 +108,7 @@ def chosen_table(rows: Sequence[dict], tune_seed: int | None = None,
 def _method_name(key: Sequence[str]) -> str:
     """'lora lowrank rank=1', 'houlsby rank=12', 'probe'."""
     method, structure, hparams = key
-    return " ".join(filter(None, [method, structure if structure not in ("-", "") else "",
-                                  hparams]))
+    return " ".join(filter(None, [method, structure_of(structure), hparams]))
 
 
 def _format_gain(gain: float | None) -> str:

@@ -27,7 +27,8 @@ from surm import peft
 from surm import workdir as workdir_files
 from surm.sweep import selection
 from surm.sweep.grid import (TUNED, Grid, Method, SweepError, describe, format_hparams,
-                             grid_methods, last_line, load_config, train_config_flags)
+                             grid_methods, last_line, load_config, structure_of,
+                             train_config_flags)
 from surm.sweep.records import check_workdir, run_key, write_record
 
 ERROR_TAIL_LINES = 30
@@ -52,8 +53,7 @@ class Run:
         m = self.meta
         tuned = f"lr={m['lr']:g}" + (f",head_lr={m['head_lr']:g}" if m["head_lr"] != m["lr"]
                                      else "")
-        return " ".join(filter(None, [m["dataset"], m["method"],
-                                      m["structure"] if m["structure"] != "-" else "",
+        return " ".join(filter(None, [m["dataset"], m["method"], structure_of(m["structure"]),
                                       m["hparams"], tuned, f"seed={m['seed']}"]))
 
     def command(self, python: str = "python") -> str:
@@ -74,8 +74,7 @@ def workdir_for(root: pathlib.Path, meta: Mapping) -> pathlib.Path:
     """ROOT/<dataset>/<family>[_<hparam>-<value>...][_<mode>]_lr<lr>[_hlr<head lr>]_seed<seed>,
     named in the configs' words (the --families item and mode), as sweeps have always named
     them, so that a root swept before resumes."""
-    structure = meta["structure"] if meta["structure"] != "-" else None
-    family, mode = peft.spec.to_family(meta["method"], structure)
+    family, mode = peft.spec.to_family(meta["method"], structure_of(meta["structure"]))
     hp = "".join(f"_{item.replace('=', '-')}" for item in meta["hparams"].split(",") if item)
     mode = f"_{mode}" if mode else ""
     tuned = f"_lr{meta['lr']:g}" + (f"_hlr{meta['head_lr']:g}"
