@@ -145,15 +145,21 @@ def test_study_parts_are_valid_grids(tmp_path, monkeypatch):
     each method at each of its lrs, and the seeds the comparisons need."""
     monkeypatch.setattr(study_parts, "ROOT", tmp_path)
     counts = {part.name: len(study_run._planned(part, [])) for part in study_parts.PARTS}
-    # few-shot: LoRA r=1 and three SURM families at equal budgets, and the probe, 3 lrs each
-    assert counts["vit_k5"] == counts["vit_k10"] == counts["vit_k50"] == 5 * 3
+    # few-shot: LoRA r=1 and three SURM families at equal budgets, and the probe, 3 lrs each;
+    # full fine-tuning at 3 x 2 (its tuning seed only: a reference curve)
+    assert counts["vit_k5"] == counts["vit_k10"] == counts["vit_k50"] == 5 * 3 + 6
     # bbc: circulant and block-circulant in both modes, Houlsby, LoRA r=1/r=8, probe at 3 lrs;
     # full at 3 x 2
     assert counts["text_bbc"] == 8 * 3 + 6
-    assert counts["text_tweets"] == 5 * 3
+    # tweets: circulant in both modes, Houlsby, LoRA r=1/r=8, probe; full at 3 x 2
+    assert counts["text_tweets"] == 6 * 3 + 6
     assert counts["lm_bbc5"] == 8  # the lrs lm_bbc chose: one each
     seeds = {part.name: len(part.seeds) for part in study_parts.PARTS}
     assert seeds["vit_k5"] == seeds["vit_k10"] == 10 and min(seeds.values()) == 5
+    vit, tweets = study_parts.BY_NAME["vit_k5"], study_parts.BY_NAME["text_tweets"]
+    full = dict(method="full", structure="-")
+    assert vit.seeds_of(full) == (0,) and tweets.seeds_of(full) == tweets.seeds
+    assert vit.seeds_of(dict(method="lora", structure="circulant")) == vit.seeds
     # every comparison the report judges names methods the parts run
     names = {p.name: {study_report.display(r.meta) for r in study_run._planned(p, [])} for p in study_parts.PARTS}
     for _, _, pairs in study_report._tables():
@@ -169,8 +175,24 @@ def _fake_record(part, rows_for, tmp_path, n=400):
     from surm.sweep import archive
     rng = np.random.default_rng(0)
     label = rng.integers(0, 10, n)
+    rows, tried = [], set()
+    while True:  # the runs planned, then those that widen a grid where a choice is at its edge
+        runs = [r for r in study_run._planned(part, rows) if sweep.run_key(r.meta) not in tried]
+        if not runs:
+            break
+        new = _fake_runs(part, runs, rows_for, rng, label, tmp_path, len(rows), n)
+        tried |= {sweep.run_key(r.meta) for r in runs} | {sweep.run_key(r) for r in new}
+        rows += new
+    sweep.write_csv(archive.write(rows, part.record), part.record)
+    for file in (tmp_path / "gone").iterdir():
+        file.unlink()
+    return rows
+
+
+def _fake_runs(part, runs, rows_for, rng, label, tmp_path, start, n):
+    from surm import predictions
     rows = []
-    for run in study_run._planned(part, []):
+    for run in runs:
         val, acc = rows_for(run.meta)
         if val is None:  # not finished
             continue
@@ -179,7 +201,7 @@ def _fake_record(part, rows_for, tmp_path, n=400):
             accuracy = acc(seed) if acc is not None else 0.3
             right = rng.uniform(size=n) < accuracy
             logits = np.eye(10, dtype=np.float32)[np.where(right, label, (label + 1) % 10)]
-            file = tmp_path / "gone" / f"{len(rows)}.npz"
+            file = tmp_path / "gone" / f"{start + len(rows)}.npz"
             predictions.write(file, predictions.make("classification", np.arange(n), logits,
                                                      label, ("accuracy",)))
             test = predictions.metrics(predictions.read(file))["accuracy"]
@@ -189,9 +211,6 @@ def _fake_record(part, rows_for, tmp_path, n=400):
                              settings=json.dumps(list(run.settings)),
                              curve=json.dumps([[20, val - 0.1], [80, val]]),
                              predictions=str(file)))
-    sweep.write_csv(archive.write(rows, part.record), part.record)
-    for file in (tmp_path / "gone").iterdir():
-        file.unlink()
     return rows
 
 
@@ -209,6 +228,8 @@ def test_study_report_rebuilds_from_its_record(tmp_path, monkeypatch, capsys):
     def rows_for(meta):  # the middle lr of each grid is best on validation; ldr still tuning
         if meta["structure"] == "ldr" and meta["lr"] == 1e-2:
             return None, None
+        if meta["method"] == "full":  # best at head lr 3e-3, below which the grid widens
+            return (0.7 if (meta["lr"], meta["head_lr"]) == (1e-4, 3e-3) else 0.5), None
         if meta["lr"] != (1e-2 if meta["method"] == "probe" else 3e-3):
             return 0.5, None
         return 0.7, lambda seed: 0.5 + lift.get(meta["structure"], 0.0) + 0.01 * seed
@@ -221,6 +242,10 @@ def test_study_report_rebuilds_from_its_record(tmp_path, monkeypatch, capsys):
     assert "(lr 0.003)" in lora and "[10 seeds]" not in lora
     assert "| majority class (best constant) |" in table
     assert "| linear probe | 100 | 0.5" in table and "(lr 0.01)" in table
+    # full fine-tuning ran its tuning seed alone: one seed, said so, and not judged
+    full = next(line for line in table.splitlines() if line.startswith("| full fine-tuning |"))
+    assert "[tuning seed only: a reference curve, not compared]" in full and " of 10 seeds" not in full
+    assert "full fine-tuning at the tuning seed alone" in table
     compared = [line for line in table.splitlines() if line.startswith("| vit_k5 |")]
     verdicts = {line.split("|")[2].strip(): line.split("|")[-2].strip() for line in compared}
     # circulant is better by 0.25 on every seed; symmetric Toeplitz is LoRA's equal; LDR has

