@@ -9,13 +9,16 @@ exit status, never a Python traceback; Ctrl-C and SIGTERM stop a run at a step b
             ...
             cli.raise_if_stopped(step, "run the same command to resume")
 
-Exit statuses: 1 for an error the user can fix, 2 for a command line that does not parse, 130
-after SIGINT and 143 after SIGTERM (128 + the signal, the shell's convention).
+Exit statuses: 1 for an error the user can fix, 2 for a command line that does not parse, 75
+for a workdir that another run holds now (try again later: a sweep skips such a run rather than
+recording it as failed), 130 after SIGINT and 143 after SIGTERM (128 + the signal, the shell's
+convention).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import signal
 import sys
 import threading
@@ -24,6 +27,8 @@ from typing import Iterator, Sequence
 from absl import flags
 
 USAGE = 2
+BUSY = 75  # EX_TEMPFAIL: the workdir is in use by another run; nothing was done
+PARENT = "SURM_STOP_WITH_PARENT"  # a sweep's pid, given to the runs it starts
 
 
 class Stopped(Exception):
@@ -114,3 +119,20 @@ def raise_if_stopped(what: str) -> None:
     if _stop.is_set():
         name = signal.Signals(_signal[0]).name
         raise Stopped(f"stopped by {name}: {what}", _signal[0])
+
+
+def stop_with_parent() -> None:
+    """In a run a sweep started (``$SURM_STOP_WITH_PARENT`` holds the sweep's pid): when the
+    sweep ends however it ends (kill -9 included), this run gets SIGTERM and stops at its next
+    step boundary with a checkpoint, instead of running on unwatched and holding its workdir
+    from the sweep's next attempt. Linux only (``prctl(PR_SET_PDEATHSIG)``); call it while
+    ``stop_on_signals`` is held."""
+    parent = os.environ.get(PARENT)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if str(os.getppid()) != parent:  # the sweep ended before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)

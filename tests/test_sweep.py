@@ -5,13 +5,16 @@ import json
 import pathlib
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from surm import inspect as surm_inspect
 from surm import peft, sweep
+from surm import workdir as workdir_files
 from surm.sweep import runner, selection
 from surm.sweep.__main__ import main
 from surm.sweep.runner import dataset_folder
@@ -430,3 +433,89 @@ def test_a_widening_run_stopped_before_it_finished_runs_again(tmp_path):
     assert [r.workdir for r in runner.plan_widening(grid, tmp_path, rows, widen=1)] == [
         wider.workdir]
     assert sweep.plan_followups(grid, tmp_path, rows, widen=1) == ([], 1)
+
+
+def _long_sweep(root, data_dir):
+    """A sweep of one run that never ends by itself, logging every step."""
+    sets = ["total_steps=100000", "eval_every=0", "ckpt_every=100000", "log_every=1",
+            "input.batch_size=8", f"input.data_dir={data_dir}"]
+    argv = ["--config", CONFIG, "--base", BASE, "--families", "circulant", "--modes", "lora",
+            "--seeds", "0", *[a for s in sets for a in ("--set", s)], "--root", str(root)]
+    return subprocess.Popen([sys.executable, "-m", "surm.sweep", *argv], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _when_training(sweep_proc, root, steps_past=0):
+    """The run's workdir, once it has logged ``steps_past`` + 2 steps more than it had."""
+    deadline = time.time() + 300
+    while True:
+        found = list(root.glob("bbc_news/*/metrics.jsonl"))
+        if found and sum('"train_loss"' in line for line in
+                         found[0].read_text().splitlines()) >= steps_past + 2:
+            return found[0].parent
+        assert sweep_proc.poll() is None, sweep_proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+def _checkpoint_steps(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_stopping_a_sweep_stops_its_run_at_a_step_boundary_never_kills_it(tmp_path):
+    """SIGTERM to the sweep alone (a scheduler's stop, `kill PID`) is passed on to its run,
+    which saves the step it reached; the sweep exits 143 and records no failure. A sweep
+    killed with kill -9 takes its run down the same way (the run is told when its sweep
+    ends), instead of leaving it running unwatched and holding its workdir."""
+    root = tmp_path / "sweep"
+    proc = _long_sweep(root, tmp_path / "data")
+    workdir = _when_training(proc, root)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "interrupted; run the same command again to resume"
+    (first,) = _checkpoint_steps(workdir)
+    log = (workdir / "train.log").read_text()
+    assert f"stopped by SIGTERM: the checkpoint of step {first} is in" in log
+    assert not (workdir / "error.txt").exists() and "FAILED" not in out
+    workdir_files.check_free(workdir)  # nothing holds it: the run has ended
+
+    proc = _long_sweep(root, tmp_path / "data")
+    _when_training(proc, root, steps_past=first)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 120
+    while "stopped by SIGTERM" not in (workdir / "train.log").read_text():
+        assert time.time() < deadline, (workdir / "train.log").read_text()[-3000:]
+        time.sleep(0.1)
+    log = (workdir / "train.log").read_text()
+    assert f"Resumed from {workdir / 'checkpoints'} at step {first}" in log
+    while True:  # the run ends just after its last line
+        try:
+            workdir_files.check_free(workdir)
+            break
+        except workdir_files.WorkdirBusyError:
+            assert time.time() < deadline
+            time.sleep(0.1)
+    assert _checkpoint_steps(workdir)[-1] > first
+
+
+def test_a_run_held_by_another_process_is_skipped_not_recorded_as_failed(tmp_path, capsys,
+                                                                        monkeypatch):
+    """A workdir another process holds (a second sweep on the same root, a run still
+    stopping) is not a failure: the sweep skips it, records nothing and goes on; a run that
+    finds its workdir taken once started exits 75 (EX_TEMPFAIL), which the sweep reads the
+    same way."""
+    grid = sweep.Grid(config=CONFIG, base=tuple(a.split("=") for a in BASE.split(",")),
+                      families=tuple(sweep.parse_families(["circulant"])), modes=("lora",),
+                      seeds=(0,), sets=tuple(a.split("=", 1) for a in TINY))
+    (run,) = runner.plan(grid, tmp_path / "sweep")
+    with workdir_files.hold(run.workdir):
+        assert runner.run_all([run]) == []
+        assert "in use by another process, skipped (not recorded" in capsys.readouterr().out
+        assert sorted(p.name for p in run.workdir.iterdir()) == [workdir_files.LOCK]
+        # taken between the sweep's check and the run's start
+        monkeypatch.setattr(workdir_files, "check_free", lambda workdir: None)
+        assert runner.execute(run, None) == "busy"
+        assert "is in use by another run" in (run.workdir / "train.log").read_text()
+        assert not (run.workdir / "error.txt").exists()

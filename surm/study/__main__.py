@@ -29,6 +29,7 @@ import sys
 from surm.study import parts as P
 from surm.study.report import report, run_cka, write_error_rates
 from surm.study.run import plan_summary, run, write_defaults
+from surm.sweep import runner
 
 
 def main(argv=None) -> int:
@@ -46,7 +47,11 @@ def main(argv=None) -> int:
         p.error(f"unknown parts {unknown}; known: {', '.join(P.BY_NAME)}")
     parts = [P.BY_NAME[n] for n in args.parts.split(",")]
     if args.action == "run":
-        return run(parts)
+        try:
+            return run(parts)
+        except KeyboardInterrupt:  # the running run stopped at a step boundary, saved
+            print("interrupted; run the same command again to resume", file=sys.stderr)
+            return runner.interrupted_status()
     if args.action == "plan":
         plan_summary(parts)
         return 0

@@ -325,7 +325,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return runner.interrupted_status()
 
 
 if __name__ == "__main__":

@@ -141,10 +141,12 @@ def collect(root: str | os.PathLike, records: Mapping[tuple, dict] | None = None
 def write_csv(rows: Sequence[dict], path: pathlib.Path) -> None:
     extra = sorted({k for row in rows for k in row} - set(CSV_HEAD))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    tmp = path.with_name(f".{path.name}.tmp")  # whole or not at all: a record is never cut
+    with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, CSV_HEAD + extra, restval="")
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def read_csv(path: str | os.PathLike) -> list[dict]:

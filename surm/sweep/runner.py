@@ -5,7 +5,13 @@ in ROOT/<dataset>/<family>[_<hparam>-<value>...][_<mode>]_lr<lr>[_hlr<head_lr>]_
 with its log (train.log) and the sweep's record of it (run.json). A run whose summary.json
 exists is skipped, and an interrupted one resumes from its last checkpoint, so resuming a sweep
 is running the same command again. A failed run leaves its error tail in error.txt and the sweep
-goes on.
+goes on. A run whose workdir another process holds now (another sweep, or a run still
+stopping) is skipped, not recorded: the next attempt runs it.
+
+Stopping a sweep never kills a run mid-step: SIGINT or SIGTERM to the sweep is passed on to the
+run, which stops at its next step boundary with a checkpoint, and the sweep stops after it
+(``KeyboardInterrupt``). A sweep killed outright (kill -9) takes its run down the same way: the
+run gets SIGTERM when its sweep ends (``surm.cli.stop_with_parent``).
 """
 from __future__ import annotations
 
@@ -20,10 +26,11 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Mapping, Sequence
 
-from surm import peft
+from surm import cli, peft
 from surm import workdir as workdir_files
 from surm.sweep import selection
 from surm.sweep.grid import (TUNED, Grid, Method, SweepError, describe, format_hparams,
@@ -299,8 +306,50 @@ def _tail(log: pathlib.Path, lines: int = ERROR_TAIL_LINES) -> str:
     return "\n".join(kept[-lines:])
 
 
-def execute(run: Run, compile_cache: pathlib.Path | None) -> bool:
-    """Run one training subprocess; True if it finished. A failure leaves error.txt."""
+_stop = [0]  # the signal that asked the sweep to stop, 0 while none did
+
+
+def interrupted_status() -> int:
+    """The exit status of a sweep stopped by a signal: 128 + the signal (SIGINT when none was
+    seen here: a KeyboardInterrupt raised between runs)."""
+    return 128 + (_stop[0] or signal.SIGINT)
+
+
+def _train(argv: Sequence[str], log: pathlib.Path, env: Mapping[str, str]) -> int:
+    """The exit status of one ``surm.train`` subprocess writing to ``log``. SIGINT or SIGTERM
+    to the sweep meanwhile is passed on to it and waited for: the run stops at its next step
+    boundary with a checkpoint (it is never killed), and ``_stop`` remembers the signal."""
+    child = None
+
+    def forward(signum, frame):
+        del frame
+        _stop[0] = signum
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    held = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if held else {}
+    try:
+        with log.open("w") as out:
+            child = subprocess.Popen([sys.executable, "-m", "surm.train", *argv], stdout=out,
+                                     stderr=subprocess.STDOUT,
+                                     env={**env, cli.PARENT: str(os.getpid())})
+            if _stop[0]:  # asked while it started
+                child.send_signal(_stop[0])
+            return child.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def execute(run: Run, compile_cache: pathlib.Path | None) -> str:
+    """Run one training subprocess: 'done', 'failed' (error.txt says why) or 'busy' (another
+    process holds the workdir: nothing was run or recorded). Raises KeyboardInterrupt when
+    the run stopped on a signal (it resumes from its checkpoint)."""
+    try:
+        workdir_files.check_free(run.workdir)
+    except workdir_files.WorkdirBusyError:
+        return "busy"
     write_record(run.workdir, run.meta, run.settings)
     error = run.workdir / workdir_files.SWEEP_ERROR
     error.unlink(missing_ok=True)
@@ -308,16 +357,15 @@ def execute(run: Run, compile_cache: pathlib.Path | None) -> bool:
     if compile_cache is not None:  # runs differing only in seed or lr reuse compiled programs
         env.setdefault("JAX_COMPILATION_CACHE_DIR", str(compile_cache))
         env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    log = run.workdir / workdir_files.SWEEP_LOG
-    with log.open("w") as out:
-        rc = subprocess.run([sys.executable, "-m", "surm.train", *run.argv], stdout=out,
-                            stderr=subprocess.STDOUT, env=env).returncode
+    rc = _train(run.argv, run.workdir / workdir_files.SWEEP_LOG, env)
     if rc == 0 and run.finished:
-        return True
+        return "done"
     if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # stopped, not failed: it resumes
         raise KeyboardInterrupt
-    error.write_text(f"exit status {rc}\n{_tail(log)}\n")
-    return False
+    if rc == cli.BUSY:  # taken by another process between the check and the start
+        return "busy"
+    error.write_text(f"exit status {rc}\n{_tail(run.workdir / workdir_files.SWEEP_LOG)}\n")
+    return "failed"
 
 
 def run_all(runs: Sequence[Run], compile_cache: pathlib.Path | None = None,
@@ -327,6 +375,7 @@ def run_all(runs: Sequence[Run], compile_cache: pathlib.Path | None = None,
     ``recorded_runs``), calling ``on_finish(run)`` after each that ran (e.g. to write a
     record as it grows); returns the failed ones."""
     failed = []
+    _stop[0] = 0
     for i, run in enumerate(runs, 1):
         prefix = f"[{i}/{len(runs)}] {run.label}:"
         if run.finished:
@@ -336,7 +385,12 @@ def run_all(runs: Sequence[Run], compile_cache: pathlib.Path | None = None,
             print(f"{prefix} recorded as {recorded[run.workdir]['status']}, skipped", flush=True)
             continue
         start = time.time()
-        if execute(run, compile_cache):
+        outcome = execute(run, compile_cache)
+        if outcome == "busy":
+            print(f"{prefix} in use by another process, skipped (not recorded; the next "
+                  f"attempt runs it)", flush=True)
+            continue
+        if outcome == "done":
             summary = json.loads((run.workdir / workdir_files.SUMMARY).read_text())
             metric = run.meta["metric"]
             val = summary.get("validation", {}).get(f"validation_{metric}")
@@ -349,6 +403,8 @@ def run_all(runs: Sequence[Run], compile_cache: pathlib.Path | None = None,
             print(f"{prefix} FAILED ({run.workdir / 'error.txt'}): {tail}", flush=True)
         if on_finish is not None:
             on_finish(run)
+        if _stop[0]:  # the run finished as the sweep was asked to stop: stop now
+            raise KeyboardInterrupt
     return failed
 
 

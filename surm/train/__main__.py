@@ -54,6 +54,7 @@ def main(argv):
     _initialize_distributed()
     try:
         with cli.stop_on_signals():
+            cli.stop_with_parent()
             train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_RESUME.value)
     except cli.Stopped as e:
         print(str(e), file=sys.stderr, flush=True)
@@ -71,7 +72,7 @@ def main(argv):
             sys.stderr.flush()
             sys.stdout.flush()
             os._exit(1)
-        sys.exit(1)
+        sys.exit(cli.BUSY if isinstance(e, workdir_files.WorkdirBusyError) else 1)
 
 
 def run() -> None:
