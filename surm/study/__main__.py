@@ -50,8 +50,7 @@ def main(argv=None) -> int:
         try:
             return run(parts)
         except KeyboardInterrupt:  # the running run stopped at a step boundary, saved
-            print("interrupted; run the same command again to resume", file=sys.stderr)
-            return runner.interrupted_status()
+            return runner.interrupted()
     if args.action == "plan":
         plan_summary(parts)
         return 0

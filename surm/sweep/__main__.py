@@ -324,8 +324,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"error: {cli.describe_os_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        return runner.interrupted_status()
+        return runner.interrupted()
 
 
 if __name__ == "__main__":

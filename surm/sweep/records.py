@@ -141,7 +141,8 @@ def collect(root: str | os.PathLike, records: Mapping[tuple, dict] | None = None
 def write_csv(rows: Sequence[dict], path: pathlib.Path) -> None:
     extra = sorted({k for row in rows for k in row} - set(CSV_HEAD))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")  # whole or not at all: a record is never cut
+    # whole or not at all, and a writer's own: a record is never cut, nor mixed with another's
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, CSV_HEAD + extra, restval="")
         writer.writeheader()

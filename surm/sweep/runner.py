@@ -309,9 +309,10 @@ def _tail(log: pathlib.Path, lines: int = ERROR_TAIL_LINES) -> str:
 _stop = [0]  # the signal that asked the sweep to stop, 0 while none did
 
 
-def interrupted_status() -> int:
-    """The exit status of a sweep stopped by a signal: 128 + the signal (SIGINT when none was
-    seen here: a KeyboardInterrupt raised between runs)."""
+def interrupted() -> int:
+    """Says how to resume a sweep stopped by a signal, and returns its exit status: 128 + the
+    signal (SIGINT when none was seen here: a KeyboardInterrupt raised between runs)."""
+    print("interrupted; run the same command again to resume", file=sys.stderr)
     return 128 + (_stop[0] or signal.SIGINT)
 
 
