@@ -129,3 +129,45 @@ def test_no_true_difference_is_rarely_called_and_two_stds_mostly_are(seeds):
     assert stats.simulate(seeds, 0.0, **kw) <= 0.07
     assert stats.simulate(seeds, 0.0, shared=0.0, rng_seed=1, **kw) <= 0.07  # no pairing
     assert stats.simulate(seeds, 2.0, **{**kw, "repetitions": 200}) > 0.5
+
+
+@pytest.mark.parametrize("kind", ["classification", "regression", "causal_lm"])
+def test_a_records_archive_keeps_each_kind_of_prediction_and_its_verdict(kind, tmp_path):
+    """A record's archive (surm.sweep.archive) holds every kind of test prediction, a causal
+    LM's blocks (no labels) included: read back, they are the runs' own outcomes and give the
+    comparison the workdirs' files gave."""
+    from surm import predictions
+    from surm.sweep import archive, results
+    rng = np.random.default_rng(7)
+    n, metric = 40, {"classification": "accuracy", "regression": "spearman",
+                     "causal_lm": "perplexity"}[kind]
+    label = rng.integers(0, 3, n) if kind == "classification" else rng.standard_normal(n)
+    rows = []
+    for method in ("a", "b"):
+        for seed in range(3):
+            outputs = {"classification": lambda: rng.standard_normal((n, 3)),
+                       "regression": lambda: label[:, None] + rng.standard_normal((n, 1)),
+                       "causal_lm": lambda: np.stack([rng.uniform(50, 90, n),
+                                                      rng.integers(20, 40, n)], 1)}[kind]()
+            file = tmp_path / "gone" / f"{method}{seed}.npz"
+            order = rng.permutation(n)  # as evaluation batches them: sorted when stored
+            pred = predictions.make(kind, order, outputs,
+                                    None if kind == "causal_lm" else label[order], (metric,))
+            predictions.write(file, pred)
+            rows.append(dict(dataset="d", method=method, structure="-", hparams="", lr="0.01",
+                             head_lr="0.01", seed=seed, status="done", metric=metric,
+                             test=predictions.metrics(pred)[metric], predictions=str(file)))
+    before = results.compare_runs(rows[:3], rows[3:])
+    archived = archive.write(rows, tmp_path / "rec.csv")
+    kept = [archive.load_scores(r["predictions"]) for r in archived]
+    for file in (tmp_path / "gone").iterdir():
+        want = archive.load_scores(str(file))
+        file.unlink()
+        got = kept[[r["predictions"] for r in rows].index(str(file))]
+        assert sorted(got) == sorted(want)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+    after = results.compare_runs(archived[:3], archived[3:])
+    assert "bootstrap" in after.test and after.test == before.test
+    assert (after.delta, after.p, after.interval()) == (before.delta, before.p,
+                                                         before.interval())

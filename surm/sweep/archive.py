@@ -91,6 +91,8 @@ def write(rows: Sequence[Mapping], record: str | os.PathLike) -> list[dict]:
             continue
         key, dataset = _key(run_key(row)), _key(str(row["dataset"]))
         for name in _SHARED:
+            if name not in scores:  # a causal LM's blocks have no label
+                continue
             shared = arrays.setdefault(f"{dataset}.{name}", scores[name])
             if not np.array_equal(shared, scores[name]):
                 raise ValueError(f"{row.get('workdir') or row['dataset']}: its test examples "
