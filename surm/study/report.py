@@ -198,7 +198,9 @@ def plot_curves(part: Part, rows: Sequence[dict], path: pathlib.Path) -> bool:
     ax.set_ylabel(f"validation {metric}")
     if metric == "perplexity":
         ax.set_yscale("log")
-    ax.grid(alpha=0.3)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 40, not 4x10^1
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
