@@ -1,6 +1,7 @@
 """surm.sweep.stats: paired tests against scipy, Holm against its step-down definition, the
 bootstrap against the analytic paired-proportion error, and the error rates of the verdicts."""
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -158,15 +159,15 @@ def test_a_records_archive_keeps_each_kind_of_prediction_and_its_verdict(kind, t
                              head_lr="0.01", seed=seed, status="done", metric=metric,
                              test=predictions.metrics(pred)[metric], predictions=str(file)))
     before = results.compare_runs(rows[:3], rows[3:])
+    want = [archive.load_scores(r["predictions"]) for r in rows]
     archived = archive.write(rows, tmp_path / "rec.csv")
-    kept = [archive.load_scores(r["predictions"]) for r in archived]
-    for file in (tmp_path / "gone").iterdir():
-        want = archive.load_scores(str(file))
-        file.unlink()
-        got = kept[[r["predictions"] for r in rows].index(str(file))]
-        assert sorted(got) == sorted(want)
-        for name in want:
-            np.testing.assert_array_equal(got[name], want[name])
+    for row in rows:
+        pathlib.Path(row["predictions"]).unlink()  # the workdirs gone: the archive alone
+    for row, scores in zip(archived, want):
+        got = archive.load_scores(row["predictions"])
+        assert sorted(got) == sorted(scores)
+        for name in scores:
+            np.testing.assert_array_equal(got[name], scores[name])
     after = results.compare_runs(archived[:3], archived[3:])
     assert "bootstrap" in after.test and after.test == before.test
     assert (after.delta, after.p, after.interval()) == (before.delta, before.p,
