@@ -252,7 +252,9 @@ def test_study_report_rebuilds_from_its_record(tmp_path, monkeypatch, capsys):
     # not finished its tuning and is not judged
     assert verdicts == {"circulant C(a·b)": "**win**",
                         "symmetric Toeplitz T(a)T(b)": "**no detectable difference**"}
-    assert "Holm-corrected over the 2 comparisons" in table
+    # LDR's comparison, still waiting, counts in the correction (at p = 1) and is named so
+    assert "Holm-corrected over the 3 comparisons of this table (1 of them still waiting" in table
+    assert "1 not judged yet (their runs have not finished): LDR r=1 [lora] vs LoRA r=1" in doc
     assert "bootstrap over seeds x examples" in table  # from the archived predictions
     assert "circulant C(a·b) vs LoRA r=1 (vit_k5): win (+0.2" in doc  # the claims table
     assert (study_parts.RECORDS / "curves_vit_k5.png").exists()

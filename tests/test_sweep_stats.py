@@ -58,6 +58,28 @@ def test_a_verdicts_interval_excludes_zero_exactly_when_holm_rejects():
             assert (v.outcome == "win") == (lo > 0)
 
 
+def test_a_partial_tables_verdicts_stand_when_its_other_comparisons_come_in():
+    """Comparisons still waiting for their runs count at p = 1: a win or loss called on part of
+    a table is still one once the whole table is judged, and the part is never judged more
+    leniently than the whole (Holm over the part alone is)."""
+    rng = np.random.default_rng(4)
+    lenient = 0
+    for _ in range(100):
+        comps = [stats.paired_t(a, a - rng.uniform(-0.03, 0.03) + 0.01 * rng.standard_normal(5))
+                 for a in (rng.standard_normal(5) for _ in range(6))]
+        k = int(rng.integers(1, 6))
+        part = stats.judge(comps[:k], "accuracy", pending=len(comps) - k)
+        whole = stats.judge(comps, "accuracy")[:k]
+        alone = stats.judge(comps[:k], "accuracy")
+        for p, w, a in zip(part, whole, alone):
+            assert p.p_holm >= w.p_holm - 1e-12 and p.ci[0] <= w.ci[0] and p.ci[1] >= w.ci[1]
+            if p.outcome != "no detectable difference":
+                assert w.outcome == p.outcome
+            lenient += a.outcome != "no detectable difference" and w.outcome == (
+                "no detectable difference")
+    assert lenient > 0  # judging the finished part alone would have called some too early
+
+
 def test_a_lower_perplexity_wins():
     a, b = [30.0, 30.1, 29.9, 30.2, 30.0], [31.0, 31.2, 30.9, 31.1, 31.0]
     v, = stats.judge([stats.compare(a, b)], "perplexity")

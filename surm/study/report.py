@@ -10,6 +10,7 @@ import json
 import pathlib
 import statistics
 import sys
+import types
 from typing import Callable, Mapping, Sequence
 
 from surm import sweep
@@ -93,7 +94,8 @@ class Judged:
 def judge(pairs: Sequence[tuple[Part, str, str]], rows_by_part: Mapping[str, list]) -> list[Judged]:
     """The comparisons of one table (A against B within a part, paired by seed over the seeds
     both ran), Holm-corrected together. A comparison waits until both methods have every
-    planned seed."""
+    planned seed; meanwhile it counts in the correction at p = 1 (``surm.sweep.stats.judge``),
+    so the verdicts called before the table is complete stand when it is."""
     found = []
     for part, ours, theirs in pairs:
         chosen = chosen_runs(part, rows_by_part[part.name])
@@ -103,18 +105,28 @@ def judge(pairs: Sequence[tuple[Part, str, str]], rows_by_part: Mapping[str, lis
         found.append((part, ours, theirs, results.compare_runs(a, b), str(a[0]["metric"])))
     if not found:
         return []
-    verdicts = stats.judge([c for *_, c, _ in found], found[0][4])
+    verdicts = stats.judge([c for *_, c, _ in found], found[0][4],
+                           pending=len(pairs) - len(found))
     return [Judged(part, ours, theirs, v, metric)
             for (part, ours, theirs, _, metric), v in zip(found, verdicts)]
 
 
-def _comparison_lines(judged: Sequence[Judged], title: str) -> list[str]:
+def _waiting(judged: Sequence[Judged], planned: int) -> str:
+    """What a partial table's correction assumes of the comparisons still to come."""
+    left = planned - len(judged)
+    return (f" ({left} of them still waiting for their runs, counted at p = 1 meanwhile: "
+            "Holm's adjusted p only grows with any p of the table, so a win or loss called now "
+            "stands when they come in)" if left else "")
+
+
+def _comparison_lines(judged: Sequence[Judged], title: str, planned: int) -> list[str]:
     if not judged:
         return [f"{title}: no comparison yet (a comparison waits for every seed of both "
                 "methods).", ""]
     tests = sorted({j.verdict.comparison.test for j in judged})
     lines = [f"{title}: A minus B at each method's chosen lr, paired by seed; Holm-corrected "
-             f"over the {len(judged)} comparisons of this table (`p_holm`); the CI at each "
+             f"over the {planned} comparisons of this table{_waiting(judged, planned)} "
+             f"(`p_holm`); the CI at each "
              f"comparison's Holm level; `detectable`: the smallest true difference this design "
              f"finds with 80% power at that level. Tests: {'; '.join(tests)}.", "",
              "| part | A | B | seeds | Δ (A − B) | CI | p | p_holm | detectable | verdict |",
@@ -334,16 +346,24 @@ CLAIMS = [
 ]
 
 
-def _claim_verdicts(claim: dict, judged: Mapping[str, list[Judged]]) -> str:
+def _claim_verdicts(claim: dict, judged: Mapping[str, list[Judged]],
+                    families: Mapping[str, list[tuple[Part, str, str]]]) -> str:
     tables = claim["table"] if isinstance(claim["table"], tuple) else (claim["table"],)
-    found = [j for t in tables for j in judged.get(t, []) if claim.get("pick", bool)(j)]
+    pick = claim.get("pick", bool)
+    found = [j for t in tables for j in judged.get(t, []) if pick(j)]
+    done = {(j.part.name, j.ours, j.theirs) for j in found}
+    waiting = [(part, ours, theirs) for t in tables for part, ours, theirs in families.get(t, [])
+               if (part.name, ours, theirs) not in done
+               and pick(types.SimpleNamespace(part=part, ours=ours, theirs=theirs))]
     if not found:
         return "not judged yet (the study has not finished these runs)"
     counts = collections.Counter(j.verdict.outcome for j in found)
     summary = ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
     details = "; ".join(f"{j.ours} vs {j.theirs} ({j.part.name}): {j.verdict.text}"
                         for j in found)
-    return f"{summary} of {len(found)}: {details}"
+    later = (f"; {len(waiting)} not judged yet (their runs have not finished): "
+             + ", ".join(f"{o} vs {t} ({p.name})" for p, o, t in waiting) if waiting else "")
+    return f"{summary} of {len(found)}: {details}{later}"
 
 
 def _error_rates_section() -> list[str]:
@@ -405,9 +425,10 @@ def report(parts: Sequence[Part] = P.PARTS) -> None:
     import datetime
     rows_by_part = {p.name: part_rows(p) for p in parts}
     present = {p.name for p in parts}
-    judged = {title: judge([(P.BY_NAME[n], a, b) for n, a, b in pairs if n in present],
-                           rows_by_part)
-              for title, _, pairs in _tables()}
+    families = {title: [(P.BY_NAME[n], a, b) for n, a, b in pairs if n in present]
+                for title, _, pairs in _tables()}
+    judged = {title: judge(family, rows_by_part) for title, family in families.items()}
+    comparisons = {title: len(family) for title, family in families.items()}
     failed = {p.name: sum(r["status"] == "failed" for r in rows_by_part[p.name]) for p in parts}
     tested = sorted({r["structure"] for p in parts for r in rows_by_part[p.name]
                      if r["structure"] in STRUCTURED})
@@ -455,7 +476,7 @@ def report(parts: Sequence[Part] = P.PARTS) -> None:
               "offline | the command that tests it on prepared tfds data and a GPU |",
               "|---|---|---|---|---|"]
     for c in CLAIMS:
-        lines.append(f"| {c['claim']} | {c['tested']} | {_claim_verdicts(c, judged)} | "
+        lines.append(f"| {c['claim']} | {c['tested']} | {_claim_verdicts(c, judged, families)} | "
                      f"{c['offline']} | `{c['command']}` |")
     lines += [""]
     for title, names, _ in _tables():
@@ -476,7 +497,7 @@ def report(parts: Sequence[Part] = P.PARTS) -> None:
         if any(u is not None for u in untouched):
             lines += ["The untouched model (step 0, before fine-tuning): validation "
                       + ", ".join(f"{u:.4f}" for u in untouched if u is not None) + ".", ""]
-        lines += _comparison_lines(judged[title], "Comparisons")
+        lines += _comparison_lines(judged[title], "Comparisons", comparisons[title])
         for p in group:
             plot = P.RECORDS / f"curves_{p.name}.png"
             if plot_curves(p, rows_by_part[p.name], plot):
@@ -491,12 +512,12 @@ def report(parts: Sequence[Part] = P.PARTS) -> None:
     P.DOC.write_text("\n".join(lines) + "\n")
     print(f"wrote {P.DOC}")
     headline = P.RECORDS / "headline.md"
-    headline.write_text("\n".join(headline_lines(judged, rows_by_part)) + "\n")
+    headline.write_text("\n".join(headline_lines(judged, rows_by_part, comparisons)) + "\n")
     print(f"wrote {headline} (README's headline verdicts: paste them there)")
 
 
-def headline_lines(judged: Mapping[str, list[Judged]], rows_by_part: Mapping[str, list]
-                   ) -> list[str]:
+def headline_lines(judged: Mapping[str, list[Judged]], rows_by_part: Mapping[str, list],
+                   comparisons: Mapping[str, int]) -> list[str]:
     """README's headline: every judged comparison, one line each, with its CI and corrected p
     (the table each belongs to named), and what is not judged yet."""
     lines = []
@@ -514,6 +535,11 @@ def headline_lines(judged: Mapping[str, list[Judged]], rows_by_part: Mapping[str
             lines.append(f"- {title}, {where} ({c.seeds} seeds): {j.ours} − {j.theirs} = "
                          f"{c.delta:+.4f}, CI [{j.verdict.ci[0]:+.4f}, {j.verdict.ci[1]:+.4f}], "
                          f"p_holm {j.verdict.p_holm:.2g}: **{j.verdict.outcome}**")
+        if len(found) < comparisons[title]:
+            lines.append(f"- {title}: {comparisons[title] - len(found)} of its "
+                         f"{comparisons[title]} "
+                         "comparisons not judged yet (the study has not finished their runs; "
+                         "the corrected p above counts them at p = 1, so a win or loss stands)")
     return lines
 
 

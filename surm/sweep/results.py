@@ -214,22 +214,26 @@ def compare(picked: Sequence[dict], reference: str | None = None, alpha: float =
             ) -> tuple[tuple[str, str, str] | None, list[tuple[tuple, stats.Verdict]]]:
     """Every method at its chosen values against the reference on each dataset, judged
     together (Holm over all of them): the reference's (method, structure, hparams) and
-    [((dataset, method, structure, hparams), Verdict)]."""
+    [((dataset, method, structure, hparams), Verdict)]. A method with no seed in common with
+    the reference on a dataset (or none of the reference's runs there) is not compared yet,
+    but counts in the correction (at p = 1), so the verdicts stand when it is."""
     groups = group(picked)
     if not groups:
         return None, []
     ref = find_reference(groups, reference)
-    pairs = []
+    pairs, pending = [], 0
     for key, runs in groups.items():
-        theirs = groups.get((key[0], *ref))
-        if key[1:] == ref or theirs is None:
+        if key[1:] == ref:
             continue
-        c = compare_runs(runs, theirs)
-        if c is not None:
+        theirs = groups.get((key[0], *ref))
+        c = compare_runs(runs, theirs) if theirs else None
+        if c is None:
+            pending += 1
+        else:
             pairs.append((key, c))
     if not pairs:
         return ref, []
-    verdicts = stats.judge([c for _, c in pairs], str(picked[0]["metric"]), alpha)
+    verdicts = stats.judge([c for _, c in pairs], str(picked[0]["metric"]), alpha, pending)
     return ref, [(key, v) for (key, _), v in zip(pairs, verdicts)]
 
 

@@ -22,8 +22,9 @@ few seeds (where a bootstrap over 3 seeds is far too narrow) nor a small test se
 t-test ignores) can make a win out of noise.
 
 A table compares many pairs; ``holm`` adjusts their p-values (Holm's step-down, which controls
-the chance of any false win or loss in the table at ``alpha``), and ``judge`` states each
-verdict: ``win`` / ``loss`` when the Holm-adjusted p is below ``alpha``, else ``no detectable
+the chance of any false win or loss in the table at ``alpha``; comparisons of the table still
+waiting for their runs count at p = 1, so a partial table's verdicts hold when it completes),
+and ``judge`` states each verdict: ``win`` / ``loss`` when the Holm-adjusted p is below ``alpha``, else ``no detectable
 difference``, with the interval at the comparison's Holm level (``1 - alpha / (m - rank)``),
 and the smallest difference the design could have detected (``mde``: 80% power at that level).
 """
@@ -242,11 +243,15 @@ class Verdict:
         return f"{self.outcome} ({self.comparison.delta:+.4f}, CI [{lo:+.4f}, {hi:+.4f}])"
 
 
-def judge(comparisons: Sequence[Comparison], metric: str, alpha: float = ALPHA) -> list[Verdict]:
+def judge(comparisons: Sequence[Comparison], metric: str, alpha: float = ALPHA,
+          pending: int = 0) -> list[Verdict]:
     """Verdicts for a family of comparisons (A minus B each), Holm-corrected over the family:
     a win when A is better (higher; lower for ``surm.metrics.LOWER_IS_BETTER``) and the
-    corrected p is below ``alpha``."""
-    pvalues = [c.p for c in comparisons]
+    corrected p is below ``alpha``. ``pending``: comparisons of the same family whose runs
+    have not finished, counted at p = 1 until they have; Holm's adjusted p-values only grow
+    with any of the family's p-values, so a win or loss called now stands when they come in
+    (a "no detectable difference" may still become one)."""
+    pvalues = [c.p for c in comparisons] + [1.0] * pending
     adjusted, levels = holm(pvalues), holm_levels(pvalues, alpha)
     out = []
     for c, p_holm, level in zip(comparisons, adjusted, levels):
