@@ -209,6 +209,15 @@ def test_perplexity_is_chosen_and_judged_lowest_first():
             for s, t in enumerate((20.3, 21.1, 20.6, 20.4, 20.9))]
     ref, ((key, verdict),) = results.compare(low + high, "lowrank")
     assert key[2] == "circulant" and verdict.outcome == "win"  # lower perplexity wins
+    # a method with no seed in common with the reference yet is not compared, but counts in
+    # the correction (at p = 1): the circulant's p is doubled, not left alone
+    later = [{**_row(1e-2, 20.0, 20.0, seed=s, structure="toeplitz"), "metric": "perplexity"}
+             for s in (7, 8)]
+    _, ((key, partial),) = results.compare(low + high + later, "lowrank")
+    assert key[2] == "circulant" and verdict.p_holm == verdict.comparison.p
+    assert partial.p_holm == pytest.approx(min(1.0, 2 * verdict.comparison.p))
+    note = results.chosen_table(low + high + later, reference="lowrank")[-1]
+    assert "over the 2 comparisons of this table (1 of them without a seed in common" in note
     for r in low + high:
         r["metric"] = "accuracy"
     assert results.compare(low + high, "lowrank")[1][0][1].outcome == "loss"

@@ -95,9 +95,12 @@ def chosen_table(rows: Sequence[dict], tune_seed: int | None = None,
             f"{', '.join(edges) or '-'} | {len(runs)} | " + " | ".join(cells) + " |")
     if judged:
         tests = sorted({v.comparison.test for _, v in judged})
+        family = sum(1 for key in group(picked) if key[1:] != ref)
+        waiting = (f" ({family - len(judged)} of them without a seed in common with the "
+                   "reference yet: `-`, counted at p = 1)" if family > len(judged) else "")
         lines += ["", f"Each method against {_method_name(ref)} on the same dataset, paired by "
                   f"seed ({'; '.join(tests)}: `surm.sweep.stats`). Holm-corrected over the "
-                  f"{len(judged)} comparisons of this table: `p_holm`, and the CI at each "
+                  f"{family} comparisons of this table{waiting}: `p_holm`, and the CI at each "
                   f"comparison's Holm level; a win or a loss when p_holm < {stats.ALPHA}."]
     if majority:
         lines += ["", "Majority class (the best constant prediction on test): " + ", ".join(

@@ -24,9 +24,10 @@ t-test ignores) can make a win out of noise.
 A table compares many pairs; ``holm`` adjusts their p-values (Holm's step-down, which controls
 the chance of any false win or loss in the table at ``alpha``; comparisons of the table still
 waiting for their runs count at p = 1, so a partial table's verdicts hold when it completes),
-and ``judge`` states each verdict: ``win`` / ``loss`` when the Holm-adjusted p is below ``alpha``, else ``no detectable
-difference``, with the interval at the comparison's Holm level (``1 - alpha / (m - rank)``),
-and the smallest difference the design could have detected (``mde``: 80% power at that level).
+and ``judge`` states each verdict: ``win`` / ``loss`` when the Holm-adjusted p is below
+``alpha``, else ``no detectable difference``, with the interval at the comparison's Holm level
+(``1 - alpha / (m - rank)``), and the smallest difference the design could have detected
+(``mde``: 80% power at that level).
 """
 from __future__ import annotations
 
