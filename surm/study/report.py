@@ -10,7 +10,6 @@ import json
 import pathlib
 import statistics
 import sys
-import types
 from typing import Callable, Mapping, Sequence
 
 from surm import sweep
@@ -315,7 +314,7 @@ CLAIMS = [
                  "input.data_dir=~/tensorflow_datasets --root sweeps/fewshot"),
     dict(claim="SURM adapters: up to 12x fewer parameters than Houlsby adapters with "
                "virtually no loss (BERT-base, GLUE)", table=("BBC News", "Tweets"),
-         pick=lambda j: j.theirs.startswith("Houlsby"),
+         pick=lambda ours, theirs: theirs.startswith("Houlsby"),
          tested="MiniLM-L6 on BBC News (128 tokens) and tweets: circulant adapter (9,216 "
                 "adapter numbers, 12.5x fewer) and block-circulant b=64 adapter (32,256, 3.6x "
                 "fewer; BBC only) against Houlsby rank 12 (115,344), 5 seeds",
@@ -328,7 +327,7 @@ CLAIMS = [
                  "--root sweeps/glue"),
     dict(claim="better accuracy than LoRA with 2-3x fewer parameters (image classification, "
                "full training sets)", table=("BBC News", "Tweets"),
-         pick=lambda j: j.theirs.startswith("LoRA") and "[lora]" in j.ours,
+         pick=lambda ours, theirs: theirs.startswith("LoRA") and "[lora]" in ours,
          tested="not on images (no ImageNet-pretrained ViT and no CIFAR here); the nearest: "
                 "SURM-LoRA (circulant 4,608 numbers; block-circulant b=64 27,648) against LoRA "
                 "r=1 (9,216) and r=8 (73,728) on q and v of MiniLM-L6, text",
@@ -339,7 +338,7 @@ CLAIMS = [
                  "--seeds 0,1,2,3,4 --tune_seed 0 --set input.data_dir=~/tensorflow_datasets "
                  "--root sweeps/images"),
     dict(claim="(this project) SURM on a decoder LLM against LoRA and full fine-tuning",
-         table="Language model", pick=lambda j: True,
+         table="Language model",
          tested="SmolLM2-135M-Instruct from GGUF, every linear layer, bbc_news perplexity, 32 "
                 "steps (a fixed short budget, not a plateau), 5 seeds",
          offline="-", command="python -m surm.study run --parts lm_bbc5"),
@@ -349,12 +348,11 @@ CLAIMS = [
 def _claim_verdicts(claim: dict, judged: Mapping[str, list[Judged]],
                     families: Mapping[str, list[tuple[Part, str, str]]]) -> str:
     tables = claim["table"] if isinstance(claim["table"], tuple) else (claim["table"],)
-    pick = claim.get("pick", bool)
-    found = [j for t in tables for j in judged.get(t, []) if pick(j)]
+    pick = claim.get("pick", lambda ours, theirs: True)
+    found = [j for t in tables for j in judged.get(t, []) if pick(j.ours, j.theirs)]
     done = {(j.part.name, j.ours, j.theirs) for j in found}
     waiting = [(part, ours, theirs) for t in tables for part, ours, theirs in families.get(t, [])
-               if (part.name, ours, theirs) not in done
-               and pick(types.SimpleNamespace(part=part, ours=ours, theirs=theirs))]
+               if (part.name, ours, theirs) not in done and pick(ours, theirs)]
     if not found:
         return "not judged yet (the study has not finished these runs)"
     counts = collections.Counter(j.verdict.outcome for j in found)
