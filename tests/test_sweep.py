@@ -216,6 +216,7 @@ def test_perplexity_is_chosen_and_judged_lowest_first():
     _, ((key, partial),) = results.compare(low + high + later, "lowrank")
     assert key[2] == "circulant" and verdict.p_holm == verdict.comparison.p
     assert partial.p_holm == pytest.approx(min(1.0, 2 * verdict.comparison.p))
+    assert (verdict.family, partial.family) == (1, 2)
     note = results.chosen_table(low + high + later, reference="lowrank")[-1]
     assert "over the 2 comparisons of this table (1 of them without a seed in common" in note
     for r in low + high:

@@ -110,24 +110,24 @@ def judge(pairs: Sequence[tuple[Part, str, str]], rows_by_part: Mapping[str, lis
             for (part, ours, theirs, _, metric), v in zip(found, verdicts)]
 
 
-def _waiting(judged: Sequence[Judged], planned: int) -> str:
+def _waiting(judged: Sequence[Judged]) -> str:
     """What a partial table's correction assumes of the comparisons still to come."""
-    left = planned - len(judged)
+    left = judged[0].verdict.family - len(judged)
     return (f" ({left} of them still waiting for their runs, counted at p = 1 meanwhile: "
             "Holm's adjusted p only grows with any p of the table, so a win or loss called now "
             "stands when they come in)" if left else "")
 
 
-def _comparison_lines(judged: Sequence[Judged], title: str, planned: int) -> list[str]:
+def _comparison_lines(judged: Sequence[Judged], title: str) -> list[str]:
     if not judged:
         return [f"{title}: no comparison yet (a comparison waits for every seed of both "
                 "methods).", ""]
     tests = sorted({j.verdict.comparison.test for j in judged})
     lines = [f"{title}: A minus B at each method's chosen lr, paired by seed; Holm-corrected "
-             f"over the {planned} comparisons of this table{_waiting(judged, planned)} "
-             f"(`p_holm`); the CI at each "
-             f"comparison's Holm level; `detectable`: the smallest true difference this design "
-             f"finds with 80% power at that level. Tests: {'; '.join(tests)}.", "",
+             f"over the {judged[0].verdict.family} comparisons of this table"
+             f"{_waiting(judged)} (`p_holm`); the CI at each comparison's Holm level; "
+             f"`detectable`: the smallest true difference this design finds with 80% power at "
+             f"that level. Tests: {'; '.join(tests)}.", "",
              "| part | A | B | seeds | Δ (A − B) | CI | p | p_holm | detectable | verdict |",
              "|---|---|---|---:|---:|---|---:|---:|---:|---|"]
     for j in judged:
@@ -495,7 +495,7 @@ def report(parts: Sequence[Part] = P.PARTS) -> None:
         if any(u is not None for u in untouched):
             lines += ["The untouched model (step 0, before fine-tuning): validation "
                       + ", ".join(f"{u:.4f}" for u in untouched if u is not None) + ".", ""]
-        lines += _comparison_lines(judged[title], "Comparisons", comparisons[title])
+        lines += _comparison_lines(judged[title], "Comparisons")
         for p in group:
             plot = P.RECORDS / f"curves_{p.name}.png"
             if plot_curves(p, rows_by_part[p.name], plot):

@@ -95,7 +95,7 @@ def chosen_table(rows: Sequence[dict], tune_seed: int | None = None,
             f"{', '.join(edges) or '-'} | {len(runs)} | " + " | ".join(cells) + " |")
     if judged:
         tests = sorted({v.comparison.test for _, v in judged})
-        family = sum(1 for key in group(picked) if key[1:] != ref)
+        family = judged[0][1].family
         waiting = (f" ({family - len(judged)} of them without a seed in common with the "
                    "reference yet: `-`, counted at p = 1)" if family > len(judged) else "")
         lines += ["", f"Each method against {_method_name(ref)} on the same dataset, paired by "

@@ -235,6 +235,7 @@ class Verdict:
     ci: tuple[float, float]
     mde: float  # smallest difference detectable with 80% power at ``level``
     outcome: str  # "win", "loss" or "no detectable difference"
+    family: int  # the comparisons it was corrected over, those still waiting included
 
     @property
     def text(self) -> str:
@@ -260,7 +261,8 @@ def judge(comparisons: Sequence[Comparison], metric: str, alpha: float = ALPHA,
         detected = p_holm < alpha and not (ci[0] <= 0 <= ci[1])
         outcome = ("no detectable difference" if not detected else
                    "win" if metrics_lib.better_sign(metric) * c.delta > 0 else "loss")
-        out.append(Verdict(c, p_holm, level, ci, c.detectable(level), outcome))
+        out.append(Verdict(c, p_holm, level, ci, c.detectable(level), outcome,
+                           family=len(pvalues)))
     return out
 
 
